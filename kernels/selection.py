@@ -1,0 +1,63 @@
+"""Turning per-head token scores into keep indices (torch: sorts over N are already fast).
+
+Modality tags per token: 0 text, 1 image, 2 video. MPA treats image and video as one "visual"
+modality. All functions work on the selectable prefix psi[:, :n_select]; the proxy window
+[n_select, N) is kept by the caller.
+"""
+from __future__ import annotations
+
+import torch
+
+TEXT, IMAGE, VIDEO = 0, 1, 2
+NUM_MODALITIES = 3
+
+
+def modality_mass(psi: torch.Tensor, modality_tags: torch.Tensor, n_select: int) -> torch.Tensor:
+    """Attention mass each KV head gives each modality over tokens [0, n_select): [H, 3]."""
+    mass = torch.zeros(psi.shape[0], NUM_MODALITIES, dtype=torch.float32, device=psi.device)
+    tags = modality_tags[:n_select].long().expand(psi.shape[0], -1)
+    return mass.scatter_add_(1, tags, psi[:, :n_select].float())
+
+
+def coverage_demand(psi: torch.Tensor, member: torch.Tensor, theta: float) -> torch.Tensor:
+    """Per head, the fewest member tokens whose scores cover a fraction theta of the members' mass.
+
+    psi: [H, n]; member: bool [n]. Heads with zero member mass demand 0 tokens.
+    """
+    scores = psi.float().masked_fill(~member, 0.0)
+    ranked, _ = scores.sort(dim=1, descending=True)
+    cum = ranked.cumsum(dim=1)
+    total = cum[:, -1:] if cum.shape[1] else torch.zeros(psi.shape[0], 1, device=psi.device)
+    # tokens needed = 1 + number of prefix sums still below the target (ties at the target stop)
+    demand = (cum < theta * total).sum(dim=1) + 1
+    return torch.where(total[:, 0] > 0, demand.clamp(max=int(member.sum())), torch.zeros_like(demand))
+
+
+def topk_mask(scores: torch.Tensor, member: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool [H, n]: per head h, the counts[h] highest-scoring member tokens (ties: lower position)."""
+    ranked_scores = scores.float().masked_fill(~member, float("-inf"))
+    order = ranked_scores.sort(dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < counts[:, None]) & member
+
+
+def split_quota(total: int, visual_share: torch.Tensor, n_visual: int, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (visual, text) counts summing to `total`, visual ~ round(total * share).
+
+    A modality with fewer tokens than its share gives the surplus to the other one.
+    """
+    visual = torch.round(total * visual_share).long().clamp(0, total)
+    visual = visual.clamp(min=total - n_text, max=n_visual)
+    return visual, total - visual
+
+
+def keep_indices(keep: torch.Tensor, n_total: int, n_select: int) -> torch.Tensor:
+    """Sorted keep indices [H, K] from a selection mask over [0, n_select) plus the window [n_select, n_total)."""
+    heads = keep.shape[0]
+    window = torch.ones(heads, n_total - n_select, dtype=torch.bool, device=keep.device)
+    full = torch.cat([keep, window], dim=1)
+    counts = full.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise AssertionError(f"heads keep unequal counts {counts.tolist()}")
+    return full.nonzero()[:, 1].view(heads, -1)
