@@ -1,0 +1,127 @@
+"""What every eviction policy shares: budget arithmetic, the protected window, per-head top-k.
+
+A policy sees, for one request after prefill, per-layer per-KV-head token scores
+`scores[L, H, N]` (attention from the last `score_queries(N)` prompt tokens, see
+`madakv_kernels.window_scores`) and per-token modality tags, and returns per layer the sorted
+token indices each head keeps, `[H, K_l]`. Every head of a layer keeps the same count K_l, so a
+layer's cache stays rectangular (and pages densely). Subclasses override only what makes them
+different: how tokens are ranked, how many each layer keeps, how a head picks inside a layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from madakv_kernels import keep_indices, topk_mask
+
+
+def budget_error(budget) -> str | None:
+    """Why `budget` is not a valid budget, or None: a ratio in (0, 1] or a token count >= 1."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        return f"budget must be a number, got {budget!r}"
+    if isinstance(budget, float) and not (0.0 < budget <= 1.0):
+        return f"budget ratio must be in (0, 1], got {budget}"
+    if isinstance(budget, int) and budget < 1:
+        return f"budget token count must be >= 1, got {budget}"
+    return None
+
+
+def distribute(targets: list[float], total: int, cap: int) -> list[int]:
+    """Integers close to `targets`, each in [0, cap], summing to min(total, cap * len).
+
+    Largest-remainder rounding, then any amount clipped by the cap goes to layers with room.
+    """
+    total = min(total, cap * len(targets))
+    clipped = [min(max(t, 0.0), cap) for t in targets]
+    out = [math.floor(t) for t in clipped]
+    by_remainder = sorted(range(len(out)), key=lambda i: clipped[i] - out[i], reverse=True)
+    i = 0
+    while sum(out) < total:
+        j = by_remainder[i % len(out)]
+        if out[j] < cap:
+            out[j] += 1
+        i += 1
+    while sum(out) > total:  # only when targets overshoot the total
+        j = max(range(len(out)), key=lambda k: out[k])
+        out[j] -= 1
+    return out
+
+
+@dataclass
+class EvictionPolicy:
+    """Base policy. `budget`: ratio of the prompt length in (0, 1] or an absolute token count,
+    per head and layer on average, window included. `window`: the proxy window (last prompt
+    tokens), always kept and counted inside the budget. A budget that covers the prompt evicts
+    nothing."""
+
+    budget: float | int = 0.2
+    window: int = 32
+    name: ClassVar[str] = "base"
+    needs_scores: ClassVar[bool] = True  # StreamingLLM ranks by position only
+
+    def __post_init__(self):
+        if (err := budget_error(self.budget)) is not None:
+            raise ValueError(f"{self.name}: {err}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"{self.name}: window must be an integer >= 0, got {self.window!r}")
+        if isinstance(self.budget, int) and self.window >= self.budget:
+            raise ValueError(f"{self.name}: window ({self.window}) must be smaller than the budget ({self.budget} tokens)")
+
+    # ---- budget arithmetic (the scheduler and the workers must agree on it) -----------------
+    def kept_tokens(self, n: int) -> int:
+        """Tokens each head keeps per layer on average for an n-token prompt (n = no eviction)."""
+        target = int(self.budget * n + 0.5) if isinstance(self.budget, float) else self.budget
+        return min(n, max(target, min(self.window, n)))
+
+    def protected_tail(self, n: int, kept: int) -> int:
+        """Last prompt tokens every head keeps unconditionally."""
+        return min(self.window, kept)
+
+    def score_queries(self, n: int) -> int:
+        """How many trailing prompt queries score the tokens (the proxy window)."""
+        return min(max(self.window, 1), n)
+
+    # ---- what subclasses specialise ------------------------------------------------------------
+    def rank_scores(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
+        """Scores used for ranking inside a layer: [H, n_select]."""
+        return psi
+
+    def layer_budgets(self, scores: torch.Tensor, modality_tags: torch.Tensor, per_layer: int) -> list[int]:
+        """Selectable tokens per head for each layer (beyond the protected tail)."""
+        return [per_layer] * scores.shape[0]
+
+    def choose(self, layer: int, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
+        """Bool [H, n_select]: exactly `count` tokens per head."""
+        heads, n_select = psi.shape
+        everyone = torch.ones(n_select, dtype=torch.bool, device=psi.device)
+        counts = torch.full((heads,), count, dtype=torch.long, device=psi.device)
+        return topk_mask(self.rank_scores(psi, modality_tags), everyone, counts)
+
+    # ---- the one entry point -------------------------------------------------------------------
+    def select(self, scores: torch.Tensor | None, modality_tags: torch.Tensor, num_layers: int | None = None,
+               num_kv_heads: int | None = None) -> list[torch.Tensor] | None:
+        """Keep indices per layer ([H, K_l], sorted), or None when nothing is evicted.
+
+        scores: [L, H, N] float (None for policies with needs_scores False, then pass
+        num_layers and num_kv_heads); modality_tags: [N] (0 text, 1 image, 2 video).
+        """
+        n = modality_tags.numel()
+        if scores is None:
+            if self.needs_scores:
+                raise ValueError(f"{self.name} needs attention scores")
+            scores = torch.zeros(num_layers, num_kv_heads, n, device=modality_tags.device)
+        if scores.shape[-1] != n:
+            raise ValueError(f"scores cover {scores.shape[-1]} tokens but there are {n} modality tags")
+        kept = self.kept_tokens(n)
+        if kept >= n:
+            return None
+        tail = self.protected_tail(n, kept)
+        n_select = n - tail
+        selectable = scores[..., :n_select].float()
+        tags = modality_tags[:n_select]
+        budgets = self.layer_budgets(selectable, tags, kept - tail)
+        return [keep_indices(self.choose(layer, selectable[layer], tags, count), n, n_select)
+                for layer, count in enumerate(budgets)]

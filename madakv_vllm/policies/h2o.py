@@ -1,0 +1,31 @@
+"""H2O heavy hitters (Zhang et al., NeurIPS 2023), applied once at prefill.
+
+Tokens are ranked by accumulated attention from every prompt query (not just a window); each
+head keeps its heavy hitters plus the most recent tokens, half of the budget each, as in the
+LOOK-M MileBench harness (10 % + 10 % at a 20 % budget).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import EvictionPolicy
+
+
+@dataclass
+class H2O(EvictionPolicy):
+    """`recent_fraction`: share of the budget given to the most recent tokens (at least `window`)."""
+
+    recent_fraction: float = 0.5
+    name: ClassVar[str] = "h2o"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.recent_fraction < 1.0:
+            raise ValueError(f"{self.name}: recent_fraction must be in [0, 1), got {self.recent_fraction}")
+
+    def score_queries(self, n: int) -> int:
+        return n  # accumulated attention of all prompt queries
+
+    def protected_tail(self, n: int, kept: int) -> int:
+        return min(kept, max(self.window, int(kept * self.recent_fraction)))

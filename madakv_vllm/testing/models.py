@@ -1,0 +1,154 @@
+"""Tiny random multimodal models, built offline in about a second, loadable by transformers
+and vLLM 0.32 (constraints: ../shared/reference/CPU_SETUP.md section 2).
+
+    python -m madakv_vllm.testing.models build --arch qwen2vl OUT_DIR
+
+Text head_dim is 32 (vLLM's CPU attention needs >= 32); 2 layers by default, 4 query heads
+over 2 KV heads (GQA 2). Weights are random, so tests compare token ids, not meaning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+ARCHS = ("llava", "qwen2vl", "qwen25vl")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+# ChatML; images and videos expand to each architecture's own placeholder.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ('image', 'image_url', 'image_pil') %}IMAGE_PLACEHOLDER"
+    "{% elif part['type'] in ('video', 'video_url') %}VIDEO_PLACEHOLDER{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = ("red green blue cat dog bird tree house river stone apple paper music light night day car road "
+         "city sea sky sun moon star book door window chair table what where which color is the a of in "
+         "on and picture image shows left right first second third answer question").split()
+
+
+def _train_tokenizer(specials: list[str], vocab_size: int = 600, seed: int = 0):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)  # deterministic corpus -> deterministic vocabulary
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(3000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:])
+
+
+def _text_config(tok, num_layers: int, **extra) -> dict:
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+    return dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                **extra)
+
+
+def build_qwen2vl(out: Path, version: str = "2", num_layers: int = 2, seed: int = 0) -> Path:
+    import torch
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    torch.manual_seed(seed)
+    tok = _train_tokenizer(QWEN_SPECIALS, seed=seed)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if version == "2":
+        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    else:
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1], tokens_per_second=2)
+    cfg = Config(text_config=_text_config(tok, num_layers, rope_parameters=rope), vision_config=vision, **common)
+    model = Model(cfg).float()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    template = (CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<|vision_start|><|image_pad|><|vision_end|>")
+                .replace("VIDEO_PLACEHOLDER", "<|vision_start|><|video_pad|><|vision_end|>"))
+    # At most 16 merged image tokens per image: keeps prompts with several images short.
+    pixels = dict(min_pixels=28 * 28, max_pixels=28 * 28 * 16)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=template)
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_llava(out: Path, num_layers: int = 2, seed: int = 0, image_size: int = 56) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    torch.manual_seed(seed)
+    tok = _train_tokenizer(LLAVA_SPECIALS, seed=seed)
+    patch = 14
+    vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=64)
+    cfg = LlavaConfig(vision_config=vision, text_config=dict(model_type="llama", **_text_config(tok, num_layers)),
+                      image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(cfg).float()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    # vLLM 0.32 expects the CLIP tower under vision_tower.vision_model.*; transformers reads both.
+    weights_file = out / "model.safetensors"
+    weights = load_file(weights_file)
+    renamed = {}
+    for key, value in weights.items():
+        if key.startswith("model.vision_tower.") and not key.startswith("model.vision_tower.vision_model."):
+            key = "model.vision_tower.vision_model." + key[len("model.vision_tower."):]
+        renamed[key] = value
+    save_file(renamed, weights_file, metadata={"format": "pt"})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>"))
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build(arch: str, out: str | Path, num_layers: int = 2, seed: int = 0) -> Path:
+    out = Path(out)
+    if arch == "llava":
+        return build_llava(out, num_layers=num_layers, seed=seed)
+    if arch in ("qwen2vl", "qwen25vl"):
+        return build_qwen2vl(out, version="2" if arch == "qwen2vl" else "2.5", num_layers=num_layers, seed=seed)
+    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m madakv_vllm.testing.models", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build a tiny random model into OUT")
+    b.add_argument("--arch", choices=ARCHS, required=True)
+    b.add_argument("--layers", type=int, default=2)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("out")
+    args = parser.parse_args(argv)
+    path = build(args.arch, args.out, num_layers=args.layers, seed=args.seed)
+    print(json.dumps({"arch": args.arch, "path": str(path)}))
+
+
+if __name__ == "__main__":
+    main()
