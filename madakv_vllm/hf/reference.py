@@ -30,6 +30,7 @@ class EvictionReport:
     prompt_len: int = 0
     kept_per_layer: list[int] = field(default_factory=list)
     modality_counts: dict[str, int] = field(default_factory=dict)
+    keep_indices: list[torch.Tensor] | None = None  # per layer [H, K_l]; None = nothing evicted
 
     @property
     def kept_ratio(self) -> float:
@@ -139,6 +140,7 @@ def evict_cache(cache, queries: dict[int, torch.Tensor], scaling: dict[int, floa
         index = idx[None, :, :, None].expand(1, -1, -1, layer.keys.shape[-1]).to(layer.keys.device)
         _evicted_layer(layer, layer.keys.gather(2, index), layer.values.gather(2, index), n)
     report.kept_per_layer = [idx.shape[1] for idx in keep]
+    report.keep_indices = keep
 
 
 def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, **generate_kwargs):

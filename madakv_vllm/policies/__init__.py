@@ -1,6 +1,8 @@
 """Eviction policies: scores and modality tags in, per-head keep indices out (no vLLM here)."""
 from __future__ import annotations
 
+import dataclasses
+
 from .base import EvictionPolicy, budget_error
 from .h2o import H2O
 from .lookm import LookM
@@ -23,7 +25,7 @@ def make_policy(name: str, **options) -> EvictionPolicy | None:
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
     cls = POLICIES[name]
-    allowed = set(cls.__dataclass_fields__)
+    allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")

@@ -1,6 +1,7 @@
 """StreamingLLM (Xiao et al., ICLR 2024): attention sinks plus the most recent tokens.
 
-No scores: each head keeps the first `sinks` tokens and the latest ones up to the budget.
+No scores: each head keeps the first `sinks` tokens and the latest ones up to the budget
+(the recent part never shrinks below the window, so tiny budgets lose sinks first).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ class StreamingLLM(EvictionPolicy):
     needs_scores: ClassVar[bool] = False
 
     def protected_tail(self, n: int, kept: int) -> int:
-        return kept - min(self.sinks, kept)  # recent tokens; the rest of the budget are sinks
+        # recent tokens (never fewer than the window); the rest of the budget are sinks
+        return max(kept - self.sinks, min(self.window, kept))
 
     def choose(self, layer: int, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
         keep = torch.zeros(psi.shape, dtype=torch.bool, device=psi.device)

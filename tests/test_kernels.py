@@ -1,0 +1,153 @@
+"""Paged scoring and compaction: Triton (interpreted on CPU) == torch reference == dense oracle."""
+import math
+
+import pytest
+import torch
+
+from madakv_kernels import (compact_kv, compact_kv_torch, compact_kv_triton, dense_as_paged, gather_tokens,
+                            modality_mass, window_scores, window_scores_torch, window_scores_triton)
+
+
+def make_paged(n, num_kv_heads, head_dim, block_size, layout, dtype=torch.float32, spare_blocks=3, seed=0):
+    """A paged cache holding n random tokens of one request in shuffled blocks, and the dense keys."""
+    gen = torch.Generator().manual_seed(seed)
+    used = math.ceil(n / block_size)
+    num_blocks = used + spare_blocks
+    dense = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=gen)
+    block_table = torch.randperm(num_blocks, generator=gen)[:used].int()
+    nhd = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)  # junk in spare slots
+    for logical_block, physical in enumerate(block_table.tolist()):
+        nhd[physical] = dense[logical_block * block_size:(logical_block + 1) * block_size]
+    cache = nhd if layout == "NHD" else nhd.transpose(1, 2).contiguous()
+    return cache.to(dtype), block_table, dense[:n].to(dtype)
+
+
+def dense_oracle(keys, queries, n, scale=None):
+    """psi from the textbook formula, one query at a time: [Hkv, n]."""
+    num_kv_heads, (w, num_q_heads, d) = keys.shape[1], queries.shape
+    group = num_q_heads // num_kv_heads
+    scale = d**-0.5 if scale is None else scale
+    psi = torch.zeros(num_kv_heads, n, dtype=torch.float64)
+    for j in range(w):
+        pos = n - w + j
+        if pos < 0:
+            continue
+        for hq in range(num_q_heads):
+            k = keys[: pos + 1, hq // group].double()
+            psi[hq // group, : pos + 1] += torch.softmax(k @ queries[j, hq].double() * scale, dim=0)
+    return psi.float()
+
+
+SHAPES = [  # (n, window, kv heads, GQA group, head_dim, block_size)
+    (100, 16, 2, 1, 32, 16),
+    (37, 40, 1, 7, 64, 8),      # window longer than the prompt, GQA 7
+    (203, 32, 2, 2, 80, 32),    # head_dim not a power of two, n not a multiple of the block size
+    (129, 8, 1, 4, 32, 128),    # one big block
+]
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}_w{}_h{}_g{}_d{}_bs{}".format(*s))
+def test_window_scores_triton_matches_torch_and_oracle(layout, shape):
+    n, w, hkv, group, d, bs = shape
+    cache, table, keys = make_paged(n, hkv, d, bs, layout)
+    queries = torch.randn(w, hkv * group, d, generator=torch.Generator().manual_seed(1))
+    expected = dense_oracle(keys, queries, n)
+    ref = window_scores_torch(cache, table, queries, n, layout)
+    tri = window_scores_triton(cache, table, queries, n, layout)
+    torch.testing.assert_close(ref, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tri, expected, rtol=1e-4, atol=1e-5)
+    # every valid window query of every query head distributes exactly one unit of attention
+    assert tri.sum().item() == pytest.approx(min(w, n) * hkv * group, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_scores_low_precision_caches(dtype):
+    n, w, hkv, group, d, bs = 90, 16, 2, 2, 32, 16
+    cache, table, keys = make_paged(n, hkv, d, bs, "NHD", dtype=dtype)
+    queries = torch.randn(w, hkv * group, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    expected = dense_oracle(keys.float(), queries.float(), n)  # same rounded inputs, exact math
+    torch.testing.assert_close(window_scores_triton(cache, table, queries, n), expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(window_scores_torch(cache, table, queries, n), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_window_scores_custom_scale_and_dense_view():
+    n, w, hkv, group, d = 50, 8, 2, 2, 32
+    keys = torch.randn(hkv, n, d)
+    queries = torch.randn(w, hkv * group, d)
+    cache, table = dense_as_paged(keys)  # the HF path's view: one HND block of n tokens
+    expected = dense_oracle(keys.transpose(0, 1), queries, n, scale=0.05)
+    torch.testing.assert_close(window_scores_torch(cache, table, queries, n, "HND", scale=0.05), expected,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(window_scores_triton(cache, table, queries, n, "HND", scale=0.05), expected,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_window_scores_rejects_bad_shapes():
+    cache, table, _ = make_paged(40, 2, 32, 16, "NHD")
+    with pytest.raises(ValueError, match="not a multiple"):
+        window_scores_torch(cache, table, torch.randn(4, 3, 32), 40)
+    with pytest.raises(ValueError, match="cannot hold"):
+        window_scores_torch(cache, table[:1], torch.randn(4, 2, 32), 40)
+    with pytest.raises(ValueError, match="layout"):
+        window_scores_torch(cache, table, torch.randn(4, 2, 32), 40, layout="XYZ")
+
+
+def test_modality_mass_splits_scores_by_tag():
+    psi = torch.rand(3, 20)
+    tags = torch.tensor([0] * 5 + [1] * 6 + [0] * 2 + [2] * 4 + [0] * 3)
+    mass = modality_mass(psi, tags, 17)
+    torch.testing.assert_close(mass[:, 0], psi[:, [0, 1, 2, 3, 4, 11, 12]].sum(1))
+    torch.testing.assert_close(mass[:, 1], psi[:, 5:11].sum(1))
+    torch.testing.assert_close(mass[:, 2], psi[:, 13:17].sum(1))
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("impl", [compact_kv_torch, compact_kv_triton], ids=["torch", "triton"])
+def test_compaction_gathers_each_heads_tokens(layout, dtype, impl):
+    n, hkv, d, bs, kept = 75, 3, 32, 16, 29
+    keys, src_table, dense_k = make_paged(n, hkv, d, bs, layout, dtype=dtype, spare_blocks=4, seed=3)
+    values, _, _ = make_paged(n, hkv, d, bs, layout, dtype=dtype, spare_blocks=4, seed=3)
+    values.mul_(-2)  # distinct from keys, same paging
+    num_blocks = keys.shape[0]
+    free = [b for b in range(num_blocks) if b not in set(src_table.tolist())]
+    dst_table = torch.tensor(free[:2], dtype=torch.int32)  # 2 x 16 slots >= 29
+    gen = torch.Generator().manual_seed(4)
+    keep = torch.stack([torch.randperm(n, generator=gen)[:kept].sort().values for _ in range(hkv)])
+    before_src = gather_tokens(keys, src_table, torch.arange(n), layout).clone()
+    impl(keys, values, src_table, dst_table, keep, layout)
+    got_k = gather_tokens(keys, dst_table, torch.arange(kept), layout)  # [K, H, D]
+    got_v = gather_tokens(values, dst_table, torch.arange(kept), layout)
+    src_v = gather_tokens(values, src_table, torch.arange(n), layout)
+    for h in range(hkv):
+        assert torch.equal(got_k[:, h], before_src[keep[h], h])
+        assert torch.equal(got_v[:, h], src_v[keep[h], h])
+    # copy-on-compact: the source blocks are untouched
+    assert torch.equal(gather_tokens(keys, src_table, torch.arange(n), layout), before_src)
+
+
+def test_dispatch_uses_torch_on_cpu_and_triton_when_forced(monkeypatch):
+    cache, table, _ = make_paged(60, 2, 32, 16, "NHD")
+    queries = torch.randn(8, 4, 32)
+    calls = []
+    import madakv_kernels
+
+    monkeypatch.setattr(madakv_kernels, "window_scores_triton", lambda *a, **k: calls.append("triton"))
+    monkeypatch.delenv("MADAKV_FORCE_TRITON", raising=False)
+    assert window_scores(cache, table, queries, 60).shape == (2, 60)
+    assert calls == []
+    monkeypatch.setenv("MADAKV_FORCE_TRITON", "1")
+    window_scores(cache, table, queries, 60)
+    assert calls == ["triton"]
+
+
+def test_compact_kv_dispatch_matches_reference():
+    keys, table, _ = make_paged(40, 2, 32, 16, "HND", spare_blocks=3)
+    values = keys.clone() * 3
+    keep = torch.stack([torch.arange(0, 40, 2), torch.arange(1, 40, 2)])
+    dst = torch.tensor([k for k in range(keys.shape[0]) if k not in table.tolist()][:2], dtype=torch.int32)
+    k2, v2 = keys.clone(), values.clone()
+    compact_kv(keys, values, table, dst, keep, "HND")
+    compact_kv_torch(k2, v2, table, dst, keep, "HND")
+    assert torch.equal(keys, k2) and torch.equal(values, v2)

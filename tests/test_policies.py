@@ -1,0 +1,233 @@
+"""Selection helpers and the policies' contracts (no model needed)."""
+import itertools
+
+import pytest
+import torch
+
+from madakv_kernels import coverage_demand, split_quota, topk_mask
+from madakv_vllm.policies import POLICIES, H2O, LookM, MadaKV, PyramidKV, SnapKV, StreamingLLM, make_policy
+
+
+def scores_and_tags(num_layers=6, heads=4, n=300, images=((20, 120), (150, 230)), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_layers, heads, n, generator=gen) ** 4
+    tags = torch.zeros(n, dtype=torch.int8)
+    for start, end in images:
+        tags[start:end] = 1
+    return scores, tags
+
+
+# ---- selection helpers --------------------------------------------------------------------------
+def test_coverage_demand_is_the_smallest_covering_set():
+    gen = torch.Generator().manual_seed(5)
+    psi = torch.rand(3, 12, generator=gen)
+    member = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    for theta in (0.3, 0.5, 0.9, 1.0):
+        demand = coverage_demand(psi, member, theta)
+        for h in range(3):
+            vals = psi[h, member].sort(descending=True).values
+            brute = next(k for k in range(1, len(vals) + 1) if vals[:k].sum() >= theta * vals.sum() - 1e-6)
+            assert demand[h].item() == brute
+    assert coverage_demand(psi, torch.zeros(12, dtype=torch.bool), 0.9).tolist() == [0, 0, 0]
+
+
+def test_topk_mask_picks_per_head_counts_among_members():
+    psi = torch.tensor([[5.0, 4, 3, 2, 1], [1.0, 2, 3, 4, 5]])
+    member = torch.tensor([True, False, True, True, True])
+    mask = topk_mask(psi, member, torch.tensor([2, 3]))
+    assert mask.tolist() == [[True, False, True, False, False], [False, False, True, True, True]]
+
+
+def test_split_quota_follows_shares_and_gives_overflow_away():
+    visual, text = split_quota(10, torch.tensor([0.0, 0.26, 0.5, 1.0]), n_visual=8, n_text=50)
+    assert visual.tolist() == [0, 3, 5, 8]  # 1.0 wants 10 visual but only 8 exist
+    assert (visual + text).tolist() == [10] * 4
+    visual, text = split_quota(10, torch.tensor([0.0]), n_visual=30, n_text=4)
+    assert (visual.item(), text.item()) == (6, 4)  # only 4 text tokens: the rest goes visual
+
+
+# ---- contracts every policy keeps ---------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.5, 100])
+def test_equal_counts_per_head_and_target_ratio(name, budget):
+    scores, tags = scores_and_tags()
+    policy = make_policy(name, budget=budget, window=16)
+    keep = policy.select(scores, tags)
+    n = tags.numel()
+    kept = policy.kept_tokens(n)
+    total = 0
+    for layer_keep in keep:
+        heads, count = layer_keep.shape
+        assert heads == 4
+        assert (layer_keep.diff(dim=1) > 0).all(), "indices sorted and unique"
+        assert layer_keep.min() >= 0 and layer_keep.max() < n
+        assert (layer_keep[:, -min(16, kept):] == torch.arange(n - min(16, kept), n)).all(), "window kept"
+        total += heads * count
+    assert total == kept * 4 * len(keep), "achieved ratio == target"
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_budget_covering_the_prompt_evicts_nothing(name):
+    scores, tags = scores_and_tags(n=50, images=((5, 20),))
+    assert make_policy(name, budget=1.0, window=8).select(scores, tags) is None
+    assert make_policy(name, budget=60, window=8).select(scores, tags) is None
+
+
+def test_window_longer_than_budget_keeps_only_the_window():
+    scores, tags = scores_and_tags(n=200)
+    keep = SnapKV(budget=0.05, window=32).select(scores, tags)  # 10 tokens < window
+    assert all(k.shape[1] == 32 for k in keep)
+
+
+def test_bad_settings_say_what_is_wrong():
+    with pytest.raises(ValueError, match="ratio must be in"):
+        MadaKV(budget=1.5)
+    with pytest.raises(ValueError, match="smaller than the budget"):
+        SnapKV(budget=32, window=32)
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        make_policy("fastkv")
+    with pytest.raises(ValueError, match="unknown option"):
+        make_policy("snapkv", theta=0.5)
+    with pytest.raises(ValueError, match="odd"):
+        SnapKV(kernel_size=4)
+
+
+# ---- policy-specific behaviour ------------------------------------------------------------------
+def test_streamingllm_keeps_exactly_sinks_and_recent():
+    scores, tags = scores_and_tags()
+    policy = StreamingLLM(budget=0.1, window=8, sinks=4)
+    keep = policy.select(None, tags, num_layers=3, num_kv_heads=2)
+    n, kept = 300, policy.kept_tokens(300)
+    expected = torch.cat([torch.arange(4), torch.arange(n - (kept - 4), n)])
+    assert len(keep) == 3
+    for layer_keep in keep:
+        assert (layer_keep == expected).all()
+
+
+def test_snapkv_pooling_keeps_neighbours_of_a_peak():
+    psi = torch.zeros(1, 1, 200)
+    psi[0, 0, 100] = 10.0
+    tags = torch.zeros(200, dtype=torch.int8)
+    keep = SnapKV(budget=7 + 8, window=8, kernel_size=7).select(psi, tags)[0][0]
+    assert set(range(97, 104)) <= set(keep.tolist())
+    unpooled = SnapKV(budget=1 + 8, window=8, kernel_size=1).select(psi, tags)[0][0]
+    assert 100 in unpooled.tolist()
+
+
+def test_h2o_scores_with_every_query_and_keeps_half_recent():
+    policy = H2O(budget=0.2, window=8)
+    assert policy.score_queries(300) == 300
+    scores, tags = scores_and_tags()
+    keep = policy.select(scores, tags)[0]
+    kept = policy.kept_tokens(300)
+    assert (keep[:, -kept // 2:] == torch.arange(300 - kept // 2, 300)).all()
+
+
+def test_lookm_evicts_images_first():
+    scores, tags = scores_and_tags()
+    scores[:, :, tags.bool()] += 10.0  # images get far more attention, yet text goes first
+    keep = LookM(budget=0.2, window=8).select(scores, tags)
+    n_text_selectable = int((tags[:300 - 30] == 0).sum())
+    for layer_keep in keep:
+        assert not tags[layer_keep[:, :-30]].bool().any()  # budget 60 < text tokens available
+    assert n_text_selectable > 60
+
+
+def test_pyramidkv_budgets_fall_linearly_and_keep_the_mean():
+    scores, tags = scores_and_tags(num_layers=8, n=1000, images=((100, 500),))
+    policy = PyramidKV(budget=0.2, window=16, beta=20)
+    budgets = policy.layer_budgets(scores[..., :984], tags[:984], 200 - 16)
+    assert budgets == sorted(budgets, reverse=True)
+    assert sum(budgets) == 8 * 184
+    assert budgets[-1] == pytest.approx(184 / 20, abs=1) and budgets[0] == pytest.approx(2 * 184 - 184 / 20, abs=1)
+
+
+# ---- MadaKV: MPA and HCC ------------------------------------------------------------------------
+def head_preferring(visual_heads, n=400, images=((50, 250),), heads=4, num_layers=2, seed=0):
+    """Scores where the listed heads put 80 % of their mass on images, the others on text."""
+    scores, tags = scores_and_tags(num_layers, heads, n, images, seed)
+    vis = tags.bool()
+    for h in range(heads):
+        share = 0.8 if h in visual_heads else 0.2
+        s = scores[:, h]
+        s[:, vis] *= share / s[:, vis].sum(-1, keepdim=True)
+        s[:, ~vis] *= (1 - share) / s[:, ~vis].sum(-1, keepdim=True)
+    return scores, tags
+
+
+def test_mpa_quota_follows_each_heads_modality_preference():
+    scores, tags = head_preferring(visual_heads={0, 2})
+    policy = MadaKV(budget=0.25, window=16, hcc=False)
+    keep = policy.select(scores, tags)
+    n_select = 400 - 16
+    selectable = policy.kept_tokens(400) - 16
+    vis = tags.bool()
+    for layer, layer_keep in enumerate(keep):
+        sel = layer_keep[:, :-16]
+        for h in range(4):
+            w = scores[layer, h, :n_select]
+            share = float(w[vis[:n_select]].sum() / w.sum())
+            n_vis_kept = int(vis[sel[h]].sum())
+            assert abs(n_vis_kept - selectable * share) <= 1, (h, n_vis_kept, selectable * share)
+            # inside each modality: the top tokens by score
+            for member, count in ((vis[:n_select], n_vis_kept), (~vis[:n_select], selectable - n_vis_kept)):
+                top = w.masked_fill(~member, -1).topk(count).indices.sort().values
+                chosen = sel[h][member[sel[h]]]
+                assert torch.equal(chosen, top)
+
+
+def test_mpa_quota_capped_by_available_tokens():
+    scores, tags = head_preferring(visual_heads={0, 1, 2, 3}, images=((50, 60),))  # only 10 image tokens
+    keep = MadaKV(budget=0.25, window=16, hcc=False).select(scores, tags)
+    for layer_keep in keep:
+        assert (tags[layer_keep].bool().sum(dim=1) == 10).all()
+
+
+def test_no_images_means_text_only_selection():
+    scores, tags = scores_and_tags(images=())
+    keep = MadaKV(budget=0.2, window=16).select(scores, tags)
+    plain = MadaKV(budget=0.2, window=16, mpa=False).select(scores, tags)
+    for a, b in zip(keep, plain):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.5])
+def test_hcc_conserves_total_and_respects_floor(seed, budget):
+    num_layers, n = 12, 800
+    gen = torch.Generator().manual_seed(seed)
+    # layers alternate between spread and concentrated attention: unequal demands
+    sharpness = torch.tensor([1.0 if l % 3 else 8.0 for l in range(num_layers)])[:, None, None]
+    scores = torch.rand(num_layers, 4, n, generator=gen) ** sharpness
+    tags = torch.zeros(n, dtype=torch.int8)
+    tags[100:500] = 1
+    policy = MadaKV(budget=budget, window=16)
+    per_layer = policy.kept_tokens(n) - 16
+    budgets = policy.layer_budgets(scores[..., : n - 16], tags[: n - 16], per_layer)
+    floor = min(per_layer, max(1, round(0.01 * (n - 16))))
+    assert abs(sum(budgets) - per_layer * num_layers) <= num_layers
+    assert min(budgets) >= floor - 1
+    assert max(budgets) <= n - 16
+    assert len(set(budgets)) > 1, "demands differ, so budgets should too"
+
+
+def test_hcc_keeps_demand_and_later_layers_pay_back():
+    scores, tags = head_preferring(visual_heads={0}, num_layers=4, n=600, images=((50, 350),))
+    scores[0] = 1.0  # layer 0: uniform attention, high demand
+    policy = MadaKV(budget=0.2, window=16)
+    per_layer = policy.kept_tokens(600) - 16
+    budgets = policy.layer_budgets(scores[..., :584], tags[:584], per_layer)
+    demand0 = policy.layer_demand(scores[0, :, :584], tags[:584])
+    assert budgets[0] > per_layer and budgets[0] == min(round(demand0), budgets[0])
+    assert sum(budgets) == per_layer * 4
+
+
+def test_ablation_switches_change_the_selection():
+    scores, tags = head_preferring(visual_heads={1}, num_layers=4)
+    scores[0] = scores[0] ** 0.2  # flatter first layer
+    variants = {(mpa, hcc): MadaKV(budget=0.2, window=16, mpa=mpa, hcc=hcc).select(scores, tags)
+                for mpa, hcc in itertools.product([False, True], repeat=2)}
+    uniform = [k.shape[1] for k in variants[(True, False)]]
+    assert len(set(uniform)) == 1
+    assert [k.shape[1] for k in variants[(True, True)]] != uniform
+    assert any(not torch.equal(a, b) for a, b in zip(variants[(True, False)], variants[(False, False)]))
