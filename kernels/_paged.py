@@ -47,6 +47,15 @@ def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, token_idx: tor
     return nhd[blocks, token_idx % block_size]
 
 
+def request_keys(cache: torch.Tensor, block_table: torch.Tensor, n: int, layout: str) -> torch.Tensor:
+    """The first n tokens of one request as a dense [num_kv_heads, n, head_dim] copy (whole-block gathers)."""
+    block_size, num_kv_heads, head_dim = paged_dims(cache, layout)
+    blocks = cache[block_table[: -(-n // block_size)].long()]
+    if layout == "NHD":  # [nb, bs, H, D]
+        return blocks.reshape(-1, num_kv_heads, head_dim)[:n].transpose(0, 1)
+    return blocks.transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :n]  # from [nb, H, bs, D]
+
+
 def dense_as_paged(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A dense per-request cache [num_kv_heads, n, head_dim] seen as one "HND" block of n tokens.
 

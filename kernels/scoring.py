@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._paged import gather_tokens, paged_dims, paged_strides
+from ._paged import paged_dims, paged_strides, request_keys
 
 try:
     import triton
@@ -44,26 +44,28 @@ def window_scores_torch(
     context_len: int,
     layout: str = "NHD",
     scale: float | None = None,
-    query_chunk: int = 256,
+    max_chunk_elements: int = 1 << 25,
 ) -> torch.Tensor:
     num_kv_heads, head_dim = _check_inputs(key_cache, block_table, queries, context_len, layout)
     scale = head_dim**-0.5 if scale is None else scale
     n, w = context_len, queries.shape[0]
     group = queries.shape[1] // num_kv_heads
+    keys = request_keys(key_cache, block_table, n, layout).float()  # [Hkv, N, D]
+    keys_t = keys.transpose(1, 2)  # [Hkv, D, N]
+    q = queries.float().view(w, num_kv_heads, group, head_dim).permute(1, 0, 2, 3)  # [Hkv, W, G, D]
     positions = torch.arange(n, device=queries.device)
-    keys = gather_tokens(key_cache, block_table, positions, layout).float()  # [N, Hkv, D]
-    keys = keys.repeat_interleave(group, dim=1)  # [N, Hq, D]
-    psi = torch.zeros(queries.shape[1], n, dtype=torch.float32, device=queries.device)
-    # Row softmaxes are independent, so chunking the window keeps memory at chunk x N.
-    for start in range(0, w, query_chunk):
-        q = queries[start : start + query_chunk].float()  # [c, Hq, D]
-        q_pos = n - w + start + torch.arange(q.shape[0], device=queries.device)
-        logits = torch.einsum("chd,nhd->hcn", q, keys) * scale
-        visible = positions[None, :] <= q_pos[:, None]  # [c, N]; rows with q_pos < 0 see nothing
-        logits = logits.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    psi = torch.zeros(num_kv_heads, n, dtype=torch.float32, device=queries.device)
+    # Row softmaxes are independent, so chunking the window bounds memory at ~max_chunk_elements.
+    chunk = max(1, max_chunk_elements // max(1, num_kv_heads * group * n))
+    for start in range(0, w, chunk):
+        q_chunk = q[:, start : start + chunk]
+        rows = q_chunk.shape[1]
+        logits = torch.bmm(q_chunk.reshape(num_kv_heads, rows * group, head_dim), keys_t).mul_(scale)
+        q_pos = n - w + start + torch.arange(rows, device=queries.device).repeat_interleave(group)
+        hidden = positions[None, :] > q_pos[:, None]  # causal; rows with q_pos < 0 see nothing
+        probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1).nan_to_num_(0.0)
         psi += probs.sum(dim=1)
-    return psi.view(num_kv_heads, group, n).sum(dim=1)
+    return psi
 
 
 if HAS_TRITON:

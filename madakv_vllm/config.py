@@ -70,7 +70,7 @@ class EvictionConfig:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise EvictionConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise EvictionConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
         return cls.from_mapping(data, source=str(path))
 
     def merged(self, **overrides) -> "EvictionConfig":

@@ -1,0 +1,160 @@
+"""The HF reference path on tiny random models (fp32): stock equality without eviction, and with
+eviction, equality with an independent oracle that keeps the full cache but hides the evicted
+tokens from each decode query's attention, head by head."""
+import contextlib
+
+import pytest
+import torch
+from PIL import Image
+
+from madakv_vllm.hf import generate_with_eviction, modality_tags
+from madakv_vllm.hf.reference import decoder_attention_modules
+from madakv_vllm.policies import make_policy
+
+GEN = dict(max_new_tokens=10, do_sample=False)
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+@pytest.fixture(scope="module")
+def load(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    loaded = {}
+
+    def get(arch):
+        if arch not in loaded:
+            path = tiny_model_dir(arch)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+            loaded[arch] = (model.eval(), AutoProcessor.from_pretrained(path))
+        return loaded[arch]
+
+    return get
+
+
+def mm_inputs(processor, num_images, filler_repeats=4):
+    images = [Image.new("RGB", (56, 56), COLORS[i % 4]) for i in range(num_images)]
+    content = []
+    for i in range(num_images):
+        content += [{"type": "image"}, {"type": "text", "text": f"picture {i} shows a cat on the left " * filler_repeats}]
+    content.append({"type": "text", "text": "the dog sits by the river near the house " * filler_repeats
+                    + "what color is the first image"})
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    return processor(text=[text], images=images or None, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    model = LlamaForCausalLM(config).float().eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@contextlib.contextmanager
+def hidden_from_decode(model, keep_indices, prompt_len):
+    """Oracle: stock attention, except that decode queries cannot see evicted prompt tokens."""
+    from transformers.modeling_utils import AttentionInterface
+
+    layer_of = {id(m): i for i, m in enumerate(decoder_attention_modules(model))}
+    mapping = AttentionInterface._global_mapping
+    original = mapping["sdpa"]
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        layer = layer_of.get(id(module))
+        if layer is not None and query.shape[2] == 1:
+            keep = keep_indices[layer]  # [Hkv, K]
+            group = query.shape[1] // keep.shape[0]
+            visible = torch.ones(query.shape[1], key.shape[2], dtype=torch.bool)
+            visible[:, :prompt_len] = False
+            for hq in range(query.shape[1]):
+                visible[hq, keep[hq // group]] = True
+            mask = visible[None, :, None, :]
+            if attention_mask is not None:
+                mask = mask & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
+            attention_mask = mask
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    mapping["sdpa"] = attention
+    try:
+        yield
+    finally:
+        mapping["sdpa"] = original
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl", "qwen25vl"])
+@pytest.mark.parametrize("num_images", [0, 3])
+def test_full_budget_reproduces_stock_generate(load, arch, num_images):
+    model, processor = load(arch)
+    inputs = mm_inputs(processor, num_images)
+    stock = model.generate(**inputs, **GEN)
+    for policy in (None, make_policy("madakv", budget=1.0)):
+        out, report = generate_with_eviction(model, inputs, policy, **GEN)
+        assert torch.equal(out, stock)
+        assert report.keep_indices is None
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl", "qwen25vl"])
+@pytest.mark.parametrize("num_images", [0, 3])
+@pytest.mark.parametrize("policy_name", ["madakv", "snapkv"])
+def test_eviction_equals_hiding_evicted_tokens(load, arch, num_images, policy_name):
+    model, processor = load(arch)
+    inputs = mm_inputs(processor, num_images)
+    n = inputs["input_ids"].shape[1]
+    policy = make_policy(policy_name, budget=0.3, window=8)
+    out, report = generate_with_eviction(model, inputs, policy, output_scores=True, return_dict_in_generate=True,
+                                         **GEN)
+    assert report.prompt_len == n and report.keep_indices is not None
+    assert report.modality_counts["image"] == (0 if num_images == 0 else int((modality_tags(
+        inputs["input_ids"][0], model.config) == 1).sum()))
+    with hidden_from_decode(model, report.keep_indices, n):
+        oracle = model.generate(**inputs, output_scores=True, return_dict_in_generate=True, **GEN)
+    assert torch.equal(out.sequences, oracle.sequences)
+    for got, want in zip(out.scores, oracle.scores):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # each layer's cache holds the policy's count plus the decoded tokens, and reports logical length
+    generated = out.sequences.shape[1] - n
+    for layer, kept in zip(out.past_key_values.layers, report.kept_per_layer):
+        assert layer.keys.shape[-2] == kept + generated - 1
+        assert layer.get_seq_length() == n + generated - 1
+    assert sum(report.kept_per_layer) == policy.kept_tokens(n) * len(report.kept_per_layer)
+
+
+def test_evicted_generation_differs_from_stock_somewhere(load):
+    """Guards the oracle test: eviction must actually change attention, not be a no-op."""
+    model, processor = load("qwen2vl")
+    inputs = mm_inputs(processor, 3)
+    stock = model.generate(**inputs, output_scores=True, return_dict_in_generate=True, **GEN)
+    out, _ = generate_with_eviction(model, inputs, make_policy("streamingllm", budget=0.1, window=8),
+                                    output_scores=True, return_dict_in_generate=True, **GEN)
+    assert not torch.allclose(out.scores[1], stock.scores[1])
+
+
+@pytest.mark.parametrize("policy_name", ["madakv", "pyramidkv", "h2o", "streamingllm", "lookm"])
+def test_text_only_llama(tiny_llama, policy_name):
+    ids = torch.randint(0, 300, (1, 160), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    policy = make_policy(policy_name, budget=0.25, window=8)
+    out, report = generate_with_eviction(tiny_llama, inputs, policy, output_scores=True,
+                                         return_dict_in_generate=True, **GEN)
+    assert sum(report.kept_per_layer) == policy.kept_tokens(160) * 3
+    with hidden_from_decode(tiny_llama, report.keep_indices, 160):
+        oracle = tiny_llama.generate(**inputs, output_scores=True, return_dict_in_generate=True, **GEN)
+    assert torch.equal(out.sequences, oracle.sequences)
+
+
+def test_rejects_batches_and_eager_attention(tiny_llama):
+    ids = torch.randint(0, 300, (2, 40))
+    with pytest.raises(ValueError, match="batch size 1"):
+        generate_with_eviction(tiny_llama, {"input_ids": ids}, make_policy("snapkv", budget=0.5, window=4), **GEN)
+    tiny_llama.set_attn_implementation("eager")
+    try:
+        with pytest.raises(ValueError, match="sdpa"):
+            generate_with_eviction(tiny_llama, {"input_ids": ids[:1]}, make_policy("snapkv", budget=0.5, window=4),
+                                   **GEN)
+    finally:
+        tiny_llama.set_attn_implementation("sdpa")
