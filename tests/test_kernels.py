@@ -151,3 +151,25 @@ def test_compact_kv_dispatch_matches_reference():
     compact_kv(keys, values, table, dst, keep, "HND")
     compact_kv_torch(k2, v2, table, dst, keep, "HND")
     assert torch.equal(keys, k2) and torch.equal(values, v2)
+
+
+@pytest.mark.parametrize("images", [[], [(5, 25)], [(5, 25), (40, 60), (70, 90)]], ids=["none", "one", "three"])
+def test_score_layer_modality_masses(images):
+    from madakv_kernels import score_layer
+
+    n, w = 110, 16
+    cache, table, keys = make_paged(n, 2, 32, 16, "NHD")
+    queries = torch.randn(w, 4, 32, generator=torch.Generator().manual_seed(6))
+    tags = torch.zeros(n, dtype=torch.int8)
+    for start, end in images:
+        tags[start:end] = 1
+    tags[100:104] = 2  # video tokens inside the window do not count
+    psi, mass = score_layer(cache, table, queries, n, tags)
+    expected_psi = dense_oracle(keys, queries, n)
+    torch.testing.assert_close(psi, expected_psi, rtol=1e-4, atol=1e-5)
+    image = tags[: n - w] == 1
+    torch.testing.assert_close(mass[:, 1], expected_psi[:, : n - w][:, image].sum(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mass.sum(1), expected_psi[:, : n - w].sum(1), rtol=1e-4, atol=1e-5)
+    assert (mass[:, 2] == 0).all()
+    if not images:
+        assert (mass[:, 1] == 0).all()
