@@ -72,6 +72,26 @@ if HAS_TRITON:
     _LOG2E = 1.4426950408889634
 
     @triton.jit
+    def _load_key_tile(k_ptr, bt_ptr, offs_n, offs_d, N, kv_head, s_kb, s_kt, s_kh, s_kd,
+                       BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+        # Keys of logical tokens offs_n, found through the request's block table; fp32 (bf16-safe).
+        in_ctx = offs_n < N
+        blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
+        ptrs = k_ptr + blk[:, None] * s_kb + (offs_n % BLOCK_SIZE)[:, None] * s_kt + kv_head * s_kh + offs_d[None, :] * s_kd
+        return tl.load(ptrs, mask=in_ctx[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _window_logits(q_ptr, offs_w, q_head, offs_d, k, offs_n, N, W, scale_log2, s_qw, s_qh, s_qd,
+                       HEAD_DIM: tl.constexpr):
+        # Base-2 logits of window queries offs_w (at positions N - W + offs_w) against a key tile,
+        # -inf where causality or the context end hides the key (and for padding queries).
+        q = tl.load(q_ptr + offs_w[:, None] * s_qw + q_head * s_qh + offs_d[None, :] * s_qd,
+                    mask=(offs_w[:, None] < W) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        visible = (offs_n[None, :] <= (N - W + offs_w)[:, None]) & (offs_n[None, :] < N) & (offs_w[:, None] < W)
+        return tl.where(visible, s, float("-inf"))
+
+    @triton.jit
     def _window_lse_kernel(
         q_ptr, k_ptr, bt_ptr, lse_ptr,
         N, W, GROUP, scale_log2,
@@ -87,21 +107,12 @@ if HAS_TRITON:
         kv_head = pid_h // GROUP
         offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
         offs_d = tl.arange(0, BLOCK_D)
-        q_pos = N - W + offs_w
-        q = tl.load(q_ptr + offs_w[:, None] * s_qw + pid_h * s_qh + offs_d[None, :] * s_qd,
-                    mask=(offs_w[:, None] < W) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
         m_i = tl.full([BLOCK_W], -1.0e30, tl.float32)  # finite, so fully masked tiles give exp2(-inf) = 0
         l_i = tl.zeros([BLOCK_W], tl.float32)
         for n_start in range(0, N, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            in_ctx = offs_n < N
-            blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
-            k = tl.load(k_ptr + blk[:, None] * s_kb + (offs_n % BLOCK_SIZE)[:, None] * s_kt + kv_head * s_kh
-                        + offs_d[None, :] * s_kd,
-                        mask=in_ctx[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-            visible = (offs_n[None, :] <= q_pos[:, None]) & in_ctx[None, :]
-            s = tl.where(visible, s, float("-inf"))
+            k = _load_key_tile(k_ptr, bt_ptr, offs_n, offs_d, N, kv_head, s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM)
+            s = _window_logits(q_ptr, offs_w, pid_h, offs_d, k, offs_n, N, W, scale_log2, s_qw, s_qh, s_qd, HEAD_DIM)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
             m_i = m_new
@@ -123,11 +134,7 @@ if HAS_TRITON:
         pid_n = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        in_ctx = offs_n < N
-        blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
-        k = tl.load(k_ptr + blk[:, None] * s_kb + (offs_n % BLOCK_SIZE)[:, None] * s_kt + kv_head * s_kh
-                    + offs_d[None, :] * s_kd,
-                    mask=in_ctx[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+        k = _load_key_tile(k_ptr, bt_ptr, offs_n, offs_d, N, kv_head, s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM)
         acc = tl.zeros([BLOCK_N], tl.float32)
         # Causality: queries before this key tile's first token see none of it; skip their tiles.
         first_w = tl.maximum(pid_n * BLOCK_N - (N - W), 0) // BLOCK_W * BLOCK_W
@@ -135,15 +142,11 @@ if HAS_TRITON:
             q_head = kv_head * GROUP + g
             for w_start in range(first_w, W, BLOCK_W):
                 offs_w = w_start + tl.arange(0, BLOCK_W)
-                q_pos = N - W + offs_w
-                q = tl.load(q_ptr + offs_w[:, None] * s_qw + q_head * s_qh + offs_d[None, :] * s_qd,
-                            mask=(offs_w[:, None] < W) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+                s = _window_logits(q_ptr, offs_w, q_head, offs_d, k, offs_n, N, W, scale_log2, s_qw, s_qh, s_qd,
+                                   HEAD_DIM)
                 lse = tl.load(lse_ptr + q_head * W + offs_w, mask=offs_w < W, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-                visible = (offs_n[None, :] <= q_pos[:, None]) & in_ctx[None, :] & (offs_w[:, None] < W)
-                p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-                acc += tl.sum(p, 0)
-        tl.store(psi_ptr + kv_head * N + offs_n, acc, mask=in_ctx)
+                acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
+        tl.store(psi_ptr + kv_head * N + offs_n, acc, mask=offs_n < N)
 
 
 def window_scores_triton(
