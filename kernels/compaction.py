@@ -22,8 +22,8 @@ except ImportError:
 
 
 def _check_inputs(key_cache, value_cache, src_block_table, dst_block_table, keep_idx, layout):
-    if key_cache.shape != value_cache.shape or key_cache.stride() != value_cache.stride():
-        raise ValueError("key and value caches must have the same shape and strides")
+    if key_cache.shape != value_cache.shape:
+        raise ValueError("key and value caches must have the same shape")
     block_size, num_kv_heads, _ = paged_dims(key_cache, layout)
     if keep_idx.dim() != 2 or keep_idx.shape[0] != num_kv_heads:
         raise ValueError(f"keep_idx must be [{num_kv_heads}, K], got {tuple(keep_idx.shape)}")
@@ -59,7 +59,8 @@ if HAS_TRITON:
     def _compact_kernel(
         k_ptr, v_ptr, src_bt_ptr, dst_bt_ptr, keep_ptr,
         KEPT, s_keep_h,
-        s_b, s_t, s_h, s_d,
+        sk_b, sk_t, sk_h, sk_d,
+        sv_b, sv_t, sv_h, sv_d,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # One program owns BLOCK_T destination slots of one KV head (keys and values).
@@ -70,13 +71,16 @@ if HAS_TRITON:
         src_tok = tl.load(keep_ptr + head * s_keep_h + offs_t, mask=valid, other=0).to(tl.int64)
         src_blk = tl.load(src_bt_ptr + src_tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         dst_blk = tl.load(dst_bt_ptr + offs_t // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        src = src_blk[:, None] * s_b + (src_tok % BLOCK_SIZE)[:, None] * s_t + head * s_h + offs_d[None, :] * s_d
-        dst = dst_blk[:, None] * s_b + (offs_t % BLOCK_SIZE)[:, None] * s_t + head * s_h + offs_d[None, :] * s_d
         mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptr + src, mask=mask).to(tl.float32)  # fp32 round trip: exact, and bf16-safe
-        v = tl.load(v_ptr + src, mask=mask).to(tl.float32)
-        tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=mask)
+        src_t, dst_t = (src_tok % BLOCK_SIZE)[:, None], (offs_t % BLOCK_SIZE)[:, None]
+        k_src = src_blk[:, None] * sk_b + src_t * sk_t + head * sk_h + offs_d[None, :] * sk_d
+        k_dst = dst_blk[:, None] * sk_b + dst_t * sk_t + head * sk_h + offs_d[None, :] * sk_d
+        v_src = src_blk[:, None] * sv_b + src_t * sv_t + head * sv_h + offs_d[None, :] * sv_d
+        v_dst = dst_blk[:, None] * sv_b + dst_t * sv_t + head * sv_h + offs_d[None, :] * sv_d
+        k = tl.load(k_ptr + k_src, mask=mask).to(tl.float32)  # fp32 round trip: exact, and bf16-safe
+        v = tl.load(v_ptr + v_src, mask=mask).to(tl.float32)
+        tl.store(k_ptr + k_dst, k.to(k_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + v_dst, v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
 def compact_kv_triton(
@@ -96,11 +100,10 @@ def compact_kv_triton(
     kept = keep_idx.shape[1]
     if kept == 0:
         return
-    s_b, s_t, s_h, s_d = paged_strides(key_cache, layout)
     grid = (num_kv_heads, triton.cdiv(kept, block_t))
     _compact_kernel[grid](
         key_cache, value_cache, src_block_table.contiguous(), dst_block_table.contiguous(), keep_idx,
-        kept, keep_idx.stride(0), s_b, s_t, s_h, s_d,
+        kept, keep_idx.stride(0), *paged_strides(key_cache, layout), *paged_strides(value_cache, layout),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_T=block_t,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
     )

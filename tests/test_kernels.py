@@ -173,3 +173,24 @@ def test_score_layer_modality_masses(images):
     assert (mass[:, 2] == 0).all()
     if not images:
         assert (mass[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("impl", [compact_kv_torch, compact_kv_triton], ids=["torch", "triton"])
+def test_compaction_with_transposed_keys(impl):
+    """vLLM's CPU backend stores each block's keys transposed (head_dim x block_size) and its
+    values token by token, in one buffer: key and value views then have different strides."""
+    blocks, heads, bs, d = 6, 2, 16, 32
+    buffer = torch.randn(blocks, heads, bs, 2 * d)
+    s_block, s_head = buffer.stride()[:2]
+    keys = buffer.as_strided((blocks, heads, bs, d), (s_block, s_head, 1, bs), 0)
+    values = buffer.as_strided((blocks, heads, bs, d), (s_block, s_head, d, 1), bs * d)
+    src, dst = torch.tensor([4, 1], dtype=torch.int32), torch.tensor([3, 0], dtype=torch.int32)
+    keep = torch.stack([torch.arange(0, 30, 2), torch.arange(1, 31, 2)])
+    before_k = gather_tokens(keys, src, torch.arange(31), "HND").clone()
+    before_v = gather_tokens(values, src, torch.arange(31), "HND").clone()
+    impl(keys, values, src, dst, keep, "HND")
+    got_k = gather_tokens(keys, dst, torch.arange(15), "HND")
+    got_v = gather_tokens(values, dst, torch.arange(15), "HND")
+    for h in range(heads):
+        assert torch.equal(got_k[:, h], before_k[keep[h], h])
+        assert torch.equal(got_v[:, h], before_v[keep[h], h])

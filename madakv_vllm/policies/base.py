@@ -55,10 +55,12 @@ class EvictionPolicy:
     """Base policy. `budget`: ratio of the prompt length in (0, 1] or an absolute token count,
     per head and layer on average, window included. `window`: the proxy window (last prompt
     tokens), always kept and counted inside the budget. A budget that covers the prompt evicts
-    nothing."""
+    nothing. `uniform_layers`: ignore per-layer budgets (PyramidKV, MadaKV's HCC) and keep the
+    same count in every layer, as vLLM needs while all layers share one block table."""
 
     budget: float | int = 0.2
     window: int = 32
+    uniform_layers: bool = False  # every layer keeps the same count (vLLM with one KV-cache group)
     name: ClassVar[str] = "base"
     needs_scores: ClassVar[bool] = True  # StreamingLLM ranks by position only
 
@@ -122,6 +124,9 @@ class EvictionPolicy:
         n_select = n - tail
         selectable = scores[..., :n_select].float()
         tags = modality_tags[:n_select]
-        budgets = self.layer_budgets(selectable, tags, kept - tail)
+        if self.uniform_layers:
+            budgets = [kept - tail] * selectable.shape[0]
+        else:
+            budgets = self.layer_budgets(selectable, tags, kept - tail)
         return [keep_indices(self.choose(layer, selectable[layer], tags, count), n, n_select)
                 for layer, count in enumerate(budgets)]

@@ -1,0 +1,84 @@
+"""Which policy applies to a request, computed the same way on the scheduler and the workers
+(no messages between them): the engine's eviction config, overridden per request by the
+OpenAI body's `vllm_xargs` (`{"kv_eviction": "none"}`, `{"kv_eviction_budget": 0.1}`)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import EvictionConfig, EvictionConfigError
+from ..policies import EvictionPolicy
+
+CONFIG_KEY = "kv_eviction"  # in VllmConfig.additional_config
+XARG_POLICY = "kv_eviction"  # in SamplingParams.extra_args (vllm_xargs)
+XARG_BUDGET = "kv_eviction_budget"
+XARG_WINDOW = "kv_eviction_window"
+_XARGS = {XARG_POLICY: "policy", XARG_BUDGET: "budget", XARG_WINDOW: "window"}
+
+
+def engine_config(additional_config: Mapping[str, Any] | None) -> EvictionConfig | None:
+    """The engine-wide eviction config, or None when eviction is off."""
+    data = (additional_config or {}).get(CONFIG_KEY)
+    if not data:
+        return None
+    config = EvictionConfig.from_mapping(data, source=f"additional_config[{CONFIG_KEY!r}]")
+    return None if config.policy == "none" else config
+
+
+def request_config(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -> EvictionConfig:
+    """The base config with this request's overrides; raises EvictionConfigError on bad ones."""
+    overrides = {field: extra_args[key] for key, field in _XARGS.items() if extra_args and key in extra_args}
+    if not overrides:
+        return base
+    try:
+        return base.merged(**overrides)
+    except EvictionConfigError as exc:
+        raise EvictionConfigError(f"bad vllm_xargs for KV eviction: {exc}") from None
+
+
+def request_policy(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -> EvictionPolicy | None:
+    """The policy for one request. All layers keep the same count: they share one block table."""
+    try:
+        config = request_config(base, extra_args)
+    except EvictionConfigError:
+        config = base  # validated at the API server; never fail a step over it
+    policy = config.build_policy()
+    if policy is not None:
+        policy.uniform_layers = True
+    return policy
+
+
+@dataclass(frozen=True)
+class EvictionTarget:
+    """What eviction will do to a request's prompt: keep `kept` of `prompt_len` tokens per
+    head and layer, scored by the attention of the last `score_queries` prompt tokens."""
+
+    prompt_len: int
+    kept: int
+    score_queries: int
+
+    @property
+    def evicted(self) -> int:
+        return self.prompt_len - self.kept
+
+
+def eviction_target(policy: EvictionPolicy | None, prompt_len: int) -> EvictionTarget | None:
+    """None when nothing will be evicted (no policy, or the budget covers the prompt)."""
+    if policy is None:
+        return None
+    kept = policy.kept_tokens(prompt_len)
+    if kept >= prompt_len:
+        return None
+    return EvictionTarget(prompt_len, kept, policy.score_queries(prompt_len) if policy.needs_scores else 0)
+
+
+@dataclass
+class CompactionPlan:
+    """Scheduler -> worker, one step after the prompt's last chunk: move the kept prompt tokens
+    (per head) and every token computed after the prompt into `block_ids`, in order."""
+
+    block_ids: list[int]
+    prompt_len: int
+    kept: int
+    computed: int  # tokens [prompt_len, computed) are copied after the kept ones

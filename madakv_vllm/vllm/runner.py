@@ -1,0 +1,262 @@
+"""Worker side: hooks on one V1 model runner (`vllm/v1/worker/gpu_model_runner.py`, which the
+CPU runner subclasses), installed once its KV cache exists.
+
+- `_update_states` (after): track new requests; reset resumed ones; apply compaction plans:
+  select keep indices from the accumulated scores, `compact_kv` every layer into the plan's
+  blocks, swap the block-table row, remember E = evicted tokens.
+- `_prepare_inputs` (after): for compacted requests give attention physical `seq_lens` and
+  write slots at `position - E`; positions (RoPE, M-RoPE) stay logical. List the rows of this
+  step's queries that score a prompt (the last `score_queries` prompt tokens).
+- each decoder layer's `impl.forward` (after): score those rows against the layer's paged keys.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from madakv_kernels import IMAGE, TEXT, VIDEO, compact_kv, gather_tokens, window_scores
+
+from ..policies import EvictionPolicy
+from .requests import EvictionTarget, engine_config, eviction_target, request_policy
+from .scheduler import PLANS_ATTR
+
+logger = logging.getLogger("madakv_vllm")
+_MODALITY_TAGS = {"image": IMAGE, "video": VIDEO}
+
+
+def modality_tags(mm_features, prompt_len: int) -> torch.Tensor:
+    """Per-token tags from the request's multimodal placeholder ranges (restricted to the
+    positions that receive embeddings); everything else is text."""
+    tags = torch.full((prompt_len,), TEXT, dtype=torch.int8)
+    for feature in mm_features or ():
+        tag = _MODALITY_TAGS.get(feature.modality)
+        if tag is None:
+            continue
+        pos = feature.mm_position
+        span = torch.arange(pos.offset, min(pos.offset + pos.length, prompt_len))
+        if pos.is_embed is not None:
+            span = span[pos.is_embed[: span.numel()].bool()]
+        tags[span] = tag
+    return tags
+
+
+def key_value_views(kv_cache: torch.Tensor, impl) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """One layer's paged keys and values as 4-D strided views [blocks, kv_heads, block_size,
+    head_dim] ("HND") or [blocks, block_size, kv_heads, head_dim] ("NHD")."""
+    if type(impl).__name__ == "CPUAttentionBackendImpl":
+        # [blocks, kv_heads, block_size, 2 * head_dim]; per (block, head) the CPU kernels store
+        # the keys transposed (head_dim x block_size), then the values token by token.
+        blocks, heads, block_size, twice_dim = kv_cache.shape
+        head_dim = twice_dim // 2
+        size, (s_block, s_head) = (blocks, heads, block_size, head_dim), kv_cache.stride()[:2]
+        offset = kv_cache.storage_offset()
+        keys = kv_cache.as_strided(size, (s_block, s_head, 1, block_size), offset)
+        values = kv_cache.as_strided(size, (s_block, s_head, head_dim, 1), offset + block_size * head_dim)
+        return keys, values, "HND"
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:  # [2, blocks, block_size, kv_heads, head_dim]
+        return kv_cache[0], kv_cache[1], "NHD"
+    raise RuntimeError(f"KV eviction does not know the KV-cache layout of {type(impl).__name__} "
+                       f"(shape {tuple(kv_cache.shape)})")
+
+
+def check_layout(layer, impl, kv_cache: torch.Tensor) -> None:
+    """Write known keys and values through the backend's own cache update into a scratch cache
+    shaped like the real one, and read them back through key_value_views: the backend's private
+    layout (it may differ by CPU ISA) must be the one we assume, or we refuse to start."""
+    scratch = torch.zeros((2,) + tuple(kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device) \
+        if kv_cache.dim() == 4 else torch.zeros((2, 2) + tuple(kv_cache.shape[2:]), dtype=kv_cache.dtype,
+                                                device=kv_cache.device)
+    keys, values, layout = key_value_views(scratch, impl)
+    block_size = keys.shape[2] if layout == "HND" else keys.shape[1]
+    heads, head_dim = (keys.shape[1] if layout == "HND" else keys.shape[2]), keys.shape[3]
+    num_tokens = 2 * block_size
+    ramp = torch.arange(num_tokens * heads * head_dim, device=kv_cache.device).reshape(num_tokens, heads, head_dim)
+    key = (ramp % 251).to(kv_cache.dtype)
+    value = (ramp % 241 + 300).to(kv_cache.dtype)
+    impl.do_kv_cache_update(layer, key, value, scratch, torch.arange(num_tokens, device=kv_cache.device))
+    table = torch.tensor([0, 1], dtype=torch.int32, device=kv_cache.device)
+    positions = torch.arange(num_tokens, device=kv_cache.device)
+    if not (torch.equal(gather_tokens(keys, table, positions, layout), key)
+            and torch.equal(gather_tokens(values, table, positions, layout), value)):
+        raise RuntimeError(f"KV eviction does not support the KV-cache layout of {type(impl).__name__} here "
+                           f"(ISA {getattr(layer, 'isa', '?')}, dtype {kv_cache.dtype}); run with --kv-eviction none")
+
+
+@dataclass
+class RequestEviction:
+    policy: EvictionPolicy
+    target: EvictionTarget
+    tags: torch.Tensor
+    scores: list[torch.Tensor | None] = field(default_factory=list)  # per layer [kv_heads, prompt_len]
+    evicted: int = 0
+
+
+@dataclass
+class ScoringRows:
+    """Rows [start, end) of this step's queries are prompt tokens [context_len - (end-start),
+    context_len) of a request that score its prompt."""
+
+    request: RequestEviction
+    start: int
+    end: int
+    context_len: int
+    block_table: torch.Tensor
+
+
+class WorkerEviction:
+    def __init__(self, runner):
+        self.runner = runner
+        self.base_config = engine_config(runner.vllm_config.additional_config)
+        groups = runner.kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise RuntimeError(f"KV eviction needs one KV-cache group, this model has {len(groups)}")
+        self.block_size = groups[0].kv_cache_spec.block_size
+        if list(getattr(runner, "_kernel_block_sizes", [self.block_size])) != [self.block_size]:
+            raise RuntimeError(f"KV eviction needs the attention kernel block size to equal the cache block size "
+                               f"({runner._kernel_block_sizes} vs {self.block_size}); pass a --block-size the "
+                               f"backend supports natively")
+        context = runner.compilation_config.static_forward_context
+        self.layers = [context[name] for name in groups[0].layer_names]
+        check_layout(self.layers[0], self.layers[0].impl, self.layers[0].kv_cache)
+        self.requests: dict[str, RequestEviction] = {}
+        self.step_rows: list[ScoringRows] = []
+        self.device = runner.device
+        for index, layer in enumerate(self.layers):
+            layer.impl.forward = self._scoring_forward(index, layer.impl.forward, layer.impl)
+        runner._update_states = self._after(runner._update_states, self.after_update_states)
+        runner._prepare_inputs = self._after(runner._prepare_inputs, self.after_prepare_inputs)
+        execute_model = runner.execute_model
+
+        @functools.wraps(execute_model)
+        def execute_model_then_forget_rows(*args, **kwargs):
+            try:
+                return execute_model(*args, **kwargs)
+            finally:
+                self.step_rows = []
+
+        runner.execute_model = execute_model_then_forget_rows
+        logger.info("KV eviction hooks installed on %s (%d layers, block size %d)", type(runner).__name__,
+                    len(self.layers), self.block_size)
+
+    @staticmethod
+    def _after(method, hook):
+        @functools.wraps(method)
+        def wrapped(*args, **kwargs):
+            result = method(*args, **kwargs)
+            hook(*args, **kwargs)
+            return result
+
+        return wrapped
+
+    # ---- request state -----------------------------------------------------------------------
+    def _track(self, req_state) -> None:
+        extra = req_state.sampling_params.extra_args if req_state.sampling_params is not None else None
+        policy = request_policy(self.base_config, extra)
+        target = eviction_target(policy, req_state.num_prompt_tokens)
+        if target is None:
+            self.requests.pop(req_state.req_id, None)
+            return
+        self.requests[req_state.req_id] = RequestEviction(
+            policy, target, modality_tags(req_state.mm_features, target.prompt_len), [None] * len(self.layers))
+
+    def after_update_states(self, scheduler_output, *args, **kwargs) -> None:
+        runner = self.runner
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new_req in scheduler_output.scheduled_new_reqs:
+            self._track(runner.requests[new_req.req_id])
+        for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            if req_id in runner.requests:  # preempted: its blocks were replaced, re-prefill re-evicts
+                self._track(runner.requests[req_id])
+        for req_id, plan in (getattr(scheduler_output, PLANS_ATTR, None) or {}).items():
+            self.apply_plan(req_id, plan)
+
+    def apply_plan(self, req_id: str, plan) -> None:
+        state, req_state = self.requests.get(req_id), self.runner.requests.get(req_id)
+        if state is None or req_state is None:
+            return
+        scores = None
+        if state.policy.needs_scores:
+            missing = [i for i, s in enumerate(state.scores) if s is None]
+            if missing:
+                raise RuntimeError(f"KV eviction: request {req_id} reached compaction without scores for layers "
+                                   f"{missing[:5]}")
+            scores = torch.stack(state.scores)
+        first = self.layers[0]
+        key_cache, _, layout = key_value_views(first.kv_cache, first.impl)
+        num_kv_heads = key_cache.shape[2] if layout == "NHD" else key_cache.shape[1]
+        keep = state.policy.select(scores, state.tags.to(self.device), num_layers=len(self.layers),
+                                   num_kv_heads=num_kv_heads)
+        tail = torch.arange(plan.prompt_len, plan.computed, device=self.device).expand(num_kv_heads, -1)
+        src = torch.tensor(req_state.block_ids[0], dtype=torch.int32, device=self.device)
+        dst = torch.tensor(plan.block_ids, dtype=torch.int32, device=self.device)
+        for layer, layer_keep in zip(self.layers, keep):
+            keys, values, layout = key_value_views(layer.kv_cache, layer.impl)
+            compact_kv(keys, values, src, dst, torch.cat([layer_keep.to(self.device), tail], dim=1), layout)
+        req_state.block_ids = (list(plan.block_ids),)
+        row = self.runner.input_batch.req_id_to_index.get(req_id)
+        if row is not None:
+            self.runner.input_batch.block_table.add_row(req_state.block_ids, row)
+        state.evicted = plan.prompt_len - plan.kept
+        state.scores = []
+
+    # ---- per step ----------------------------------------------------------------------------
+    def after_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs) -> None:
+        runner, batch = self.runner, self.runner.input_batch
+        num_reqs = batch.num_reqs
+        req_ids = batch.req_ids[:num_reqs]
+        computed = batch.num_computed_tokens_cpu[:num_reqs]
+        starts = runner.query_start_loc.np[:num_reqs]
+        evicted = np.array([self.requests[r].evicted if r in self.requests else 0 for r in req_ids], dtype=np.int64)
+        if evicted.any():
+            # Attention sees the physical cache; the new tokens' slots follow the kept ones.
+            evicted_t = torch.from_numpy(evicted)
+            runner.seq_lens[:num_reqs] -= evicted_t.to(runner.seq_lens.device, runner.seq_lens.dtype)
+            runner.optimistic_seq_lens_cpu[:num_reqs] -= evicted_t.to(runner.optimistic_seq_lens_cpu.dtype)
+            num_tokens = int(num_scheduled_tokens[:num_reqs].sum())
+            per_token = torch.from_numpy(np.repeat(evicted, num_scheduled_tokens[:num_reqs]))
+            physical = runner.positions[:num_tokens] - per_token.to(runner.positions.device, runner.positions.dtype)
+            batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
+        rows = []
+        for i, req_id in enumerate(req_ids):
+            state = self.requests.get(req_id)
+            if state is None or state.evicted or not state.target.score_queries:
+                continue
+            prompt_len = state.target.prompt_len
+            lo = max(int(computed[i]), prompt_len - state.target.score_queries)
+            hi = min(int(computed[i]) + int(num_scheduled_tokens[i]), prompt_len)
+            if lo < hi:
+                first_row = int(starts[i]) + lo - int(computed[i])
+                block_table = torch.tensor(runner.requests[req_id].block_ids[0], dtype=torch.int32, device=self.device)
+                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi, block_table))
+        self.step_rows = rows
+
+    def _scoring_forward(self, layer_index: int, forward, impl):
+        @functools.wraps(forward)
+        def forward_then_score(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
+            output = forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            if self.step_rows and attn_metadata is not None:
+                self._score(layer_index, impl, query, kv_cache)
+            return output
+
+        return forward_then_score
+
+    def _score(self, layer_index: int, impl, query: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        keys, _, layout = key_value_views(kv_cache, impl)
+        head_dim = keys.shape[-1]
+        for rows in self.step_rows:
+            queries = query[rows.start : rows.end].reshape(rows.end - rows.start, -1, head_dim)
+            psi = window_scores(keys, rows.block_table, queries, rows.context_len, layout=layout, scale=impl.scale)
+            state = rows.request
+            if state.scores[layer_index] is None:
+                state.scores[layer_index] = torch.zeros(psi.shape[0], state.target.prompt_len, device=psi.device)
+            state.scores[layer_index][:, : rows.context_len] += psi
+
+
+def install(runner) -> None:
+    if getattr(runner, "kv_eviction", None) is None:
+        runner.kv_eviction = WorkerEviction(runner)

@@ -1,0 +1,203 @@
+"""Engine-core side: vLLM's scheduler and KV-cache manager, made aware of evicted tokens.
+
+Timeline of one request (step numbers are scheduler steps):
+  s:   the prompt's last chunk is scheduled; the chunk holding the proxy window is never split
+       (`_reserve_prefill_lookahead`), and prefix-cache hits stop before the scored queries.
+  s+1: `schedule` swaps the request's blocks for fresh private ones sized for the kept tokens,
+       records E = prompt_len - kept, and sends a CompactionPlan; the worker copies the kept
+       tokens in before its forward. From now on block accounting uses physical lengths
+       (logical - E); compacted blocks are never hashed.
+  ack: when the output of step s+1 comes back, the old blocks are freed (prefix-cached ones
+       stay cached, with their hashes, for other requests).
+Preemption frees everything and resets E (re-prefill re-evicts); aborts free the plan's blocks
+through the same paths.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+from .plugin import require_supported
+from .requests import CompactionPlan, EvictionTarget, engine_config, eviction_target, request_policy
+
+logger = logging.getLogger("madakv_vllm")
+PLANS_ATTR = "kv_eviction_plans"  # set on SchedulerOutput; survives pickling to the workers
+FREES_ATTR = "kv_eviction_frees"
+
+
+class EvictingManager:
+    """Wraps the one FullAttentionManager (in place, on the instance) so that a compacted
+    request holds `logical - evicted` tokens: allocation counts physical tokens, compacted
+    blocks are never hashed, freeing forgets the request."""
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.evicted_tokens: dict[str, int] = {}
+        m, evicted = manager, self.evicted_tokens
+        get_num_blocks_to_allocate, allocate_new_blocks = m.get_num_blocks_to_allocate, m.allocate_new_blocks
+        cache_blocks, pop_blocks_for_free = m.cache_blocks, m.pop_blocks_for_free
+
+        def physical_get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs):
+            return get_num_blocks_to_allocate(request_id, num_tokens - evicted.get(request_id, 0), *args, **kwargs)
+
+        def physical_allocate_new_blocks(request_id, num_tokens, num_tokens_main_model):
+            e = evicted.get(request_id, 0)
+            return allocate_new_blocks(request_id, num_tokens - e, num_tokens_main_model - e)
+
+        def cache_blocks_unless_compacted(request, num_tokens, *args, **kwargs):
+            if request.request_id not in evicted:  # compacted blocks no longer match their hashes
+                cache_blocks(request, num_tokens, *args, **kwargs)
+
+        def pop_blocks_for_free_and_forget(request_id):
+            evicted.pop(request_id, None)
+            return pop_blocks_for_free(request_id)
+
+        m.get_num_blocks_to_allocate = physical_get_num_blocks_to_allocate
+        m.allocate_new_blocks = physical_allocate_new_blocks
+        m.cache_blocks = cache_blocks_unless_compacted
+        m.pop_blocks_for_free = pop_blocks_for_free_and_forget
+
+    @property
+    def block_size(self) -> int:
+        return self.manager.block_size
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.manager.req_to_blocks[request_id]]
+
+    def swap_in_private_blocks(self, request_id: str, num_tokens: int, evicted: int):
+        """Give the request fresh blocks for num_tokens physical tokens; return its old blocks
+        (the caller frees them once no in-flight step reads them), or None if the pool is short."""
+        m = self.manager
+        needed = -(-num_tokens // m.block_size)
+        if m.block_pool.get_num_free_blocks() < needed:
+            return None
+        new_blocks = m.block_pool.get_new_blocks(needed)
+        old_blocks = m.req_to_blocks[request_id]
+        m.req_to_blocks[request_id] = new_blocks
+        self.evicted_tokens[request_id] = evicted
+        if m.records_new_block_ids:
+            m.new_block_ids.extend(b.block_id for b in new_blocks)
+        return old_blocks
+
+
+class EvictingSchedulerMixin:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        require_supported("vllm.v1.core.sched.scheduler", "vllm.v1.core.kv_cache_manager",
+                          "vllm.v1.core.single_type_kv_cache_manager")
+        self.eviction_config = engine_config(self.vllm_config.additional_config)
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        if len(managers) != 1 or not isinstance(managers[0], FullAttentionManager):
+            raise RuntimeError("KV eviction needs one full-attention KV-cache group; this model has "
+                               f"{[type(m).__name__ for m in managers]}")
+        manager = EvictingManager(managers[0])
+        self.evicting_manager = manager
+        self.eviction_targets: dict[str, EvictionTarget | None] = {}
+        self.eviction_stats = EvictionStats()
+        get_computed_blocks = self.kv_cache_manager.get_computed_blocks
+
+        def get_computed_blocks_leaving_scored_queries(request):
+            """Prefix hits stop before the queries that score the prompt: they must be computed."""
+            blocks, num_hit, boundary = get_computed_blocks(request)
+            target = self.eviction_targets.get(request.request_id)
+            if target is not None and num_hit > target.prompt_len - target.score_queries:
+                limit = (target.prompt_len - target.score_queries) // manager.block_size * manager.block_size
+                blocks, num_hit = self.kv_cache_manager.truncate_computed_blocks(blocks, limit), limit
+            return blocks, num_hit, boundary
+
+        self.kv_cache_manager.get_computed_blocks = get_computed_blocks_leaving_scored_queries
+
+    def add_request(self, request) -> None:
+        policy = request_policy(self.eviction_config, request.sampling_params.extra_args
+                                if request.sampling_params is not None else None)
+        self.eviction_targets[request.request_id] = eviction_target(policy, request.num_prompt_tokens)
+        super().add_request(request)
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        target = self.eviction_targets.get(request.request_id)
+        if target is None or not target.score_queries:
+            return num_new_tokens
+        # Never split the scored queries across chunks: end this chunk just before them instead.
+        start = target.prompt_len - target.score_queries
+        end = num_computed_tokens + num_new_tokens
+        if num_computed_tokens < start < end < target.prompt_len:
+            return start - num_computed_tokens
+        return num_new_tokens
+
+    def schedule(self, *args, **kwargs):
+        frees, plans = self._plan_compactions()
+        output = super().schedule(*args, **kwargs)
+        manager = self.evicting_manager
+        delivered = {}
+        for request_id, plan in plans.items():
+            if request_id in manager.evicted_tokens:  # not preempted while scheduling
+                plan.block_ids = manager.block_ids(request_id)
+                delivered[request_id] = plan
+        setattr(output, PLANS_ATTR, delivered)
+        setattr(output, FREES_ATTR, frees)
+        return output
+
+    def _plan_compactions(self):
+        """Requests whose prompt was fully scheduled in an earlier step get private blocks now."""
+        frees, plans = [], {}
+        manager = self.evicting_manager
+        for request in self.running:
+            request_id = request.request_id
+            target = self.eviction_targets.get(request_id)
+            if (target is None or request_id in manager.evicted_tokens
+                    or request.num_computed_tokens < target.prompt_len):
+                continue
+            computed = request.num_computed_tokens
+            old_blocks = manager.swap_in_private_blocks(request_id, target.kept + computed - target.prompt_len,
+                                                        target.evicted)
+            if old_blocks is None:
+                continue  # pool too short this step; tokens decoded meanwhile are carried over later
+            frees.extend(old_blocks)
+            plans[request_id] = CompactionPlan([], target.prompt_len, target.kept, computed)
+            self.eviction_stats.record_plan(request, target, len(old_blocks),
+                                            -(-(target.kept + computed - target.prompt_len) // manager.block_size))
+        return frees, plans
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        frees = getattr(scheduler_output, FREES_ATTR, None)
+        if frees:  # the step that read them is done
+            self.kv_cache_manager.block_pool.free_blocks(reversed(frees))
+        return result
+
+    def _free_request(self, request, *args, **kwargs):
+        self.eviction_targets.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+
+class EvictionStats:
+    """Counters for /metrics and the per-compaction DEBUG line."""
+
+    def __init__(self):
+        self.requests = 0
+        self.tokens_kept = 0
+        self.tokens_evicted = 0
+        self.blocks_freed = 0
+
+    def record_plan(self, request, target: EvictionTarget, old_blocks: int, new_blocks: int) -> None:
+        self.requests += 1
+        self.tokens_kept += target.kept
+        self.tokens_evicted += target.evicted
+        self.blocks_freed += max(0, old_blocks - new_blocks)
+        logger.debug("kv eviction: request %s logical %d physical %d blocks %d -> %d (freed %d)",
+                     request.request_id, request.num_computed_tokens,
+                     request.num_computed_tokens - target.evicted, old_blocks, new_blocks,
+                     max(0, old_blocks - new_blocks))
+
+
+class EvictingScheduler(EvictingSchedulerMixin, Scheduler):
+    pass
+
+
+class AsyncEvictingScheduler(EvictingSchedulerMixin, AsyncScheduler):
+    pass
