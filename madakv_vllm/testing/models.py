@@ -57,6 +57,18 @@ def _text_config(tok, num_layers: int, **extra) -> dict:
                 **extra)
 
 
+def _sharpen_text_attention(model, factor: float = 6.0) -> None:
+    """Random init gives near-uniform attention, under which keeping the wrong tokens (or reading
+    keys wrongly) barely changes the output. Scaling q and k makes attention peaked, so tests
+    that compare token selections and outputs can fail for real."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "language_model" in name and (".q_proj." in name or ".k_proj." in name):
+                param.mul_(factor)
+
+
 def build_qwen2vl(out: Path, version: str = "2", num_layers: int = 2, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
@@ -80,6 +92,7 @@ def build_qwen2vl(out: Path, version: str = "2", num_layers: int = 2, seed: int 
                       fullatt_block_indexes=[1], tokens_per_second=2)
     cfg = Config(text_config=_text_config(tok, num_layers, rope_parameters=rope), vision_config=vision, **common)
     model = Model(cfg).float()
+    _sharpen_text_attention(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     template = (CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<|vision_start|><|image_pad|><|vision_end|>")
@@ -107,6 +120,7 @@ def build_llava(out: Path, num_layers: int = 2, seed: int = 0, image_size: int =
                       image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                       vision_feature_select_strategy="default", projector_hidden_act="gelu")
     model = LlavaForConditionalGeneration(cfg).float()
+    _sharpen_text_attention(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     # vLLM 0.32 expects the CLIP tower under vision_tower.vision_model.*; transformers reads both.
@@ -114,8 +128,10 @@ def build_llava(out: Path, num_layers: int = 2, seed: int = 0, image_size: int =
     weights = load_file(weights_file)
     renamed = {}
     for key, value in weights.items():
-        if key.startswith("model.vision_tower.") and not key.startswith("model.vision_tower.vision_model."):
-            key = "model.vision_tower.vision_model." + key[len("model.vision_tower."):]
+        for prefix in ("model.vision_tower.", "vision_tower."):
+            if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+                key = prefix + "vision_model." + key[len(prefix):]
+                break
         renamed[key] = value
     save_file(renamed, weights_file, metadata={"format": "pt"})
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
