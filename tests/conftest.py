@@ -4,6 +4,10 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM on CPU, in-process (see ../shared/reference/CPU_SETUP.md): 1 GiB of KV cache per engine.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 import pytest  # noqa: E402
 
@@ -19,5 +23,23 @@ def tiny_model_dir(tmp_path_factory):
         if arch not in built:
             built[arch] = build(arch, tmp_path_factory.mktemp(arch))
         return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model_dir):
+    """(model, processor) of a tiny model in fp32 with sdpa attention, loaded once per session."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    loaded = {}
+
+    def get(arch: str):
+        if arch not in loaded:
+            path = tiny_model_dir(arch)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+            loaded[arch] = (model.eval(), AutoProcessor.from_pretrained(path))
+        return loaded[arch]
 
     return get

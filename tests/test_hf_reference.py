@@ -5,42 +5,17 @@ import contextlib
 
 import pytest
 import torch
-from PIL import Image
 
 from madakv_vllm.hf import generate_with_eviction, modality_tags
 from madakv_vllm.hf.reference import decoder_attention_modules
 from madakv_vllm.policies import make_policy
+from prompts import hf_inputs
 
 GEN = dict(max_new_tokens=10, do_sample=False)
-COLORS = ["red", "green", "blue", "yellow"]
 
 
-@pytest.fixture(scope="module")
-def load(tiny_model_dir):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    loaded = {}
-
-    def get(arch):
-        if arch not in loaded:
-            path = tiny_model_dir(arch)
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-            loaded[arch] = (model.eval(), AutoProcessor.from_pretrained(path))
-        return loaded[arch]
-
-    return get
-
-
-def mm_inputs(processor, num_images, filler_repeats=4):
-    images = [Image.new("RGB", (56, 56), COLORS[i % 4]) for i in range(num_images)]
-    content = []
-    for i in range(num_images):
-        content += [{"type": "image"}, {"type": "text", "text": f"picture {i} shows a cat on the left " * filler_repeats}]
-    content.append({"type": "text", "text": "the dog sits by the river near the house " * filler_repeats
-                    + "what color is the first image"})
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
-    return processor(text=[text], images=images or None, return_tensors="pt")
+def mm_inputs(processor, num_images):
+    return hf_inputs(processor, num_images)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +63,8 @@ def hidden_from_decode(model, keep_indices, prompt_len):
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2vl", "qwen25vl"])
 @pytest.mark.parametrize("num_images", [0, 3])
-def test_full_budget_reproduces_stock_generate(load, arch, num_images):
-    model, processor = load(arch)
+def test_full_budget_reproduces_stock_generate(hf_model, arch, num_images):
+    model, processor = hf_model(arch)
     inputs = mm_inputs(processor, num_images)
     stock = model.generate(**inputs, **GEN)
     for policy in (None, make_policy("madakv", budget=1.0)):
@@ -101,8 +76,8 @@ def test_full_budget_reproduces_stock_generate(load, arch, num_images):
 @pytest.mark.parametrize("arch", ["llava", "qwen2vl", "qwen25vl"])
 @pytest.mark.parametrize("num_images", [0, 3])
 @pytest.mark.parametrize("policy_name", ["madakv", "snapkv"])
-def test_eviction_equals_hiding_evicted_tokens(load, arch, num_images, policy_name):
-    model, processor = load(arch)
+def test_eviction_equals_hiding_evicted_tokens(hf_model, arch, num_images, policy_name):
+    model, processor = hf_model(arch)
     inputs = mm_inputs(processor, num_images)
     n = inputs["input_ids"].shape[1]
     policy = make_policy(policy_name, budget=0.3, window=8)
@@ -124,9 +99,9 @@ def test_eviction_equals_hiding_evicted_tokens(load, arch, num_images, policy_na
     assert sum(report.kept_per_layer) == policy.kept_tokens(n) * len(report.kept_per_layer)
 
 
-def test_evicted_generation_differs_from_stock_somewhere(load):
+def test_evicted_generation_differs_from_stock_somewhere(hf_model):
     """Guards the oracle test: eviction must actually change attention, not be a no-op."""
-    model, processor = load("qwen2vl")
+    model, processor = hf_model("qwen2vl")
     inputs = mm_inputs(processor, 3)
     stock = model.generate(**inputs, output_scores=True, return_dict_in_generate=True, **GEN)
     out, _ = generate_with_eviction(model, inputs, make_policy("streamingllm", budget=0.1, window=8),

@@ -1,0 +1,30 @@
+"""Prompts shared by the HF and vLLM tests: the same multimodal chat for both."""
+from PIL import Image
+
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+def images(num: int, size: int = 56) -> list:
+    return [Image.new("RGB", (size, size), COLORS[i % len(COLORS)]) for i in range(num)]
+
+
+def chat_content(num_images: int, filler_repeats: int = 4, image_part=lambda img: {"type": "image"}) -> list:
+    content = []
+    for i, img in enumerate(images(num_images)):
+        content += [image_part(img), {"type": "text", "text": f"picture {i} shows a cat on the left " * filler_repeats}]
+    content.append({"type": "text", "text": "the dog sits by the river near the house " * filler_repeats
+                    + "what color is the first image"})
+    return content
+
+
+def hf_inputs(processor, num_images: int, filler_repeats: int = 4):
+    """Processor inputs (HF side)."""
+    text = processor.apply_chat_template([{"role": "user", "content": chat_content(num_images, filler_repeats)}],
+                                         add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=images(num_images) or None, return_tensors="pt")
+
+
+def vllm_messages(num_images: int, filler_repeats: int = 4) -> list:
+    """The same chat for vLLM's LLM.chat (images passed as PIL objects)."""
+    content = chat_content(num_images, filler_repeats, image_part=lambda img: {"type": "image_pil", "image_pil": img})
+    return [{"role": "user", "content": content}]
