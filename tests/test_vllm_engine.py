@@ -41,20 +41,31 @@ def greedy(**extra_args):
     return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, extra_args=extra_args or None)
 
 
+class Engines:
+    """At most one engine alive at a time (memory), reused while the same one is asked for."""
+
+    def __init__(self, tiny_model_dir):
+        self.tiny_model_dir = tiny_model_dir
+        self.key, self.llm = None, None
+
+    def get(self, arch: str, **overrides):
+        key = (arch, repr(sorted(overrides.items())))
+        if key != self.key:
+            self.stop()
+            self.key, self.llm = key, make_llm(self.tiny_model_dir(arch), **overrides)
+        return self.llm
+
+    def stop(self):
+        if self.llm is not None:
+            shutdown(self.llm)
+            self.key, self.llm = None, None
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir):
-    started = {}
-
-    def get(arch):
-        if arch not in started:
-            for other in list(started):  # one engine at a time keeps memory low
-                shutdown(started.pop(other))
-            started[arch] = make_llm(tiny_model_dir(arch))
-        return started[arch]
-
-    yield get
-    for llm in started.values():
-        shutdown(llm)
+    pool = Engines(tiny_model_dir)
+    yield pool
+    pool.stop()
 
 
 @pytest.mark.parametrize("arch", ["qwen2vl", "llava"])
@@ -66,7 +77,7 @@ def test_no_eviction_is_stock(engines, hf_model, arch, num_images):
     inputs = hf_inputs(processor, num_images)
     n = inputs["input_ids"].shape[1]
     stock = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)[0, n:].tolist()
-    llm = engines(arch)
+    llm = engines.get(arch)
     for xargs in ({"kv_eviction": "none"}, {"kv_eviction_budget": 1.0}):
         out = llm.chat(vllm_messages(num_images), greedy(**xargs), use_tqdm=False)[0]
         assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
@@ -85,7 +96,116 @@ def test_parity_with_hf_reference(engines, hf_model, arch, policy):
                                                do_sample=False)
     stock = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
     assert not torch.equal(reference, stock), "eviction should change this output, or the test proves nothing"
-    out = engines(arch).chat(vllm_messages(3), greedy(kv_eviction=policy), use_tqdm=False)[0]
+    out = engines.get(arch).chat(vllm_messages(3), greedy(kv_eviction=policy), use_tqdm=False)[0]
     assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
     assert list(out.outputs[0].token_ids) == reference[0, n:].tolist()
     assert report.kept_per_layer[0] == reference_policy.kept_tokens(n)
+
+
+# ---- memory: blocks really freed, more requests fit, nothing leaks ------------------------------
+BLOCK = 32
+
+
+def run_steps(llm, requests, abort_after: dict | None = None):
+    """Feed requests (id -> (prompt, params)) to the engine and step it to completion.
+
+    Returns (token ids by finished request, max requests running at once, preemptions seen).
+    After every step, checks that each compacted request holds exactly the blocks of its
+    physical length."""
+    engine, scheduler = llm.llm_engine, scheduler_of(llm)
+    evicting = scheduler.evicting_manager
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+    outputs, max_running, preemptions, steps = {}, 0, 0, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        max_running = max(max_running, len(scheduler.running))
+        for request in scheduler.running:
+            preemptions = max(preemptions, request.num_preemptions)
+            evicted = evicting.evicted_tokens.get(request.request_id)
+            if evicted is not None:
+                held = len(evicting.block_ids(request.request_id))
+                assert held == -(-(request.num_computed_tokens - evicted) // BLOCK), request.request_id
+        for request_id, step in (abort_after or {}).items():
+            if steps == step:
+                engine.abort_request([request_id])
+    return outputs, max_running, preemptions
+
+
+def text_prompt(length: int, seed: int, prefix: list[int] | None = None) -> dict:
+    rng = random.Random(seed)
+    ids = list(prefix or []) + [rng.randrange(20, 400) for _ in range(length - len(prefix or []))]
+    return {"prompt_token_ids": ids}
+
+
+def sampling(max_tokens=24, **extra_args):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra_args or None)
+
+
+@pytest.fixture
+def tight_engine(engines):
+    """Few KV blocks and small prefill chunks: requests compete for memory and get preempted."""
+    return engines.get("qwen2vl", num_gpu_blocks_override=64, max_num_seqs=8, max_num_batched_tokens=256,
+                       max_model_len=1536,
+                       additional_config={"kv_eviction": {"policy": "madakv", "budget": 0.2, "window": 16}})
+
+
+def test_compaction_frees_blocks_and_more_requests_fit(tight_engine):
+    pool = scheduler_of(tight_engine).kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    batch = lambda **xargs: {f"{tag}-{i}": (text_prompt(640, seed=i), sampling(**xargs))  # noqa: E731
+                             for i in range(6) for tag in [xargs.get("kv_eviction", "madakv")]}
+    stock, stock_running, _ = run_steps(tight_engine, batch(kv_eviction="none"))
+    evicting, evicting_running, _ = run_steps(tight_engine, batch())
+    assert len(stock) == len(evicting) == 6
+    # 640 tokens = 20 blocks each; kept 128 + 24 decoded = 5 blocks once compacted
+    print(f"max requests running at once: eviction off {stock_running}, MadaKV 20 % {evicting_running}")
+    assert evicting_running > stock_running, (evicting_running, stock_running)
+    assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_randomized_run_leaks_nothing_and_matches_solo_runs(tight_engine):
+    """Mixed lengths and policies, images, prefix-sharing pairs, aborts, chunked prefill and
+    preemption: the pool ends where it started, and every finished request's tokens equal a
+    rerun of it alone."""
+    from vllm import SamplingParams
+
+    rng = random.Random(7)
+    shared_prefix = text_prompt(400, seed=99)["prompt_token_ids"]
+    image_text = "<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>picture of a cat " * 2
+    requests = {}
+    for i in range(14):
+        policy = rng.choice(["madakv", "snapkv", "streamingllm", "none"])
+        params = sampling(max_tokens=rng.randint(4, 30), kv_eviction=policy)
+        kind = i % 4
+        if kind == 0:
+            prompt = text_prompt(rng.randint(60, 900), seed=i)
+        elif kind == 1:  # a pair sharing a 400-token prefix with request i + 1 below
+            prompt = text_prompt(rng.randint(450, 700), seed=i, prefix=shared_prefix)
+        elif kind == 2:
+            prompt = text_prompt(rng.randint(450, 700), seed=i, prefix=shared_prefix)
+        else:
+            filler = " ".join(rng.choice(["red", "cat", "river", "house", "dog"]) for _ in range(rng.randint(40, 300)))
+            prompt = {"prompt": image_text + filler + "<|im_end|>\n<|im_start|>assistant\n",
+                      "multi_modal_data": {"image": images(2)}}
+        requests[f"r{i}"] = (prompt, params)
+    pool = scheduler_of(tight_engine).kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    aborted = {"r3": 3, "r8": 6}
+    outputs, _, preemptions = run_steps(tight_engine, requests, abort_after=aborted)
+    print(f"finished {len(outputs)}, max preemptions of one request {preemptions}")
+    assert pool.get_num_free_blocks() == free_at_start
+    assert not scheduler_of(tight_engine).evicting_manager.evicted_tokens
+    assert preemptions > 0, "the run should force preemptions"
+    finished = {rid: toks for rid, toks in outputs.items() if rid not in aborted}
+    assert len(finished) >= 12
+    for request_id, tokens in finished.items():
+        solo, _, _ = run_steps(tight_engine, {request_id + "-solo": requests[request_id]})
+        assert solo[request_id + "-solo"] == tokens, request_id
+    assert pool.get_num_free_blocks() == free_at_start
+    assert isinstance(requests["r0"][1], SamplingParams)
