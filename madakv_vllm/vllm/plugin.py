@@ -14,10 +14,12 @@ import inspect
 import logging
 import os
 import sys
+import tempfile
 from typing import Any
 
 from ..config import PRESETS_DIR, EvictionConfig, EvictionConfigError, parse_budget
 from ..policies import POLICY_NAMES
+from .metrics import ENV_DIR as METRICS_ENV_DIR
 from .requests import CONFIG_KEY, engine_config, request_config
 
 SUPPORTED_VLLM = "0.32.0"
@@ -104,16 +106,16 @@ def require_supported(*modules: str) -> None:
 # ---- CLI --------------------------------------------------------------------------------------
 def add_cli_flags(parser) -> None:
     group = parser.add_argument_group(
-        "KV eviction (madakv-vllm)",
-        "Evict KV-cache tokens after prefill and return the freed blocks to vLLM.")
+        "KVEvictionConfig",
+        "madakv-vllm: evict KV-cache tokens after prefill and return the freed blocks to vLLM.")
     group.add_argument("--kv-eviction", choices=POLICY_NAMES, default=None,
-                       help="Eviction policy (default: none).")
+                       help="Eviction policy; off when not given.")
     group.add_argument("--kv-eviction-budget", default=None,
                        help="Tokens kept per head and layer: a ratio of the prompt in (0, 1] or a token "
-                            "count (default 0.2).")
+                            "count; 0.2 when not given.")
     group.add_argument("--kv-eviction-window", type=int, default=None,
                        help="Proxy window: last prompt tokens that score the others, kept and counted in "
-                            "the budget (default 32).")
+                            "the budget; 32 when not given.")
     group.add_argument("--kv-eviction-config", default=None, metavar="FILE.yaml",
                        help=f"Eviction preset (YAML); flags override it. Presets: {PRESETS_DIR}.")
 
@@ -214,6 +216,8 @@ def _hook_engine_args() -> None:
                     raise EvictionStartupError(reason)
                 check_engine_args(self)
                 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the hooks live in the V1 runner
+                if not os.environ.get(METRICS_ENV_DIR):  # engine processes inherit it (metrics.py)
+                    os.environ[METRICS_ENV_DIR] = tempfile.mkdtemp(prefix="madakv-metrics-")
         except EvictionConfigError as exc:
             _fail(self, exc)
         vllm_config = create_engine_config(self, *args, **kwargs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from madakv_kernels import IMAGE, TEXT, VIDEO, compact_kv, gather_tokens, window_scores
 
 from ..policies import EvictionPolicy
+from .metrics import Counters
 from .requests import EvictionTarget, engine_config, eviction_target, request_policy
 from .scheduler import PLANS_ATTR
 
@@ -93,6 +95,7 @@ class RequestEviction:
     tags: torch.Tensor
     scores: list[torch.Tensor | None] = field(default_factory=list)  # per layer [kv_heads, prompt_len]
     evicted: int = 0
+    seconds: float = 0.0  # scoring + compaction
 
 
 @dataclass
@@ -125,6 +128,7 @@ class WorkerEviction:
         self.requests: dict[str, RequestEviction] = {}
         self.step_rows: list[ScoringRows] = []
         self.device = runner.device
+        self.counters = Counters("worker") if _is_first_rank() else None
         for index, layer in enumerate(self.layers):
             layer.impl.forward = self._scoring_forward(index, layer.impl.forward, layer.impl)
         runner._update_states = self._after(runner._update_states, self.after_update_states)
@@ -179,6 +183,7 @@ class WorkerEviction:
         state, req_state = self.requests.get(req_id), self.runner.requests.get(req_id)
         if state is None or req_state is None:
             return
+        started = time.perf_counter()
         scores = None
         if state.policy.needs_scores:
             missing = [i for i, s in enumerate(state.scores) if s is None]
@@ -203,6 +208,11 @@ class WorkerEviction:
             self.runner.input_batch.block_table.add_row(req_state.block_ids, row)
         state.evicted = plan.prompt_len - plan.kept
         state.scores = []
+        state.seconds += time.perf_counter() - started
+        if self.counters is not None:
+            self.counters.add(**kept_and_evicted_by_modality(keep, state.tags.to(self.device)))
+            self.counters.observe_seconds(state.seconds)
+            self.counters.publish()
 
     # ---- per step ----------------------------------------------------------------------------
     def after_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs) -> None:
@@ -246,6 +256,7 @@ class WorkerEviction:
         return forward_then_score
 
     def _score(self, layer_index: int, impl, query: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        started = time.perf_counter()
         keys, _, layout = key_value_views(kv_cache, impl)
         head_dim = keys.shape[-1]
         for rows in self.step_rows:
@@ -255,6 +266,30 @@ class WorkerEviction:
             if state.scores[layer_index] is None:
                 state.scores[layer_index] = torch.zeros(psi.shape[0], state.target.prompt_len, device=psi.device)
             state.scores[layer_index][:, : rows.context_len] += psi
+        elapsed = time.perf_counter() - started  # shared by this step's scored requests
+        for rows in self.step_rows:
+            rows.request.seconds += elapsed / len(self.step_rows)
+
+
+def kept_and_evicted_by_modality(keep: list[torch.Tensor], tags: torch.Tensor) -> dict[str, float]:
+    """Prompt tokens kept and evicted per modality, averaged over layers and KV heads."""
+    slots = sum(layer_keep.numel() for layer_keep in keep)
+    heads_and_layers = slots / keep[0].shape[1]
+    counts = {}
+    for name, tag in (("text", TEXT), ("image", IMAGE), ("video", VIDEO)):
+        kept = sum(int((tags[layer_keep] == tag).sum()) for layer_keep in keep) / heads_and_layers
+        counts[f"kept_{name}"] = kept
+        counts[f"evicted_{name}"] = int((tags == tag).sum()) - kept
+    return counts
+
+
+def _is_first_rank() -> bool:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except (AssertionError, ImportError):
+        return True
 
 
 def install(runner) -> None:

@@ -15,18 +15,17 @@ through the same paths.
 from __future__ import annotations
 
 import logging
-import time
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
+from .metrics import Counters
 from .plugin import require_supported
 from .requests import CompactionPlan, EvictionTarget, engine_config, eviction_target, request_policy
 
 logger = logging.getLogger("madakv_vllm")
 PLANS_ATTR = "kv_eviction_plans"  # set on SchedulerOutput; survives pickling to the workers
-FREES_ATTR = "kv_eviction_frees"
 
 
 class EvictingManager:
@@ -97,7 +96,9 @@ class EvictingSchedulerMixin:
         manager = EvictingManager(managers[0])
         self.evicting_manager = manager
         self.eviction_targets: dict[str, EvictionTarget | None] = {}
-        self.eviction_stats = EvictionStats()
+        self.eviction_counters = Counters("scheduler")
+        # old blocks of each step's plans, freed when that step's output comes back
+        self.frees_after_step: dict[int, tuple[object, list]] = {}
         get_computed_blocks = self.kv_cache_manager.get_computed_blocks
 
         def get_computed_blocks_leaving_scored_queries(request):
@@ -139,7 +140,8 @@ class EvictingSchedulerMixin:
                 plan.block_ids = manager.block_ids(request_id)
                 delivered[request_id] = plan
         setattr(output, PLANS_ATTR, delivered)
-        setattr(output, FREES_ATTR, frees)
+        if frees:
+            self.frees_after_step[id(output)] = (output, frees)
         return output
 
     def _plan_compactions(self):
@@ -159,40 +161,25 @@ class EvictingSchedulerMixin:
                 continue  # pool too short this step; tokens decoded meanwhile are carried over later
             frees.extend(old_blocks)
             plans[request_id] = CompactionPlan([], target.prompt_len, target.kept, computed)
-            self.eviction_stats.record_plan(request, target, len(old_blocks),
-                                            -(-(target.kept + computed - target.prompt_len) // manager.block_size))
+            new_blocks = -(-(target.kept + computed - target.prompt_len) // manager.block_size)
+            freed = max(0, len(old_blocks) - new_blocks)
+            self.eviction_counters.add(requests=1, blocks_freed=freed)
+            logger.debug("kv eviction: request %s logical length %d physical length %d blocks %d -> %d (%d freed)",
+                         request_id, computed, computed - target.evicted, len(old_blocks), new_blocks, freed)
         return frees, plans
 
     def update_from_output(self, scheduler_output, model_runner_output):
         result = super().update_from_output(scheduler_output, model_runner_output)
-        frees = getattr(scheduler_output, FREES_ATTR, None)
+        _, frees = self.frees_after_step.pop(id(scheduler_output), (None, None))
         if frees:  # the step that read them is done
             self.kv_cache_manager.block_pool.free_blocks(reversed(frees))
+        if getattr(scheduler_output, PLANS_ATTR, None):
+            self.eviction_counters.publish()
         return result
 
     def _free_request(self, request, *args, **kwargs):
         self.eviction_targets.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
-
-
-class EvictionStats:
-    """Counters for /metrics and the per-compaction DEBUG line."""
-
-    def __init__(self):
-        self.requests = 0
-        self.tokens_kept = 0
-        self.tokens_evicted = 0
-        self.blocks_freed = 0
-
-    def record_plan(self, request, target: EvictionTarget, old_blocks: int, new_blocks: int) -> None:
-        self.requests += 1
-        self.tokens_kept += target.kept
-        self.tokens_evicted += target.evicted
-        self.blocks_freed += max(0, old_blocks - new_blocks)
-        logger.debug("kv eviction: request %s logical %d physical %d blocks %d -> %d (freed %d)",
-                     request.request_id, request.num_computed_tokens,
-                     request.num_computed_tokens - target.evicted, old_blocks, new_blocks,
-                     max(0, old_blocks - new_blocks))
 
 
 class EvictingScheduler(EvictingSchedulerMixin, Scheduler):

@@ -1,0 +1,144 @@
+"""Eviction counters, from the engine core and its workers to Prometheus in the API server.
+
+vLLM exports `/metrics` from the API server process only, while eviction happens in the engine
+core (scheduler) and the workers. Each of those processes publishes its cumulative counters as
+a small JSON file in a directory the API server chose at start-up (env MADAKV_METRICS_DIR,
+inherited by the processes it spawns); the API server's stat logger (`vllm.stat_logger_plugins`)
+sums the files at every stats tick and advances the Prometheus counters by the difference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+ENV_DIR = "MADAKV_METRICS_DIR"
+MODALITIES = ("text", "image", "video")
+MAX_RECENT = 1000  # observations kept for a reader that fell behind
+SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
+
+
+class Counters:
+    """Cumulative counters of one process, published to `<dir>/<name>.json` when they change."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.values: dict[str, float] = defaultdict(float)
+        self.seconds: list[float] = []  # recent observations, one per request (scoring + compaction)
+        self.seconds_count = 0
+        self._lock = threading.Lock()
+
+    def add(self, **amounts: float) -> None:
+        with self._lock:
+            for key, amount in amounts.items():
+                self.values[key] += amount
+
+    def observe_seconds(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds = self.seconds[-(MAX_RECENT - 1):] + [seconds]
+            self.seconds_count += 1
+
+    def publish(self) -> None:
+        directory = os.environ.get(ENV_DIR)
+        if not directory:
+            return
+        with self._lock:
+            payload = {"values": dict(self.values), "seconds": list(self.seconds), "seconds_count": self.seconds_count}
+        path = Path(directory) / f"{self.name}-{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(path)  # readers never see half a file
+
+
+def read_totals(directory: str) -> tuple[dict[str, float], dict[str, tuple[int, list[float]]]]:
+    """Summed counters of all publishers, and each publisher's (observation count, recent ones)."""
+    values: dict[str, float] = defaultdict(float)
+    seconds: dict[str, tuple[int, list[float]]] = {}
+    for path in Path(directory).glob("*.json"):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced; next tick
+        for key, amount in payload.get("values", {}).items():
+            values[key] += amount
+        seconds[path.name] = (payload.get("seconds_count", 0), payload.get("seconds", []))
+    return values, seconds
+
+
+def _make_stat_logger_class():
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class EvictionStatLogger(StatLoggerBase):
+        """Prometheus counters for KV eviction (no-op when eviction is off)."""
+
+        def __init__(self, vllm_config, engine_index: int = 0):
+            from .requests import engine_config
+
+            self.directory = os.environ.get(ENV_DIR)
+            self.enabled = engine_index == 0 and bool(self.directory) and \
+                engine_config(vllm_config.additional_config) is not None
+            self.created = False
+
+        def _create_metrics(self):
+            # Not in __init__: vLLM's own Prometheus logger is built after plugin loggers and
+            # unregisters every "vllm:" collector it finds.
+            from prometheus_client import Counter, Histogram
+            from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+            registry = get_prometheus_registry()
+            self.requests = Counter("vllm:kv_eviction_requests", "Requests whose KV cache was evicted",
+                                    registry=registry)
+            self.kept = Counter("vllm:kv_eviction_tokens_kept", "Prompt tokens kept (per KV head and layer)",
+                                ["modality"], registry=registry)
+            self.evicted = Counter("vllm:kv_eviction_tokens_evicted",
+                                   "Prompt tokens evicted (per KV head and layer)", ["modality"], registry=registry)
+            self.blocks = Counter("vllm:kv_eviction_blocks_freed", "KV-cache blocks returned to the pool",
+                                  registry=registry)
+            self.seconds = Histogram("vllm:kv_eviction_seconds", "Scoring + compaction time per request",
+                                     buckets=SECONDS_BUCKETS, registry=registry)
+            for modality in MODALITIES:  # export zeros from the start
+                self.kept.labels(modality=modality)
+                self.evicted.labels(modality=modality)
+            self.seen: dict[str, float] = defaultdict(float)
+            self.seen_seconds: dict[str, int] = defaultdict(int)
+            self.created = True
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if not self.enabled:
+                return
+            if not self.created:
+                self._create_metrics()
+            values, seconds = read_totals(self.directory)
+            for key, total in values.items():
+                delta = total - self.seen[key]
+                if delta <= 0:
+                    continue
+                self.seen[key] = total
+                if key == "requests":
+                    self.requests.inc(delta)
+                elif key == "blocks_freed":
+                    self.blocks.inc(delta)
+                elif key.startswith("kept_"):
+                    self.kept.labels(modality=key[5:]).inc(delta)
+                elif key.startswith("evicted_"):
+                    self.evicted.labels(modality=key[8:]).inc(delta)
+            for publisher, (count, recent) in seconds.items():
+                new = count - self.seen_seconds[publisher]
+                for value in recent[len(recent) - min(new, len(recent)):] if new > 0 else ():
+                    self.seconds.observe(value)
+                self.seen_seconds[publisher] = count
+
+        def log_engine_initialized(self):
+            pass
+
+    return EvictionStatLogger
+
+
+def __getattr__(name):  # the entry point resolves this lazily: vLLM is imported only when asked
+    if name == "EvictionStatLogger":
+        cls = _make_stat_logger_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

@@ -1,0 +1,130 @@
+"""The real `vllm serve` command with --kv-eviction: chat with images, per-request overrides,
+a bad override (HTTP 400, server keeps serving), Prometheus counters, and start-up refusals."""
+import base64
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from prompts import images
+
+VLLM = Path(sys.executable).with_name("vllm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TRITON_INTERPRET")}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1")
+    return env
+
+
+def serve_command(model_dir, port, *extra) -> list[str]:
+    return [str(VLLM), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+            "--block-size", "32", "--max-num-seqs", "4", "--limit-mm-per-prompt", '{"image": 2}', *extra]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(serve_command(tiny_model_dir("qwen2vl"), port, "--kv-eviction", "madakv",
+                                              "--kv-eviction-budget", "0.3", "--kv-eviction-window", "8"),
+                                stdout=out, stderr=subprocess.STDOUT, env=server_env())
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(base + "/v1/models", timeout=5)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"vllm serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(2)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def image_url(img) -> str:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat(client, **extra_body):
+    content = []
+    for i, img in enumerate(images(2)):
+        content += [{"type": "image_url", "image_url": {"url": image_url(img)}},
+                    {"type": "text", "text": f"picture {i} shows a cat on the left " * 6}]
+    content.append({"type": "text", "text": "which picture is green?"})
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                          max_tokens=8, temperature=0, extra_body={"ignore_eos": True, **extra_body})
+
+
+def metric(base: str, name: str) -> float:
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_chat_with_images_overrides_and_metrics(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server + "/v1", api_key="EMPTY")
+    before = {name: metric(server, name) for name in ("vllm:kv_eviction_requests_total",
+                                                      "vllm:kv_eviction_blocks_freed_total")}
+    evicted = chat(client)
+    assert evicted.usage.completion_tokens == 8 and evicted.usage.prompt_tokens > 100
+    stock = chat(client, vllm_xargs={"kv_eviction": "none"})
+    smaller = chat(client, vllm_xargs={"kv_eviction_budget": 0.1})
+    assert stock.usage.completion_tokens == smaller.usage.completion_tokens == 8
+    with pytest.raises(openai.BadRequestError, match="kv_eviction_budget|budget"):
+        chat(client, vllm_xargs={"kv_eviction_budget": 5.5})
+    with pytest.raises(openai.BadRequestError, match="unknown eviction policy"):
+        chat(client, vllm_xargs={"kv_eviction": "fastkv"})
+    assert chat(client).choices[0].message.content == evicted.choices[0].message.content  # still serving
+    deadline = time.time() + 30
+    while metric(server, "vllm:kv_eviction_requests_total") < before["vllm:kv_eviction_requests_total"] + 3:
+        assert time.time() < deadline, "eviction counters did not move"
+        time.sleep(1)
+    assert metric(server, "vllm:kv_eviction_blocks_freed_total") > before["vllm:kv_eviction_blocks_freed_total"]
+    assert metric(server, 'vllm:kv_eviction_tokens_kept_total{modality="image"}') > 0
+    assert metric(server, 'vllm:kv_eviction_tokens_evicted_total{modality="text"}') > 0
+    assert metric(server, "vllm:kv_eviction_seconds_count") >= 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kv-eviction", "fastkv"], "invalid choice"),
+    (["--kv-eviction", "madakv", "--kv-eviction-budget", "1.5"], "ratio must be in"),
+    (["--kv-eviction", "madakv", "--kv-eviction-budget", "16"], "smaller than the budget"),
+    (["--kv-eviction-config", "missing.yaml"], "does not exist"),
+])
+def test_bad_flags_fail_with_one_line(tiny_model_dir, flags, message):
+    result = subprocess.run(serve_command(tiny_model_dir("qwen2vl"), free_port(), *flags), env=server_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert any(re.search(message, line) for line in errors), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
