@@ -37,13 +37,16 @@ else
 fi
 
 # 2. This project, editable, with test extras (before the uninstall below: any resolve may
-#    bring torchaudio/torchcodec back).
-if "$PY" -c "import madakv_vllm, madakv_kernels, pytest" 2>/dev/null \
+#    bring torchaudio/torchcodec back). Reinstalled when pyproject.toml changes (entry points).
+STAMP="$(dirname "$PY")/../.madakv-pyproject.sha256"
+WANT=$(sha256sum pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
+if "$PY" -c "import madakv_vllm, madakv_kernels, pytest" 2>/dev/null && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] \
    && [ "$("$PY" -c 'import madakv_vllm, os; print(os.path.realpath(os.path.dirname(madakv_vllm.__file__)))')" = "$(pwd -P)/madakv_vllm" ]; then
   say "madakv-vllm already installed (editable) with test extras"
 else
   say "installing madakv-vllm (editable) with test extras"
   "${PIP[@]}" install -q -e ".[test]"
+  echo "$WANT" > "$STAMP"
 fi
 
 # 3. PyPI's torchaudio/torchcodec are CUDA builds: importing them fails and breaks vLLM.

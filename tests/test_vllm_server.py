@@ -128,3 +128,15 @@ def test_bad_flags_fail_with_one_line(tiny_model_dir, flags, message):
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert any(re.search(message, line) for line in errors), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_readme_demo_command_reports_eviction():
+    """`bash scripts/demo.sh` minus the install step: serve, chat, print what eviction did."""
+    result = subprocess.run([sys.executable, "-m", "madakv_vllm.demo"], env=server_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    freed = re.search(r"KV blocks freed\s+(\d+)", result.stdout)
+    assert freed and int(freed.group(1)) > 0, result.stdout
+    kept_image = re.search(r"tokens kept\s+text (\d+), image (\d+)", result.stdout)
+    assert kept_image and int(kept_image.group(1)) > 0
+    assert "server stopped" in result.stdout
