@@ -1,0 +1,126 @@
+"""The plugin's flags, start-up checks and version gate (no engine started)."""
+import argparse
+from types import SimpleNamespace
+
+import pytest
+
+from madakv_vllm.config import PRESETS_DIR, EvictionConfigError
+from madakv_vllm.vllm import plugin
+from madakv_vllm.vllm.requests import eviction_target, request_config, request_policy
+from madakv_vllm.config import EvictionConfig
+
+
+def parse(*flags):
+    parser = argparse.ArgumentParser()
+    plugin.add_cli_flags(parser)
+    return parser.parse_args(list(flags))
+
+
+def test_flags_build_the_config():
+    assert plugin.config_from_args(parse()) is None
+    config = plugin.config_from_args(parse("--kv-eviction", "snapkv", "--kv-eviction-budget", "256"))
+    assert (config.policy, config.budget, config.window) == ("snapkv", 256, 32)
+    preset = plugin.config_from_args(parse("--kv-eviction-config", str(PRESETS_DIR / "madakv-10.yaml"),
+                                           "--kv-eviction-window", "16"))
+    assert (preset.policy, preset.budget, preset.window, preset.options["theta"]) == ("madakv", 0.1, 16, 0.9)
+    assert plugin.config_as_dict(preset)["theta"] == 0.9
+    with pytest.raises(EvictionConfigError, match="ratio must be in"):
+        plugin.config_from_args(parse("--kv-eviction", "madakv", "--kv-eviction-budget", "2.5"))
+
+
+def test_vllm_parser_gets_the_flag_group(tiny_model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    plugin.register()
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", str(tiny_model_dir("qwen2vl")), "--kv-eviction", "madakv",
+                              "--kv-eviction-budget", "0.1"])
+    engine_args = EngineArgs.from_cli_args(args)
+    assert engine_args.additional_config["kv_eviction"]["budget"] == 0.1
+    assert any(g.title == "KVEvictionConfig" for g in parser._action_groups)
+
+
+def test_installed_vllm_is_supported_and_signature_changes_are_caught(monkeypatch):
+    assert plugin.unsupported_reason(tuple(plugin.HOOKED_SIGNATURES)) is None
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "_reserve_prefill_lookahead", lambda self, req, n: n)
+    reason = plugin.unsupported_reason(("vllm.v1.core.sched.scheduler",))
+    assert reason and "_reserve_prefill_lookahead" in reason
+    with pytest.raises(RuntimeError, match="cannot hook this vLLM"):
+        plugin.require_supported("vllm.v1.core.sched.scheduler")
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    assert "supports vLLM 0.32.0, found 0.33.0" in plugin.unsupported_reason(())
+
+
+@pytest.mark.parametrize("engine_args, message", [
+    (dict(speculative_config={"method": "ngram"}), "speculative decoding"),
+    (dict(pipeline_parallel_size=2), "pipeline parallelism"),
+    (dict(kv_transfer_config={"kv_connector": "X"}), "KV connectors"),
+])
+def test_engine_arg_refusals(engine_args, message):
+    defaults = dict(speculative_config=None, pipeline_parallel_size=1, kv_transfer_config=None)
+    with pytest.raises(plugin.EvictionStartupError, match=message):
+        plugin.check_engine_args(SimpleNamespace(**{**defaults, **engine_args}))
+
+
+def fake_vllm_config(**model_overrides):
+    from vllm.config import CUDAGraphMode
+
+    text = SimpleNamespace(layer_types=None)
+    model = dict(runner_type="generate", use_mla=False, is_hybrid=False, is_attention_free=False, model="m",
+                 hf_text_config=text, get_sliding_window=lambda: None)
+    model.update(model_overrides)
+    return SimpleNamespace(model_config=SimpleNamespace(**model),
+                           compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(use_mla=True), "MLA"),
+    (dict(is_hybrid=True), "hybrid"),
+    (dict(get_sliding_window=lambda: 4096), "full attention"),
+    (dict(hf_text_config=SimpleNamespace(layer_types=["full_attention", "sliding_attention"])), "full attention"),
+    (dict(runner_type="pooling"), "generative"),
+])
+def test_model_refusals(overrides, message):
+    plugin.check_vllm_config(fake_vllm_config())  # the plain case passes
+    with pytest.raises(plugin.EvictionStartupError, match=message):
+        plugin.check_vllm_config(fake_vllm_config(**overrides))
+
+
+def test_full_cudagraphs_refused():
+    from vllm.config import CUDAGraphMode
+
+    config = fake_vllm_config()
+    config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
+    with pytest.raises(plugin.EvictionStartupError, match="cudagraph mode FULL"):
+        plugin.check_vllm_config(config)
+
+
+def test_request_overrides_and_targets():
+    base = EvictionConfig(policy="madakv", budget=0.2, window=8)
+    assert request_config(base, None) is base
+    assert request_config(base, {"kv_eviction_budget": 0.5}).budget == 0.5
+    assert request_policy(base, {"kv_eviction": "none"}) is None
+    policy = request_policy(base, {"kv_eviction": "snapkv"})
+    assert policy.name == "snapkv" and policy.uniform_layers
+    with pytest.raises(EvictionConfigError, match="bad vllm_xargs"):
+        request_config(base, {"kv_eviction_budget": "lots"})
+    assert request_policy(base, {"kv_eviction_budget": "lots"}).budget == 0.2  # workers never fail on it
+    target = eviction_target(request_policy(base, None), 1000)
+    assert (target.kept, target.evicted, target.score_queries) == (200, 800, 8)
+    assert eviction_target(request_policy(base, None), 8) is None  # the window is the whole prompt
+
+
+def test_bad_request_override_is_a_validation_error(monkeypatch):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    plugin.register()
+    monkeypatch.setitem(plugin._state, "server_config", EvictionConfig(policy="madakv", budget=0.2, window=8))
+    SamplingParams(extra_args={"kv_eviction_budget": 0.5})
+    with pytest.raises(VLLMValidationError, match="budget"):
+        SamplingParams(extra_args={"kv_eviction_budget": 7.5})
