@@ -135,10 +135,17 @@ class EvictingSchedulerMixin:
         output = super().schedule(*args, **kwargs)
         manager = self.evicting_manager
         delivered = {}
-        for request_id, plan in plans.items():
-            if request_id in manager.evicted_tokens:  # not preempted while scheduling
-                plan.block_ids = manager.block_ids(request_id)
-                delivered[request_id] = plan
+        for request_id, (plan, old_blocks) in plans.items():
+            if request_id not in manager.evicted_tokens:  # preempted while scheduling: plan void
+                continue
+            plan.block_ids = manager.block_ids(request_id)
+            delivered[request_id] = plan
+            new_blocks = -(-(plan.kept + plan.computed - plan.prompt_len) // manager.block_size)
+            freed = max(0, old_blocks - new_blocks)
+            self.eviction_counters.add(requests=1, blocks_freed=freed)
+            logger.debug("kv eviction: request %s logical length %d physical length %d blocks %d -> %d (%d freed)",
+                         request_id, plan.computed, plan.computed - plan.prompt_len + plan.kept, old_blocks,
+                         new_blocks, freed)
         setattr(output, PLANS_ATTR, delivered)
         if frees:
             self.frees_after_step[id(output)] = (output, frees)
@@ -160,12 +167,7 @@ class EvictingSchedulerMixin:
             if old_blocks is None:
                 continue  # pool too short this step; tokens decoded meanwhile are carried over later
             frees.extend(old_blocks)
-            plans[request_id] = CompactionPlan([], target.prompt_len, target.kept, computed)
-            new_blocks = -(-(target.kept + computed - target.prompt_len) // manager.block_size)
-            freed = max(0, len(old_blocks) - new_blocks)
-            self.eviction_counters.add(requests=1, blocks_freed=freed)
-            logger.debug("kv eviction: request %s logical length %d physical length %d blocks %d -> %d (%d freed)",
-                         request_id, computed, computed - target.evicted, len(old_blocks), new_blocks, freed)
+            plans[request_id] = (CompactionPlan([], target.prompt_len, target.kept, computed), len(old_blocks))
         return frees, plans
 
     def update_from_output(self, scheduler_output, model_runner_output):
