@@ -1,4 +1,4 @@
-"""Machine, versions and commit stamped next to every benchmark number."""
+"""What every benchmark shares: the machine/versions/commit stamp and writing its results."""
 from __future__ import annotations
 
 import os
@@ -41,3 +41,29 @@ def stamp() -> dict:
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None
     return info
+
+
+def write_results(out, result: dict, draw=None) -> None:
+    """Write out.json, and out.png when matplotlib is there: draw(plt) makes the figure."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out.with_suffix('.json')}")
+    if draw is None:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[eval]')")
+        return
+    fig = draw(plt)
+    fig.suptitle(result["stamp"].get("gpu", result["stamp"]["machine"]))
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=100)
+    print(f"wrote {out.with_suffix('.png')}")

@@ -10,7 +10,6 @@ heads, 4 KV heads, head_dim 128), window 32. Writes benchmarks/results/kernels.j
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -50,7 +49,7 @@ def main():
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _stamp import stamp
+    from _stamp import stamp, write_results
 
     import madakv_kernels as mk
 
@@ -91,29 +90,17 @@ def main():
                   f"compact {row['compact_ms']:8.3f} ms {row['compact_gbps']:8.2f} GB/s", flush=True)
     result = dict(stamp=stamp(), device=device, dtype=args.dtype, layout=layout, block_size=block_size,
                   heads=dict(q=num_q, kv=num_kv, head_dim=head_dim), window=window, rows=rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def draw(plt):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, metric, title in ((axes[0], "score_gbps", "window scoring"), (axes[1], "compact_gbps", "compaction")):
             for name in impls:
                 pts = [(r["n"], r[metric]) for r in rows if r["impl"] == name]
                 ax.plot(*zip(*pts), marker="o", label=name)
-            ax.set(xscale="log", xlabel="context tokens", ylabel="GB/s", title=title)
+            ax.set(xscale="log", xlabel="context tokens", ylabel="GB/s", title=f"{title}, {args.dtype}")
             ax.legend()
-        fig.suptitle(f"{result['stamp'].get('gpu', result['stamp']['machine'])}, {args.dtype}")
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=100)
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[eval]')")
-    print(f"wrote {out.with_suffix('.json')}")
+        return fig
 
+    write_results(args.out, result, draw)
 
 if __name__ == "__main__":
     main()

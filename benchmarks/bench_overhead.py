@@ -11,7 +11,6 @@ text. Writes benchmarks/results/overhead.json (+ .png with matplotlib).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -45,7 +44,7 @@ def main():
     p.add_argument("--budget", type=float, default=0.2)
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
-    from _stamp import stamp
+    from _stamp import stamp, write_results
     from vllm import LLM, SamplingParams
 
     model = build_model(HERE / ".models" / "smollm2-shaped-random")
@@ -84,17 +83,10 @@ def main():
               f"({100 * row['eviction_share_of_prefill']:.1f} % of prefill) | blocks {row['blocks_before']} -> "
               f"{row['blocks_before'] - row['blocks_freed']:.0f} | decode {row['decode_ms_full']:.1f} -> "
               f"{row['decode_ms_evicted']:.1f} ms/token", flush=True)
-    out = HERE / "results" / "overhead"
-    out.parent.mkdir(exist_ok=True)
     result = dict(stamp=stamp(), model="random Llama, SmolLM2-135M shapes, bf16", policy="madakv",
                   budget=args.budget, block_size=block_size, rows=rows)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def draw(plt):
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
         lengths = [r["n"] for r in rows]
         a.plot(lengths, [r["prefill_s"] * 1000 for r in rows], "o-", label="prefill")
@@ -105,13 +97,9 @@ def main():
         b.plot(lengths, [r["decode_ms_evicted"] for r in rows], "o-", label=f"madakv {args.budget:.0%}")
         b.set(xlabel="prompt tokens", ylabel="ms / token", title="decode")
         b.legend()
-        fig.suptitle(result["stamp"]["machine"])
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=100)
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[eval]')")
-    print(f"wrote {out.with_suffix('.json')}")
+        return fig
 
+    write_results(HERE / "results" / "overhead", result, draw)
 
 if __name__ == "__main__":
     main()
