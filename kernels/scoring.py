@@ -11,7 +11,6 @@ Two implementations with one signature: `window_scores_torch` (CPU path and test
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

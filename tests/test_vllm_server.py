@@ -4,7 +4,6 @@ import base64
 import io
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
