@@ -11,7 +11,6 @@ Two implementations with one signature: `window_scores_torch` (CPU path and test
 """
 from __future__ import annotations
 
-
 import torch
 
 from ._paged import paged_dims, paged_strides, request_keys
