@@ -54,13 +54,16 @@ def key_value_views(kv_cache: torch.Tensor, impl) -> tuple[torch.Tensor, torch.T
         # the keys transposed (head_dim x block_size), then the values token by token.
         blocks, heads, block_size, twice_dim = kv_cache.shape
         head_dim = twice_dim // 2
+        if kv_cache.stride()[2:] != (twice_dim, 1):
+            raise RuntimeError(f"KV eviction expects each CPU KV block to be contiguous, got strides {kv_cache.stride()}")
         size, (s_block, s_head) = (blocks, heads, block_size, head_dim), kv_cache.stride()[:2]
         offset = kv_cache.storage_offset()
         keys = kv_cache.as_strided(size, (s_block, s_head, 1, block_size), offset)
         values = kv_cache.as_strided(size, (s_block, s_head, head_dim, 1), offset + block_size * head_dim)
         return keys, values, "HND"
-    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:  # [2, blocks, block_size, kv_heads, head_dim]
-        return kv_cache[0], kv_cache[1], "NHD"
+    if kv_cache.dim() == 4:  # GPU backends: a strided (blocks, kv_heads, block_size, 2 * head_dim) view, K | V
+        keys, values = kv_cache.transpose(1, 2).split(kv_cache.shape[-1] // 2, dim=-1)
+        return keys, values, "NHD"
     raise RuntimeError(f"KV eviction does not know the KV-cache layout of {type(impl).__name__} "
                        f"(shape {tuple(kv_cache.shape)})")
 
@@ -69,9 +72,7 @@ def check_layout(layer, impl, kv_cache: torch.Tensor) -> None:
     """Write known keys and values through the backend's own cache update into a scratch cache
     shaped like the real one, and read them back through key_value_views: the backend's private
     layout (it may differ by CPU ISA) must be the one we assume, or we refuse to start."""
-    scratch = torch.zeros((2,) + tuple(kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device) \
-        if kv_cache.dim() == 4 else torch.zeros((2, 2) + tuple(kv_cache.shape[2:]), dtype=kv_cache.dtype,
-                                                device=kv_cache.device)
+    scratch = torch.zeros((2,) + tuple(kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device)
     keys, values, layout = key_value_views(scratch, impl)
     block_size = keys.shape[2] if layout == "HND" else keys.shape[1]
     heads, head_dim = (keys.shape[1] if layout == "HND" else keys.shape[2]), keys.shape[3]
