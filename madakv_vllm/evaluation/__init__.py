@@ -1,0 +1,1 @@
+"""Evaluation: MileBench-layout data (real or synthetic), scoring, and the `madakv-eval` CLI."""

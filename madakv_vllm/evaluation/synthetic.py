@@ -1,0 +1,120 @@
+"""Synthetic long multimodal tasks written in the MileBench layout (fixed seeds, no downloads).
+
+- SyntheticTextNeedle (TN-like): many images interleaved with filler paragraphs; one sentence
+  hides a secret word; the question asks for it (exact match).
+- SyntheticChoice: many images and paragraphs, each paragraph names where a person went; the
+  question asks where one of them went, with four options (accuracy).
+Lengths are set in words (roughly 1.3 tokens each for SmolLM2's tokenizer) so that prompts
+span about 1K to 8K tokens, images included.
+    python -m madakv_vllm.evaluation.synthetic OUT_DIR [--samples 20] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+WORDS = ("river morning garden window market evening station bridge mountain letter village harbor "
+         "lantern orchard meadow forest painter teacher journey winter summer kitchen library "
+         "quiet bright distant gentle early golden narrow").split()
+SECRETS = ("apricot", "walrus", "cobalt", "saffron", "juniper", "lagoon", "marble", "quartz", "thistle", "velvet")
+PEOPLE = ("Anna", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jana")
+PLACES = ("Lisbon", "Oslo", "Kyoto", "Nairobi", "Lima", "Quebec", "Tbilisi", "Hanoi", "Dakar", "Perth")
+COLORS = [(200, 40, 40), (40, 160, 60), (40, 70, 200), (220, 200, 40), (140, 60, 170), (240, 140, 30)]
+LENGTHS_WORDS = (750, 1500, 3000, 6000)  # ~1K, 2K, 4K, 8K tokens
+
+
+def _paragraph(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+
+
+def _write_image(path: Path, rng: random.Random) -> None:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (112, 112), rng.choice(COLORS))
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        x, y = rng.randrange(0, 90), rng.randrange(0, 90)
+        draw.rectangle([x, y, x + 20, y + 20], fill=rng.choice(COLORS))
+    img.save(path)
+
+
+def _haystack(rng, folder: Path, sample_id: int, total_words: int, images: int):
+    """Paragraph texts and image placeholders, alternating; returns (chunks, image file names)."""
+    chunks, names = [], []
+    per_chunk = max(20, total_words // (images + 1))
+    for k in range(images):
+        chunks.append(_paragraph(rng, per_chunk))
+        name = f"s{sample_id}_img{k + 1}.png"
+        _write_image(folder / "images" / name, rng)
+        names.append(name)
+        chunks.append(f"{{image#{k + 1}}}")
+    chunks.append(_paragraph(rng, per_chunk))
+    return chunks, names
+
+
+def text_needle(folder: Path, samples: int, rng: random.Random) -> list[dict]:
+    data = []
+    for i in range(samples):
+        words = LENGTHS_WORDS[i % len(LENGTHS_WORDS)]
+        chunks, names = _haystack(rng, folder, i, words, images=4 + (i % 4) * 4)
+        secret = rng.choice(SECRETS)
+        depth = rng.randrange(0, len(chunks))
+        chunks.insert(depth if not chunks[depth].startswith("{image#") else depth + 1,
+                      f"Remember this: the secret word is {secret}.")
+        context = " ".join(chunks) + " What is the secret word? Answer with the word only."
+        data.append({"sample_id": i, "task_instruction_id": 0,
+                     "task_instance": {"context": context, "images_path": names}, "response": secret})
+    return data
+
+
+def choice(folder: Path, samples: int, rng: random.Random) -> list[dict]:
+    data = []
+    for i in range(samples):
+        words = LENGTHS_WORDS[i % len(LENGTHS_WORDS)]
+        chunks, names = _haystack(rng, folder, i, words, images=4 + (i % 4) * 4)
+        people = rng.sample(PEOPLE, 4)
+        places = rng.sample(PLACES, 4)
+        for person, place in zip(people, places):
+            chunks.insert(rng.randrange(0, len(chunks) + 1), f"{person} travelled to {place}.")
+        asked = rng.randrange(4)
+        context = " ".join(chunks) + f" Where did {people[asked]} travel to?"
+        data.append({"sample_id": i, "task_instruction_id": 0,
+                     "task_instance": {"context": context, "images_path": names, "choice_list": places},
+                     "response": places[asked]})
+    return data
+
+
+TASKS = {
+    "SyntheticTextNeedle": (text_needle, "Read the text and pictures below, then answer the question. "),
+    "SyntheticChoice": (choice, "Read the text and pictures below, then choose the right option. "),
+}
+
+
+def generate(out: str | Path, samples: int = 20, seed: int = 0) -> list[Path]:
+    """Write every synthetic task under `out`; same arguments, same bytes."""
+    written = []
+    for offset, (task, (make, instruction)) in enumerate(sorted(TASKS.items())):
+        folder = Path(out) / task
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        data = make(folder, samples, random.Random(seed * 1000 + offset))
+        payload = {"meta_data": {"task": task, "task_instruction": [instruction], "seed": seed}, "data": data}
+        path = folder / f"{task}.json"
+        path.write_text(json.dumps(payload, indent=1))
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m madakv_vllm.evaluation.synthetic", description=__doc__.split("\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("--samples", type=int, default=20, help="samples per task (default 20)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for path in generate(args.out, args.samples, args.seed):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""MileBench reader and scoring, the synthetic generator's determinism, and `madakv-eval`
+against a fake OpenAI endpoint."""
+import csv
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from madakv_vllm.evaluation import cli, synthetic
+from madakv_vllm.evaluation.milebench import (choice_accuracy, exact_match, list_tasks, load_task, rouge_l,
+                                              scorer_for, substring_match)
+
+
+@pytest.fixture
+def milebench_root(tmp_path):
+    """A two-sample task folder written the way MileBench ships them."""
+    folder = tmp_path / "ALFRED"
+    (folder / "images").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8), "red").save(folder / "images" / name)
+    payload = {"meta_data": {"task_instruction": ["Look at the frames. ", "Answer briefly. "],
+                             "question_type": "multi-choice"},
+               "data": [{"sample_id": 7, "task_instruction_id": 1,
+                         "task_instance": {"context": "First {image#1} then {table#2} done.",
+                                           "images_path": ["a.jpg", "b.jpg"],
+                                           "choice_list": ["open the door", "close the door"]},
+                         "response": "close the door"},
+                        {"sample_id": 8, "task_instruction_id": 0,
+                         "task_instance": {"context": "No pictures here.", "images_path": []},
+                         "response": "a cat sat on the mat"}]}
+    (folder / "ALFRED.json").write_text(json.dumps(payload))
+    return tmp_path
+
+
+def test_reader_builds_prompts_in_order(milebench_root):
+    assert list_tasks(milebench_root) == ["ALFRED"]
+    first, second = load_task(milebench_root, "ALFRED")
+    assert (first.sample_id, first.instruction, first.answer) == ("7", "Answer briefly. ", "close the door")
+    parts = first.parts()
+    assert [kind for kind, _ in parts] == ["text", "image", "text", "image", "text"]
+    assert parts[0] == ("text", "Answer briefly. First ")
+    assert parts[1][1].name == "a.jpg" and parts[3][1].name == "b.jpg"
+    assert parts[-1][1].startswith(" done.Choice list:['open the door', 'close the door']")
+    assert second.parts() == [("text", "Look at the frames. No pictures here.")]
+    assert load_task(milebench_root, "ALFRED", limit=1) == [first]
+    with pytest.raises(FileNotFoundError):
+        load_task(milebench_root, "Missing")
+
+
+def test_scoring_rules(milebench_root):
+    choices = ["open the door", "close the door"]
+    assert choice_accuracy("B", "close the door", choices) == 1.0
+    assert choice_accuracy("(A) open", "close the door", choices) == 0.0
+    assert choice_accuracy("I would close the door.", "close the door", choices) == 1.0
+    assert choice_accuracy("no idea", "close the door", choices) == 0.0
+    assert exact_match("Walrus.", "walrus", []) == 1.0 and exact_match("the walrus", "walrus", []) == 0.0
+    assert substring_match("the walrus", "walrus", []) == 1.0
+    assert rouge_l("a cat sat on the mat", "a cat sat on the mat", []) == 1.0
+    assert 0.0 < rouge_l("a cat on a mat", "a cat sat on the mat", []) < 1.0
+    first, second = load_task(milebench_root, "ALFRED")
+    assert scorer_for(first) is choice_accuracy and scorer_for(second) is rouge_l
+    needle = load_task(synthetic.generate(milebench_root / "syn", samples=1)[1].parent.parent,
+                       "SyntheticTextNeedle")[0]
+    assert scorer_for(needle) is exact_match
+
+
+def digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            h.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_generator_is_deterministic_and_spans_lengths(tmp_path):
+    synthetic.generate(tmp_path / "a", samples=4, seed=3)
+    synthetic.generate(tmp_path / "b", samples=4, seed=3)
+    synthetic.generate(tmp_path / "c", samples=4, seed=4)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    samples = load_task(tmp_path / "a", "SyntheticTextNeedle")
+    words = [len(s.context.split()) for s in samples]
+    assert words == sorted(words) and words[0] < 1000 < 5000 < words[-1]
+    for s in samples:
+        assert f"the secret word is {s.answer}." in s.context
+        assert all(p.is_file() for p in s.image_paths) and len(s.image_paths) >= 4
+    for s in load_task(tmp_path / "a", "SyntheticChoice"):
+        assert s.answer in s.choices and len(s.choices) == 4
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Answers right only when eviction is off for the request; records what it was sent."""
+
+    seen: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send({"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "me"}]})
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeOpenAI.seen.append(request)
+        text = " ".join(p["text"] for p in request["messages"][0]["content"] if p["type"] == "text")
+        images = sum(p["type"] == "image_url" for p in request["messages"][0]["content"])
+        secret = text.split("the secret word is ")[1].split(".")[0] if "secret word is" in text else "?"
+        answer = secret if request["vllm_xargs"]["kv_eviction"] == "none" else "pass"
+        self._send({"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": answer}}],
+                    "usage": {"prompt_tokens": len(text.split()) + 16 * images, "completion_tokens": 1,
+                              "total_tokens": 1}})
+
+
+def test_eval_cli_sweeps_policies_and_budgets_against_an_endpoint(tmp_path):
+    synthetic.generate(tmp_path / "data", samples=3, seed=0)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeOpenAI.seen = []
+    try:
+        code = cli.main(["--data", str(tmp_path / "data"), "--tasks", "SyntheticTextNeedle", "--endpoint",
+                         f"http://127.0.0.1:{server.server_address[1]}/v1", "--policies", "none", "madakv",
+                         "--budgets", "0.1", "0.2", "--concurrency", "3", "--out", str(tmp_path / "out")])
+    finally:
+        server.shutdown()
+    assert code == 0
+    assert len(FakeOpenAI.seen) == 3 * 3  # (full cache + madakv at 2 budgets) x 3 samples
+    xargs = sorted(json.dumps(r["vllm_xargs"], sort_keys=True) for r in FakeOpenAI.seen)
+    assert xargs.count('{"kv_eviction": "none"}') == 3
+    assert xargs.count('{"kv_eviction": "madakv", "kv_eviction_budget": 0.1}') == 3
+    assert all(sum(p["type"] == "image_url" for p in r["messages"][0]["content"]) >= 4 for r in FakeOpenAI.seen)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and {r["policy"] for r in rows} == {"none", "madakv"}
+    with open(tmp_path / "out" / "summary.csv") as f:
+        summary = {(r["policy"], r["budget"], r["task"]): float(r["score"]) for r in csv.DictReader(f)}
+    assert summary[("none", "", "ALL")] == 1.0
+    assert summary[("madakv", "0.1", "SyntheticTextNeedle")] == 0.0
