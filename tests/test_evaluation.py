@@ -147,3 +147,10 @@ def test_eval_cli_sweeps_policies_and_budgets_against_an_endpoint(tmp_path):
         summary = {(r["policy"], r["budget"], r["task"]): float(r["score"]) for r in csv.DictReader(f)}
     assert summary[("none", "", "ALL")] == 1.0
     assert summary[("madakv", "0.1", "SyntheticTextNeedle")] == 0.0
+
+
+def test_eval_cli_says_when_the_endpoint_is_down(tmp_path):
+    synthetic.generate(tmp_path / "data", samples=1, seed=0)
+    with pytest.raises(SystemExit, match="cannot reach"):
+        cli.main(["--data", str(tmp_path / "data"), "--endpoint", "http://127.0.0.1:9/v1", "--out",
+                  str(tmp_path / "out")])

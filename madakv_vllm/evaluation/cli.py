@@ -63,13 +63,20 @@ def messages(sample: Sample) -> list[dict]:
 
 
 def ask(client, model: str, sample: Sample, setting: Setting, max_tokens: int) -> dict:
+    """One request; a request the server rejects (e.g. too long) scores 0 and keeps its error."""
+    import openai
+
     started = time.perf_counter()
-    reply = client.chat.completions.create(model=model, messages=messages(sample), max_tokens=max_tokens,
-                                           temperature=0, extra_body={"vllm_xargs": setting.xargs})
+    row = dict(task=sample.task, sample_id=sample.sample_id, policy=setting.policy, budget=setting.budget,
+               answer=sample.answer)
+    try:
+        reply = client.chat.completions.create(model=model, messages=messages(sample), max_tokens=max_tokens,
+                                               temperature=0, extra_body={"vllm_xargs": setting.xargs})
+    except openai.APIStatusError as exc:
+        return dict(row, prediction="", score=0.0, error=f"HTTP {exc.status_code}: {exc.message}",
+                    latency_s=time.perf_counter() - started)
     prediction = reply.choices[0].message.content or ""
-    return dict(task=sample.task, sample_id=sample.sample_id, policy=setting.policy, budget=setting.budget,
-                prediction=prediction, answer=sample.answer,
-                score=scorer_for(sample)(prediction, sample.answer, sample.choices),
+    return dict(row, prediction=prediction, score=scorer_for(sample)(prediction, sample.answer, sample.choices),
                 prompt_tokens=reply.usage.prompt_tokens if reply.usage else None,
                 latency_s=time.perf_counter() - started)
 
@@ -156,7 +163,10 @@ def main(argv=None) -> int:
         sys.exit(f"madakv-eval: no MileBench tasks under {args.data}")
     samples = [s for task in tasks for s in load_task(args.data, task, args.limit)]
     client = openai.OpenAI(base_url=args.endpoint, api_key="EMPTY")
-    model = args.model or client.models.list().data[0].id
+    try:
+        model = args.model or client.models.list().data[0].id
+    except openai.APIConnectionError:
+        sys.exit(f"madakv-eval: cannot reach {args.endpoint}; start `vllm serve MODEL --kv-eviction madakv` first")
     jobs = [(s, setting) for setting in settings(args.policies, args.budgets) for s in samples]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +179,10 @@ def main(argv=None) -> int:
             jsonl.write(json.dumps(row) + "\n")
             progress.update()
     progress.close()
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"madakv-eval: {len(failed)} of {len(rows)} requests failed (scored 0), e.g. {failed[0]['error']}",
+              file=sys.stderr)
     summary = summarize(rows)
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
