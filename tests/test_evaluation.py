@@ -65,6 +65,8 @@ def test_scoring_rules(milebench_root):
     assert scorer_for(first) is choice_accuracy and scorer_for(second) is rouge_l
     needle = load_task(synthetic.generate(milebench_root / "syn", samples=1)[1].parent.parent,
                        "SyntheticTextNeedle")[0]
+    assert scorer_for(needle) is substring_match
+    needle.task = "TextNeedleInAHaystack"
     assert scorer_for(needle) is exact_match
 
 

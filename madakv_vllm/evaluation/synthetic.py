@@ -1,11 +1,12 @@
 """Synthetic long multimodal tasks written in the MileBench layout (fixed seeds, no downloads).
 
 - SyntheticTextNeedle (TN-like): many images interleaved with filler paragraphs; one sentence
-  hides a secret word; the question asks for it (exact match).
+  hides a secret word; the question asks for it (substring match: small models answer in a
+  sentence).
 - SyntheticChoice: many images and paragraphs, each paragraph names where a person went; the
   question asks where one of them went, with four options (accuracy).
-Lengths are set in words (roughly 1.3 tokens each for SmolLM2's tokenizer) so that prompts
-span about 1K to 8K tokens, images included.
+Lengths are set in words (about one token each with SmolLM2's tokenizer; 16 per image with
+the SmolLM2-LLaVA test model) so that prompts span about 1K to 8K tokens.
     python -m madakv_vllm.evaluation.synthetic OUT_DIR [--samples 20] [--seed 0]
 """
 from __future__ import annotations
@@ -15,18 +16,28 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ("river morning garden window market evening station bridge mountain letter village harbor "
-         "lantern orchard meadow forest painter teacher journey winter summer kitchen library "
-         "quiet bright distant gentle early golden narrow").split()
+SENTENCES = (
+    "The weather was mild and the market was busy.", "A train left the station just after noon.",
+    "The library closed early on Sundays.", "Children played near the river until the evening.",
+    "The baker opened his shop before sunrise.", "Fresh snow covered the mountain road.",
+    "A painter sat by the harbor with her brushes.", "The old bridge was repaired last summer.",
+    "Lanterns lit the narrow streets of the village.", "The orchard was full of ripe apples.",
+    "A letter arrived from a distant cousin.", "The teacher read a story to the class.",
+)
 SECRETS = ("apricot", "walrus", "cobalt", "saffron", "juniper", "lagoon", "marble", "quartz", "thistle", "velvet")
 PEOPLE = ("Anna", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jana")
 PLACES = ("Lisbon", "Oslo", "Kyoto", "Nairobi", "Lima", "Quebec", "Tbilisi", "Hanoi", "Dakar", "Perth")
 COLORS = [(200, 40, 40), (40, 160, 60), (40, 70, 200), (220, 200, 40), (140, 60, 170), (240, 140, 30)]
-LENGTHS_WORDS = (750, 1500, 3000, 6000)  # ~1K, 2K, 4K, 8K tokens
+LENGTHS_WORDS = (700, 1500, 3200, 6300)  # with 4-16 images: ~1K, 2K, 4K, 7.5K tokens for SmolLM2-LLaVA
 
 
 def _paragraph(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+    """Plain filler sentences (a small model must still read them as text) of about `words` words."""
+    out, count = [], 0
+    while count < words:
+        out.append(rng.choice(SENTENCES))
+        count += len(out[-1].split())
+    return " ".join(out)
 
 
 def _write_image(path: Path, rng: random.Random) -> None:
@@ -63,7 +74,7 @@ def text_needle(folder: Path, samples: int, rng: random.Random) -> list[dict]:
         depth = rng.randrange(0, len(chunks))
         chunks.insert(depth if not chunks[depth].startswith("{image#") else depth + 1,
                       f"Remember this: the secret word is {secret}.")
-        context = " ".join(chunks) + " What is the secret word? Answer with the word only."
+        context = " ".join(chunks) + " What is the secret word?"
         data.append({"sample_id": i, "task_instruction_id": 0,
                      "task_instance": {"context": context, "images_path": names}, "response": secret})
     return data

@@ -1,0 +1,94 @@
+"""Accuracy vs KV budget on the synthetic MileBench-layout suite with the SmolLM2-LLaVA test
+model, served by `vllm serve --kv-eviction` and scored by `madakv-eval`, in one command:
+
+    python benchmarks/run_accuracy.py [--samples 4] [--policies none madakv snapkv ...] [--budgets 0.1 0.2]
+
+Builds the model (benchmarks/.models/) and the data (seed 0) when missing, starts the server
+(prefix caching on, so settings after the first reuse most of each prompt's prefill), runs the
+sweep, prints a markdown table and writes benchmarks/results/accuracy/ (samples.jsonl,
+summary.csv, scores.png with matplotlib, table.md).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=4, help="per task; lengths cycle 1K, 2K, 4K, 8K tokens")
+    # H2O and LOOK-M score with every prompt query (quadratic): minutes per 8K prompt on 2 CPU cores
+    p.add_argument("--policies", nargs="+", default=["none", "madakv", "snapkv", "pyramidkv", "streamingllm"])
+    p.add_argument("--budgets", nargs="+", default=["0.1", "0.2"])
+    p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
+    args = p.parse_args()
+    sys.path.insert(0, str(HERE.parent))
+    from madakv_vllm.evaluation import synthetic
+    from madakv_vllm.testing.models import build
+
+    model = HERE / ".models" / "smollm2-llava"
+    if not (model / "config.json").is_file():
+        build("smollm2-llava", model)
+    data = HERE / ".data" / f"synthetic-{args.samples}"
+    if not data.is_dir():
+        synthetic.generate(data, samples=args.samples, seed=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    vllm = Path(sys.executable).with_name("vllm")
+    log = Path(args.out) / "server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    server = subprocess.Popen([str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+                               "--served-model-name", "smollm2-llava", "--dtype", "bfloat16", "--max-model-len",
+                               "8192", "--limit-mm-per-prompt", '{"image": 16}', "--kv-eviction", "madakv"],
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    sys.exit(f"vllm serve did not start; see {log}")
+                time.sleep(2)
+        subprocess.run([str(Path(sys.executable).with_name("madakv-eval")), "--data", str(data), "--endpoint",
+                        f"http://127.0.0.1:{port}/v1", "--policies", *args.policies, "--budgets", *args.budgets,
+                        "--concurrency", "2", "--max-tokens", "16", "--out", args.out], check=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    table = markdown_table(Path(args.out) / "summary.csv")
+    (Path(args.out) / "table.md").write_text(table)
+    print(table)
+
+
+def markdown_table(summary_csv: Path) -> str:
+    with open(summary_csv) as f:
+        rows = list(csv.DictReader(f))
+    tasks = sorted({r["task"] for r in rows} - {"ALL"}) + ["ALL"]
+    scores = defaultdict(dict)
+    for r in rows:
+        setting = "full cache" if r["policy"] == "none" else f"{r['policy']} {float(r['budget']):.0%}"
+        scores[setting][r["task"]] = float(r["score"])
+    lines = ["| setting | " + " | ".join("mean" if t == "ALL" else t for t in tasks) + " |",
+             "|---" * (len(tasks) + 1) + "|"]
+    for setting in sorted(scores, key=lambda s: (s != "full cache", s)):
+        lines.append(f"| {setting} | " + " | ".join(f"{scores[setting].get(t, 0):.2f}" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
