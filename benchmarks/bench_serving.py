@@ -1,0 +1,123 @@
+"""Serving under KV-memory pressure: the same capped KV memory for every run, N concurrent
+multi-image requests, stock (eviction off) vs each policy at one budget, in one engine.
+
+    python benchmarks/bench_serving.py [--requests 8] [--blocks 48] [--budget 0.2] [--policies madakv snapkv streamingllm]
+
+Model: the SmolLM2-LLaVA test model (built into benchmarks/.models/ when missing), bf16, block
+size 128, prompts of ~2K tokens with 8 images. Per setting: output tok/s, requests/s, peak running
+requests, TTFT p50/p95, decode ms/token, and each as a ratio to stock from the same run.
+Writes benchmarks/results/serving.json (+ .png with matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(llm, prompts, params) -> dict:
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}-{start}", prompt, params)
+    first, finished, tokens, peak = {}, {}, {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now = time.perf_counter()
+            produced = len(out.outputs[0].token_ids)
+            if produced and out.request_id not in first:
+                first[out.request_id] = now
+            if out.finished:
+                finished[out.request_id], tokens[out.request_id] = now, produced
+        peak = max(peak, len(scheduler.running))
+    wall = time.perf_counter() - start
+    ttft = [first[r] - start for r in first]
+    decode = [(finished[r] - first[r]) / max(1, tokens[r] - 1) * 1000 for r in finished]
+    return dict(wall_s=wall, output_tok_s=sum(tokens.values()) / wall, requests_s=len(finished) / wall,
+                peak_running=peak, ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
+                decode_ms_token=statistics.mean(decode))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--blocks", type=int, default=48, help="KV blocks of 128 tokens for the whole engine")
+    p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--policies", nargs="+", default=["madakv", "snapkv", "streamingllm"])
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args()
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
+    from _stamp import stamp, write_results
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    from madakv_vllm.testing.models import build
+
+    model = HERE / ".models" / "smollm2-llava"
+    if not (model / "config.json").is_file():
+        build("smollm2-llava", model)
+    llm = LLM(model=str(model), dtype="bfloat16", enforce_eager=True, distributed_executor_backend="uni",
+              max_model_len=4096, max_num_seqs=args.requests, num_gpu_blocks_override=args.blocks,
+              limit_mm_per_prompt={"image": 8}, seed=0,
+              additional_config={"kv_eviction": {"policy": "madakv", "budget": args.budget}})
+    colors = ["red", "green", "blue", "yellow", "purple", "orange", "gray", "white"]
+    sentence = "The weather was mild and the market in the old town was busy all day. "
+    prompts = []
+    for i in range(args.requests):  # distinct from the first token on: no prefix-cache sharing
+        text = f"<|im_start|>user\nRequest {i}. " + "".join(f"<image>Picture {k + 1} of set {i}. " + sentence * 14
+                                                             for k in range(8))
+        text += "Which picture was taken first?<|im_end|>\n<|im_start|>assistant\n"
+        images = [Image.new("RGB", (56, 56), colors[(i + k) % len(colors)]).rotate(i) for k in range(8)]
+        prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
+    settings = [("stock", {"kv_eviction": "none"})] + [(f"{p} {args.budget:.0%}", {"kv_eviction": p})
+                                                       for p in args.policies]
+    run(llm, prompts[:1], SamplingParams(max_tokens=2, extra_args={"kv_eviction": "none"}))  # warm-up
+    rows = []
+    for label, xargs in settings:
+        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, extra_args=xargs)
+        row = dict(setting=label, **run(llm, prompts, params))
+        rows.append(row)
+    stock = rows[0]
+    for row in rows:
+        for key in ("output_tok_s", "requests_s", "peak_running", "ttft_p50_s", "ttft_p95_s", "decode_ms_token"):
+            row[f"{key}_vs_stock"] = row[key] / stock[key] if stock[key] else None
+        print(f"{row['setting']:>16s}: {row['output_tok_s']:6.1f} tok/s ({row['output_tok_s_vs_stock']:.2f}x), "
+              f"{row['requests_s']:.3f} req/s, peak running {row['peak_running']}, TTFT p50/p95 "
+              f"{row['ttft_p50_s']:.1f}/{row['ttft_p95_s']:.1f} s, decode {row['decode_ms_token']:.1f} ms/token",
+              flush=True)
+    prompt_tokens = len(llm.llm_engine.tokenizer.encode(prompts[0]["prompt"])) if llm.llm_engine.tokenizer else None
+    result = dict(stamp=stamp(), model="SmolLM2-LLaVA (bf16)", kv_blocks=args.blocks, block_size=128,
+                  requests=args.requests, images_per_request=8, prompt_text_tokens=prompt_tokens,
+                  max_tokens=args.max_tokens, budget=args.budget, rows=rows)
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        labels = [r["setting"] for r in rows]
+        for ax, key, title in zip(axes, ("output_tok_s", "peak_running", "ttft_p95_s"),
+                                  ("output tok/s", "peak running requests", "TTFT p95 (s)")):
+            ax.bar(labels, [r[key] for r in rows])
+            ax.set(title=title)
+            ax.tick_params(axis="x", rotation=30)
+        return fig
+
+    write_results(HERE / "results" / "serving", result, draw)
+
+
+if __name__ == "__main__":
+    main()
