@@ -142,11 +142,14 @@ def _save_llava(model, tok, out: Path, image_size: int, patch: int = 14) -> Path
         save_file(renamed, weights_file, metadata={"format": "pt"})
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
+    # one template for text and image chats, in HF and vLLM alike (the tokenizer's own would
+    # otherwise overwrite the processor's in the same folder)
+    tok.chat_template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>").replace("VIDEO_PLACEHOLDER", "")
+    tok.save_pretrained(out)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>"))
+                               chat_template=tok.chat_template)
     processor.save_pretrained(out)
-    tok.save_pretrained(out)
     return out
 
 
