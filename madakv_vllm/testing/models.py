@@ -123,8 +123,9 @@ def build_llava(out: Path, num_layers: int = 2, seed: int = 0, image_size: int =
     return _save_llava(model, tok, out, image_size)
 
 
-def _save_llava(model, tok, out: Path, image_size: int, patch: int = 14) -> Path:
-    """Save a LLaVA model + processor in the form both transformers and vLLM 0.32 load."""
+def _save_llava(model, tok, out: Path, image_size: int, patch: int = 14, system_prompt: str | None = None) -> Path:
+    """Save a LLaVA model + processor in the form both transformers and vLLM 0.32 load.
+    `system_prompt` is added when a chat starts without one (as the text model was tuned)."""
     from safetensors.torch import load_file, save_file
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
@@ -144,7 +145,11 @@ def _save_llava(model, tok, out: Path, image_size: int, patch: int = 14) -> Path
                                             crop_size={"height": image_size, "width": image_size})
     # one template for text and image chats, in HF and vLLM alike (the tokenizer's own would
     # otherwise overwrite the processor's in the same folder)
-    tok.chat_template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>").replace("VIDEO_PLACEHOLDER", "")
+    template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>").replace("VIDEO_PLACEHOLDER", "")
+    if system_prompt:
+        template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system_prompt
+                    + "<|im_end|>\n{% endif %}" + template)
+    tok.chat_template = template
     tok.save_pretrained(out)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -207,7 +212,8 @@ def build_smollm2_llava(out: Path, seed: int = 0, image_size: int = 56) -> Path:
     model.model.language_model.load_state_dict(inner)
     with torch.no_grad():
         model.lm_head.weight.copy_(embed)
-    return _save_llava(model.to(torch.bfloat16), tok, out, image_size)
+    return _save_llava(model.to(torch.bfloat16), tok, out, image_size,
+                       system_prompt="You are a helpful AI assistant named SmolLM, trained by Hugging Face")
 
 
 def build(arch: str, out: str | Path, num_layers: int = 2, seed: int = 0) -> Path:
