@@ -67,3 +67,30 @@ def write_results(out, result: dict, draw=None) -> None:
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=100)
     print(f"wrote {out.with_suffix('.png')}")
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def smollm2_llava():
+    """The SmolLM2-LLaVA test model, built into benchmarks/.models/ on first use."""
+    from pathlib import Path
+
+    from madakv_vllm.testing.models import build
+
+    path = Path(HERE) / ".models" / "smollm2-llava"
+    if not (path / "config.json").is_file():
+        build("smollm2-llava", path)
+    return path
+
+
+def synthetic_suite(samples: int):
+    """The synthetic MileBench-layout suite (seed 0), generated into benchmarks/.data/ on first use."""
+    from pathlib import Path
+
+    from madakv_vllm.evaluation import synthetic
+
+    path = Path(HERE) / ".data" / f"synthetic-{samples}"
+    if not path.is_dir():
+        synthetic.generate(path, samples=samples, seed=0)
+    return path

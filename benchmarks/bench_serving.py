@@ -63,15 +63,11 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from _stamp import stamp, write_results
+    from _stamp import smollm2_llava, stamp, write_results
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    from madakv_vllm.testing.models import build
-
-    model = HERE / ".models" / "smollm2-llava"
-    if not (model / "config.json").is_file():
-        build("smollm2-llava", model)
+    model = smollm2_llava()
     llm = LLM(model=str(model), dtype="bfloat16", enforce_eager=True, distributed_executor_backend="uni",
               max_model_len=4096, max_num_seqs=args.requests, num_gpu_blocks_override=args.blocks,
               limit_mm_per_prompt={"image": 8}, seed=0,

@@ -26,22 +26,15 @@ def main():
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     import torch
-    from _stamp import stamp, write_results
+    from _stamp import smollm2_llava, stamp, synthetic_suite, write_results
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from madakv_vllm.evaluation import synthetic
     from madakv_vllm.evaluation.milebench import list_tasks, load_task, scorer_for
     from madakv_vllm.hf import generate_with_eviction
     from madakv_vllm.policies import MadaKV
-    from madakv_vllm.testing.models import build
 
-    model_dir = HERE / ".models" / "smollm2-llava"
-    if not (model_dir / "config.json").is_file():
-        build("smollm2-llava", model_dir)
-    data = HERE / ".data" / f"synthetic-{args.samples}"
-    if not data.is_dir():
-        synthetic.generate(data, samples=args.samples, seed=0)
+    model_dir, data = smollm2_llava(), synthetic_suite(args.samples)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32,
                                                         attn_implementation="sdpa").eval()
     processor = AutoProcessor.from_pretrained(model_dir)

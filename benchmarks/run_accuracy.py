@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,19 +29,14 @@ def main():
     p.add_argument("--budgets", nargs="+", default=["0.1", "0.2"])
     p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
     args = p.parse_args()
+    sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from madakv_vllm.evaluation import synthetic
-    from madakv_vllm.testing.models import build
+    from _stamp import smollm2_llava, synthetic_suite
 
-    model = HERE / ".models" / "smollm2-llava"
-    if not (model / "config.json").is_file():
-        build("smollm2-llava", model)
-    data = HERE / ".data" / f"synthetic-{args.samples}"
-    if not data.is_dir():
-        synthetic.generate(data, samples=args.samples, seed=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from madakv_vllm.demo import free_port, wait_ready
+
+    model, data = smollm2_llava(), synthetic_suite(args.samples)
+    port = free_port()
     vllm = Path(sys.executable).with_name("vllm")
     log = Path(args.out) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -55,15 +47,7 @@ def main():
                                "8192", "--limit-mm-per-prompt", '{"image": 16}', "--kv-eviction", "madakv"],
                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    sys.exit(f"vllm serve did not start; see {log}")
-                time.sleep(2)
+        wait_ready(f"http://127.0.0.1:{port}", server, log)
         subprocess.run([str(Path(sys.executable).with_name("madakv-eval")), "--data", str(data), "--endpoint",
                         f"http://127.0.0.1:{port}/v1", "--policies", *args.policies, "--budgets", *args.budgets,
                         "--concurrency", "2", "--max-tokens", "16", "--out", args.out], check=True)

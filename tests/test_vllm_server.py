@@ -4,7 +4,6 @@ import base64
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from madakv_vllm.demo import free_port
 from prompts import images
 
 VLLM = Path(sys.executable).with_name("vllm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env() -> dict:
