@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 
-from madakv_vllm.hf import generate_with_eviction, modality_tags
+from madakv_vllm.hf import generate_sweep, generate_with_eviction, modality_tags
 from madakv_vllm.hf.reference import decoder_attention_modules
 from madakv_vllm.policies import make_policy
 from prompts import hf_inputs
@@ -97,6 +97,25 @@ def test_eviction_equals_hiding_evicted_tokens(hf_model, arch, num_images, polic
         assert layer.keys.shape[-2] == kept + generated - 1
         assert layer.get_seq_length() == n + generated - 1
     assert sum(report.kept_per_layer) == policy.kept_tokens(n) * len(report.kept_per_layer)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+def test_sweep_after_one_prefill_equals_separate_generates(hf_model, arch):
+    model, processor = hf_model(arch)
+    inputs = mm_inputs(processor, 3)
+    policies = {"full": None, "madakv": make_policy("madakv", budget=0.3, window=8),
+                "paper-hcc wide window": make_policy("madakv", budget=0.2, window=16),
+                "balanced": make_policy("madakv", budget=0.2, window=4, hcc_variant="balanced"),
+                "streaming": make_policy("streamingllm", budget=0.1, window=8)}
+    swept = generate_sweep(model, inputs, policies, max_new_tokens=GEN["max_new_tokens"])
+    outputs = set()
+    for name, policy in policies.items():
+        alone, report = generate_with_eviction(model, inputs, policy, **GEN)
+        got, swept_report = swept[name]
+        assert torch.equal(got, alone), name
+        assert swept_report.kept_per_layer == report.kept_per_layer, name
+        outputs.add(tuple(got[0].tolist()))
+    assert len(outputs) > 1, "the policies should not all give the same tokens"
 
 
 def test_evicted_generation_differs_from_stock_somewhere(hf_model):

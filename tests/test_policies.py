@@ -90,6 +90,10 @@ def test_bad_settings_say_what_is_wrong():
         make_policy("snapkv", theta=0.5)
     with pytest.raises(ValueError, match="odd"):
         SnapKV(kernel_size=4)
+    with pytest.raises(ValueError, match="hcc_variant must be one of paper, balanced"):
+        MadaKV(hcc_variant="greedy")
+    with pytest.raises(ValueError, match="hcc_mix must be in"):
+        MadaKV(hcc_variant="balanced", hcc_mix=1.5)
 
 
 # ---- policy-specific behaviour ------------------------------------------------------------------
@@ -191,9 +195,10 @@ def test_no_images_means_text_only_selection():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("variant", ["paper", "balanced"])
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("budget", [0.05, 0.2, 0.5])
-def test_hcc_conserves_total_and_respects_floor(seed, budget):
+def test_hcc_conserves_total_and_respects_floor(seed, budget, variant):
     num_layers, n = 12, 800
     gen = torch.Generator().manual_seed(seed)
     # layers alternate between spread and concentrated attention: unequal demands
@@ -201,7 +206,7 @@ def test_hcc_conserves_total_and_respects_floor(seed, budget):
     scores = torch.rand(num_layers, 4, n, generator=gen) ** sharpness
     tags = torch.zeros(n, dtype=torch.int8)
     tags[100:500] = 1
-    policy = MadaKV(budget=budget, window=16)
+    policy = MadaKV(budget=budget, window=16, hcc_variant=variant)
     per_layer = policy.kept_tokens(n) - 16
     budgets = policy.layer_budgets(scores[..., : n - 16], tags[: n - 16], per_layer)
     floor = min(per_layer, max(1, round(0.01 * (n - 16))))
@@ -220,6 +225,27 @@ def test_hcc_keeps_demand_and_later_layers_pay_back():
     demand0 = policy.layer_demand(scores[0, :, :584], tags[:584])
     assert budgets[0] > per_layer and budgets[0] == min(round(demand0), budgets[0])
     assert sum(budgets) == per_layer * 4
+
+
+def test_balanced_hcc_follows_demand_and_never_starves_a_layer():
+    scores, tags = head_preferring(visual_heads={0}, num_layers=4, n=600, images=((50, 350),))
+    scores[0] = 1.0  # layer 0: uniform attention, by far the highest demand
+    n_select = 584
+    for mix in (0.0, 0.5, 1.0):
+        policy = MadaKV(budget=0.2, window=16, hcc_variant="balanced", hcc_mix=mix)
+        per_layer = policy.kept_tokens(600) - 16
+        budgets = policy.layer_budgets(scores[..., :n_select], tags[:n_select], per_layer)
+        demands = [policy.layer_demand(scores[l, :, :n_select], tags[:n_select]) for l in range(4)]
+        assert sum(budgets) == per_layer * 4
+        # each layer gets (1 - mix) of its share plus mix of the total in proportion to demand
+        expected = [(1 - mix) * per_layer + mix * per_layer * 4 * d / sum(demands) for d in demands]
+        assert all(abs(b - e) <= 1 for b, e in zip(budgets, expected)), (mix, budgets, expected)
+        assert min(budgets) >= int((1 - mix) * per_layer)
+    # the paper variant, on the same scores, lets layer 0 take more than the balanced one does
+    paper = MadaKV(budget=0.2, window=16).layer_budgets(scores[..., :n_select], tags[:n_select], per_layer)
+    balanced = MadaKV(budget=0.2, window=16, hcc_variant="balanced").layer_budgets(
+        scores[..., :n_select], tags[:n_select], per_layer)
+    assert paper[0] > balanced[0] > per_layer and min(balanced) > min(paper)
 
 
 def test_ablation_switches_change_the_selection():

@@ -10,10 +10,15 @@ active for the duration of the call:
 3. the shrunk layers report their logical length, so `cache_position` and M-RoPE positions
    continue from N while attention reads only the kept tokens.
 This is the oracle the vLLM path is compared with, token for token. Batch size 1.
+
+`generate_sweep` gives the same tokens for many policies at the cost of one prefill (each
+policy evicts its own copy of the full cache): what the ablation benchmark uses.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -83,8 +88,10 @@ def decoder_attention_modules(model) -> list[torch.nn.Module]:
 
 
 class _Capture:
-    def __init__(self, model, policy: EvictionPolicy):
-        self.policy = policy
+    """Captures the last `window(N)` post-RoPE queries of each layer during the prefill forward."""
+
+    def __init__(self, model, window: Callable[[int], int]):
+        self.window = window
         self.layer_of = {id(m): i for i, m in enumerate(decoder_attention_modules(model))}
         self.queries: dict[int, torch.Tensor] = {}  # layer -> [W, Hq, D]
         self.scaling: dict[int, float | None] = {}
@@ -95,7 +102,7 @@ class _Capture:
             layer = self.layer_of.get(id(module))
             if layer is not None:
                 if not self.done and query.shape[2] > 1:  # the prefill forward
-                    w = self.policy.score_queries(query.shape[2])
+                    w = self.window(query.shape[2])
                     self.queries[layer] = query[0, :, -w:].transpose(0, 1).detach()
                     self.scaling[layer] = kwargs.get("scaling")
                 if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
@@ -143,6 +150,21 @@ def evict_cache(cache, queries: dict[int, torch.Tensor], scaling: dict[int, floa
     report.keep_indices = keep
 
 
+def _new_report(model, input_ids: torch.Tensor) -> tuple[EvictionReport, torch.Tensor]:
+    if input_ids.shape[0] != 1:
+        raise ValueError("the HF reference path evicts one request at a time (batch size 1)")
+    report = EvictionReport(prompt_len=input_ids.shape[1])
+    tags = modality_tags(input_ids[0], model.config)
+    report.modality_counts = {name: int((tags == t).sum()) for name, t in (("text", TEXT), ("image", IMAGE), ("video", VIDEO))}
+    return report, tags
+
+
+def _check_sdpa(model) -> None:
+    text_config = model.config.get_text_config()
+    if text_config._attn_implementation != "sdpa":
+        raise ValueError(f"load the model with attn_implementation='sdpa' (it uses {text_config._attn_implementation!r})")
+
+
 def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, **generate_kwargs):
     """`model.generate(**inputs, **generate_kwargs)` with the KV cache evicted after prefill.
 
@@ -150,19 +172,12 @@ def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, *
     """
     from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-    input_ids = inputs["input_ids"]
-    if input_ids.shape[0] != 1:
-        raise ValueError("the HF reference path evicts one request at a time (batch size 1)")
-    report = EvictionReport(prompt_len=input_ids.shape[1])
-    tags = modality_tags(input_ids[0], model.config)
-    report.modality_counts = {name: int((tags == t).sum()) for name, t in (("text", TEXT), ("image", IMAGE), ("video", VIDEO))}
+    report, tags = _new_report(model, inputs["input_ids"])
     if policy is None:
         return model.generate(**inputs, **generate_kwargs), report
-    text_config = model.config.get_text_config()
-    if text_config._attn_implementation != "sdpa":
-        raise ValueError(f"load the model with attn_implementation='sdpa' (it uses {text_config._attn_implementation!r})")
+    _check_sdpa(model)
 
-    capture = _Capture(model, policy)
+    capture = _Capture(model, policy.score_queries)
     cache = DynamicCache(config=model.config)
 
     class _EvictAfterPrefill(LogitsProcessor):
@@ -178,3 +193,46 @@ def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, *
     with _wrapped_sdpa(capture):
         out = model.generate(**inputs, past_key_values=cache, logits_processor=processors, **generate_kwargs)
     return out, report
+
+
+def generate_sweep(model, inputs: dict, policies: Mapping[str, EvictionPolicy | None], max_new_tokens: int):
+    """Greedy outputs of many policies after one shared prefill: {name: (ids, EvictionReport)}.
+
+    Each policy evicts its own copy of the full prompt cache, then `generate` continues from
+    the prefill's greedy token, so the ids equal `generate_with_eviction(..., do_sample=False)`
+    (the tests check it). Only the prompt is re-used, so the models that keep positions in the
+    cache's length (LLaVA, Qwen2-VL's cached rope deltas) are the ones this supports.
+    """
+    from transformers import DynamicCache
+
+    _check_sdpa(model)
+    input_ids = inputs["input_ids"]
+    _, tags = _new_report(model, input_ids)
+    n = input_ids.shape[1]
+    active = [p for p in policies.values() if p is not None]
+    widest = max((p.score_queries(n) for p in active), default=1)
+    capture = _Capture(model, lambda q_len: min(widest, q_len))
+    prompt_cache = DynamicCache(config=model.config)
+    with _wrapped_sdpa(capture), torch.no_grad():
+        logits = model(**inputs, past_key_values=prompt_cache, use_cache=True).logits[:, -1]
+    capture.done = True
+    first = logits.argmax(dim=-1, keepdim=True)
+    ids = torch.cat([input_ids, first], dim=1)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    results = {}
+    for name, policy in policies.items():
+        report, _ = _new_report(model, input_ids)
+        cache = copy.deepcopy(prompt_cache)
+        if policy is not None:
+            w = policy.score_queries(n)
+            queries = {layer: q[-w:] for layer, q in capture.queries.items()}
+            evict_cache(cache, queries, capture.scaling, tags.to(input_ids.device), policy, report)
+        if max_new_tokens <= 1 or int(first) in eos:
+            results[name] = (ids, report)
+            continue
+        with _wrapped_sdpa(capture):
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                 max_new_tokens=max_new_tokens - 1, do_sample=False)
+        results[name] = (out, report)
+    return results

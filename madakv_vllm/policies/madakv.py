@@ -4,13 +4,18 @@ Scores are SnapKV-style proxy-window attention. Two parts, each switchable (the 
 - MPA (modality preference adaptation): each head splits its budget between visual (image +
   video) and text tokens in proportion to the attention mass it gives each, then keeps its top
   tokens inside each modality.
-- HCC (hierarchical compression compensation): layer l keeps its demand, the mean over heads
-  of the fewest visual plus text tokens covering a fraction `theta` of each modality's mass
-  (clamped); what it spends above its running share phi is taken back evenly from the layers
-  after it, so the total is conserved and the last layer takes the remainder:
-      phi[l+1] = phi[l] - (b[l] - phi[l]) / (L - 1 - l)
-  (the paper's K^l / (L - l) with K^l summed over heads, in per-head units; see
-  ../shared/reference/MADAKV_SPEC.md section 1.7 for the choices the paper leaves open).
+- HCC (hierarchical compression compensation): a layer's demand is the mean over heads of the
+  fewest visual plus text tokens covering a fraction `theta` of each modality's mass. Two
+  variants share that demand and conserve the total:
+  * "paper": layer l keeps its demand (clamped); what it spends above its running share phi is
+    taken back evenly from the layers after it, and the last layer takes the remainder:
+        phi[l+1] = phi[l] - (b[l] - phi[l]) / (L - 1 - l)
+    (the paper's K^l / (L - l) with K^l summed over heads, in per-head units; see
+    ../shared/reference/MADAKV_SPEC.md section 1.7 for the choices the paper leaves open).
+    Read literally, flat early layers can spend most of the budget before later layers speak.
+  * "balanced" (ours, beyond the paper): every layer gets its uniform share, of which a
+    fraction `hcc_mix` is redistributed in proportion to the layers' demands. Order does not
+    matter and no layer falls below (1 - hcc_mix) of its share.
 """
 from __future__ import annotations
 
@@ -21,18 +26,23 @@ import torch
 
 from madakv_kernels import TEXT, coverage_demand, modality_mass, split_quota, topk_mask
 
-from .base import EvictionPolicy
+from .base import EvictionPolicy, distribute
+
+HCC_VARIANTS = ("paper", "balanced")
 
 
 @dataclass
 class MadaKV(EvictionPolicy):
     """`theta`: coverage threshold of the HCC demand. `min_layer_ratio`: floor of a layer's
     selectable budget as a ratio of the prompt (at least one token). `mpa`, `hcc`: switch the
-    two parts on or off."""
+    two parts on or off. `hcc_variant`: "paper" or "balanced" (see the module docstring);
+    `hcc_mix`: the share of the budget the balanced variant moves by demand."""
 
     theta: float = 0.9
     mpa: bool = True
     hcc: bool = True
+    hcc_variant: str = "paper"
+    hcc_mix: float = 0.5
     min_layer_ratio: float = 0.01
     name: ClassVar[str] = "madakv"
 
@@ -42,6 +52,10 @@ class MadaKV(EvictionPolicy):
             raise ValueError(f"{self.name}: theta must be in (0, 1], got {self.theta}")
         if not 0.0 <= self.min_layer_ratio < 1.0:
             raise ValueError(f"{self.name}: min_layer_ratio must be in [0, 1), got {self.min_layer_ratio}")
+        if self.hcc_variant not in HCC_VARIANTS:
+            raise ValueError(f"{self.name}: hcc_variant must be one of {', '.join(HCC_VARIANTS)}, got {self.hcc_variant!r}")
+        if not 0.0 <= self.hcc_mix <= 1.0:
+            raise ValueError(f"{self.name}: hcc_mix must be in [0, 1], got {self.hcc_mix}")
 
     def layer_demand(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> float:
         """Mean over heads of k_v + k_t (tokens covering theta of each modality's mass)."""
@@ -54,6 +68,8 @@ class MadaKV(EvictionPolicy):
         if not self.hcc:
             return [per_layer] * num_layers
         floor = min(per_layer, max(1, int(self.min_layer_ratio * n_select + 0.5)))
+        if self.hcc_variant == "balanced":
+            return self._balanced_budgets(scores, modality_tags, per_layer, floor)
         phi = float(per_layer)  # running per-head share of the layers not yet budgeted
         budgets: list[int] = []
         for layer in range(num_layers):
@@ -68,6 +84,15 @@ class MadaKV(EvictionPolicy):
             budgets.append(spend)
             phi -= (spend - phi) / remaining
         return budgets
+
+    def _balanced_budgets(self, scores, modality_tags, per_layer: int, floor: int) -> list[int]:
+        num_layers, _, n_select = scores.shape
+        demands = [self.layer_demand(scores[layer], modality_tags) for layer in range(num_layers)]
+        total_demand = sum(demands)
+        shares = [d / total_demand if total_demand > 0 else 1.0 / num_layers for d in demands]
+        total = per_layer * num_layers
+        targets = [max(floor, (1 - self.hcc_mix) * per_layer + self.hcc_mix * total * share) for share in shares]
+        return distribute(targets, total, n_select)
 
     def choose(self, layer: int, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
         if not self.mpa:
