@@ -1,10 +1,16 @@
-"""MadaKV ablation (MPA on/off x HCC on/off, paper-faithful HCC) on the synthetic suite, run on
-the HF reference path (where layers may keep unequal counts, unlike vLLM's one-group regime):
+"""MadaKV ablation next to the baselines, on the HF reference path (where layers may keep
+unequal counts, unlike vLLM's one-block-table regime):
 
-    python benchmarks/run_ablation.py [--samples 4] [--budget 0.2]
+    python benchmarks/run_ablation.py [--samples 12] [--budgets 0.05 0.1 0.2]
 
-Model: SmolLM2-LLaVA (fp32 on CPU), data: the synthetic suite (seed 0). Writes
-benchmarks/results/ablation.json and prints a markdown table.
+- MPA on/off x HCC off / paper / balanced (the balanced HCC is ours, see policies/madakv.py),
+- theta 0.8 / 0.95 for both HCC variants (theta only shapes HCC's layer demand),
+- proxy window 8 / 64 (MPA only, the configuration vLLM runs),
+- SnapKV (max-pool 7), PyramidKV, StreamingLLM.
+Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
+(`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
+CPU), data: the synthetic suite (seed 0). Writes benchmarks/results/ablation.json + .png and
+prints a markdown table (mean score over the tasks, per budget).
 """
 from __future__ import annotations
 
@@ -17,10 +23,29 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def variants(budget: float) -> dict:
+    from madakv_vllm.policies import MadaKV, PyramidKV, SnapKV, StreamingLLM
+
+    out = {}
+    for mpa in (False, True):
+        for hcc in ("off", "paper", "balanced"):
+            name = f"MPA {'on' if mpa else 'off'}, HCC {hcc}"
+            out[name] = MadaKV(budget=budget, mpa=mpa, hcc=hcc != "off", hcc_variant="paper" if hcc == "off" else hcc)
+    for hcc in ("paper", "balanced"):
+        for theta in (0.8, 0.95):
+            out[f"MPA on, HCC {hcc}, θ {theta}"] = MadaKV(budget=budget, hcc_variant=hcc, theta=theta)
+    for window in (8, 64):
+        out[f"MPA on, HCC off, window {window}"] = MadaKV(budget=budget, hcc=False, window=window)
+    out["SnapKV"] = SnapKV(budget=budget)
+    out["PyramidKV"] = PyramidKV(budget=budget)
+    out["StreamingLLM"] = StreamingLLM(budget=budget)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--samples", type=int, default=12, help="samples per task (spread over the 4 lengths)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--max-new-tokens", type=int, default=16)
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
@@ -28,25 +53,23 @@ def main():
     import torch
     from _stamp import smollm2_llava, stamp, synthetic_suite, write_results
     from PIL import Image
+    from tqdm import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from madakv_vllm.evaluation.milebench import list_tasks, load_task, scorer_for
-    from madakv_vllm.hf import generate_with_eviction
-    from madakv_vllm.policies import MadaKV
+    from madakv_vllm.hf import generate_sweep
 
     model_dir, data = smollm2_llava(), synthetic_suite(args.samples)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32,
                                                         attn_implementation="sdpa").eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    variants = {"full cache": None}
-    for mpa in (False, True):
-        for hcc in (False, True):
-            variants[f"MPA {'on' if mpa else 'off'}, HCC {'on' if hcc else 'off'}"] = MadaKV(
-                budget=args.budget, mpa=mpa, hcc=hcc)
-    scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    started = time.time()
+    policies = {("full cache", None): None}
+    for budget in args.budgets:
+        policies.update({(name, budget): policy for name, policy in variants(budget).items()})
+    scores: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     samples = [s for task in list_tasks(data) for s in load_task(data, task)]
-    for i, sample in enumerate(samples):
+    started = time.time()
+    for sample in tqdm(samples, desc="ablation", unit="sample"):
         parts = sample.parts()
         content = [{"type": "text", "text": v} if k == "text" else {"type": "image"} for k, v in parts]
         images = [Image.open(v).convert("RGB") for k, v in parts if k == "image"]
@@ -54,26 +77,40 @@ def main():
                                                tokenize=False)
         inputs = processor(text=[prompt], images=images, return_tensors="pt")
         n = inputs["input_ids"].shape[1]
-        for name, policy in variants.items():
-            with torch.inference_mode():
-                out, _ = generate_with_eviction(model, inputs, policy, max_new_tokens=args.max_new_tokens,
-                                                do_sample=False)
-            prediction = processor.decode(out[0, n:], skip_special_tokens=True)
-            scores[name][sample.task].append(scorer_for(sample)(prediction, sample.answer, sample.choices))
-        print(f"[{i + 1}/{len(samples)}] {sample.task} #{sample.sample_id} ({n} tokens) "
-              f"{time.time() - started:.0f} s", flush=True)
+        with torch.inference_mode():
+            outputs = generate_sweep(model, inputs, policies, max_new_tokens=args.max_new_tokens)
+        for key, (ids, _) in outputs.items():
+            prediction = processor.decode(ids[0, n:], skip_special_tokens=True)
+            scores[key][sample.task].append(scorer_for(sample)(prediction, sample.answer, sample.choices))
     tasks = sorted({s.task for s in samples})
-    lines = ["| variant | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
-    table = {}
-    for name in variants:
-        per_task = [sum(scores[name][t]) / len(scores[name][t]) for t in tasks]
-        table[name] = dict(zip(tasks, per_task))
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in per_task)
-                     + f" | {sum(per_task) / len(per_task):.2f} |")
+    names = list(dict.fromkeys(name for name, _ in policies))
+    mean = {key: sum(sum(v) / len(v) for v in per_task.values()) / len(per_task) for key, per_task in scores.items()}
+    full = mean[("full cache", None)]
+    head = "| variant | " + " | ".join(f"{b:.0%}" for b in args.budgets) + " |"
+    lines = [f"Mean score over {', '.join(tasks)} ({args.samples} samples each); full cache {full:.2f}.", "",
+             head, "|---" * (len(args.budgets) + 1) + "|"]
+    for name in names[1:]:
+        lines.append(f"| {name} | " + " | ".join(f"{mean[(name, b)]:.2f}" for b in args.budgets) + " |")
     print("\n".join(lines))
-    write_results(HERE / "results" / "ablation", dict(stamp=stamp(), model="SmolLM2-LLaVA fp32 (HF)",
-                                                     budget=args.budget, samples_per_task=args.samples,
-                                                     scores=table, markdown="\n".join(lines)))
+    table = {name: {("full" if b is None else str(b)): {t: sum(scores[(name, b)][t]) / len(scores[(name, b)][t])
+                                                        for t in tasks} for (n_, b) in policies if n_ == name}
+             for name in names}
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in names[1:]:
+            style = "--" if name in ("SnapKV", "PyramidKV", "StreamingLLM") else "-"
+            ax.plot(args.budgets, [mean[(name, b)] for b in args.budgets], style, marker="o", label=name)
+        ax.axhline(full, color="gray", linestyle=":", label="full cache")
+        ax.set(xscale="log", xlabel="KV budget (ratio of the prompt)", ylabel="mean score",
+               title="MadaKV ablation, SmolLM2-LLaVA, synthetic suite (HF path)")
+        ax.legend(fontsize=6, ncol=2)
+        return fig
+
+    write_results(HERE / "results" / "ablation", dict(
+        stamp=stamp(), model="SmolLM2-LLaVA fp32 (HF reference path)", budgets=args.budgets,
+        samples_per_task=args.samples, max_new_tokens=args.max_new_tokens, seconds=round(time.time() - started),
+        scores=table, mean={f"{name}@{b}": v for (name, b), v in mean.items()}, markdown="\n".join(lines)), draw)
 
 
 if __name__ == "__main__":

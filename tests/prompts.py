@@ -28,3 +28,24 @@ def vllm_messages(num_images: int, filler_repeats: int = 4) -> list:
     """The same chat for vLLM's LLM.chat (images passed as PIL objects)."""
     content = chat_content(num_images, filler_repeats, image_part=lambda img: {"type": "image_pil", "image_pil": img})
     return [{"role": "user", "content": content}]
+
+
+def milebench_task(root, samples: int = 2, num_images: int = 2, filler_repeats: int = 30):
+    """A MileBench-layout task ("LongCaptions") with long enough prompts to evict; returns root."""
+    import json
+    from pathlib import Path
+
+    folder = Path(root) / "LongCaptions"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    data = []
+    for sample in range(samples):
+        names = [f"s{sample}_{i}.png" for i in range(num_images)]
+        for name, img in zip(names, images(num_images)):
+            img.save(folder / "images" / name)
+        context = " ".join(f"{{image#{i + 1}}} picture {i} shows a cat on the left " * 1
+                           + "the dog sits by the river near the house " * filler_repeats for i in range(num_images))
+        data.append({"sample_id": sample, "task_instruction_id": 0, "response": "a cat",
+                     "task_instance": {"context": context + " what is in the first picture", "images_path": names}})
+    payload = {"meta_data": {"task_instruction": ["Answer briefly. "], "question_type": "open-ended"}, "data": data}
+    (folder / "LongCaptions.json").write_text(json.dumps(payload))
+    return Path(root)

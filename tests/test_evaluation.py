@@ -94,9 +94,11 @@ def test_generator_is_deterministic_and_spans_lengths(tmp_path):
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
-    """Answers right only when eviction is off for the request; records what it was sent."""
+    """Answers right only when eviction is off for the request; records what it was sent; exports
+    eviction counters at /metrics the way the plugin does (kept share = the request's budget)."""
 
     seen: list = []
+    counters: dict = {}
 
     def log_message(self, *args):
         pass
@@ -110,6 +112,22 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
+        if self.path == "/metrics":
+            c = FakeOpenAI.counters
+            body = "\n".join([
+                "# HELP vllm:kv_eviction_requests_total Requests whose KV cache was evicted",
+                f"vllm:kv_eviction_requests_total {c.get('requests', 0.0)}",
+                f"vllm:kv_eviction_requests_created 1.7e9",
+                f"vllm:kv_eviction_blocks_freed_total {c.get('blocks', 0.0)}",
+                f'vllm:kv_eviction_tokens_kept_total{{modality="text"}} {c.get("kept", 0.0) / 2}',
+                f'vllm:kv_eviction_tokens_kept_total{{modality="image"}} {c.get("kept", 0.0) / 2}',
+                f'vllm:kv_eviction_tokens_evicted_total{{modality="text"}} {c.get("evicted", 0.0)}',
+                'vllm:kv_eviction_tokens_evicted_total{modality="video"} 0.0', ""]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self._send({"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "me"}]})
 
     def do_POST(self):
@@ -119,10 +137,16 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         images = sum(p["type"] == "image_url" for p in request["messages"][0]["content"])
         secret = text.split("the secret word is ")[1].split(".")[0] if "secret word is" in text else "?"
         answer = secret if request["vllm_xargs"]["kv_eviction"] == "none" else "pass"
+        prompt_tokens = len(text.split()) + 16 * images
+        if "kv_eviction_budget" in request["vllm_xargs"]:
+            budget, c = request["vllm_xargs"]["kv_eviction_budget"], FakeOpenAI.counters
+            for key, amount in (("requests", 1), ("blocks", 5), ("kept", budget * prompt_tokens * 30),
+                                ("evicted", (1 - budget) * prompt_tokens * 30)):
+                c[key] = c.get(key, 0.0) + amount
         self._send({"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": answer}}],
-                    "usage": {"prompt_tokens": len(text.split()) + 16 * images, "completion_tokens": 1,
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1,
                               "total_tokens": 1}})
 
 
@@ -130,7 +154,7 @@ def test_eval_cli_sweeps_policies_and_budgets_against_an_endpoint(tmp_path):
     synthetic.generate(tmp_path / "data", samples=3, seed=0)
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    FakeOpenAI.seen = []
+    FakeOpenAI.seen, FakeOpenAI.counters = [], {}
     try:
         code = cli.main(["--data", str(tmp_path / "data"), "--tasks", "SyntheticTextNeedle", "--endpoint",
                          f"http://127.0.0.1:{server.server_address[1]}/v1", "--policies", "none", "madakv",
@@ -149,6 +173,24 @@ def test_eval_cli_sweeps_policies_and_budgets_against_an_endpoint(tmp_path):
         summary = {(r["policy"], r["budget"], r["task"]): float(r["score"]) for r in csv.DictReader(f)}
     assert summary[("none", "", "ALL")] == 1.0
     assert summary[("madakv", "0.1", "SyntheticTextNeedle")] == 0.0
+    # memory per setting, from the /metrics difference around it
+    with open(tmp_path / "out" / "summary.csv") as f:
+        memory = {(r["policy"], r["budget"]): r for r in csv.DictReader(f) if r["task"] == "ALL"}
+    assert float(memory[("madakv", "0.1")]["kv_kept"]) == pytest.approx(0.1, abs=1e-3)
+    assert float(memory[("madakv", "0.2")]["kv_kept"]) == pytest.approx(0.2, abs=1e-3)
+    assert float(memory[("none", "")]["kv_kept"]) == 1.0
+    assert float(memory[("madakv", "0.2")]["blocks_freed"]) == 5.0
+    assert int(memory[("madakv", "0.2")]["evicted_requests"]) == 3
+
+
+def test_eviction_metrics_parser_sums_modalities():
+    page = ('# TYPE vllm:kv_eviction_tokens_kept_total counter\n'
+            'vllm:kv_eviction_tokens_kept_total{modality="text"} 10.0\n'
+            'vllm:kv_eviction_tokens_kept_total{modality="image"} 5.0\n'
+            'vllm:kv_eviction_tokens_kept_created{modality="text"} 1.7e9\n'
+            'vllm:num_requests_running{engine="0"} 2.0\n'
+            'vllm:kv_eviction_blocks_freed_total 7.0\n')
+    assert cli.parse_eviction_metrics(page) == {"kept": 15.0, "blocks_freed": 7.0}
 
 
 def test_eval_cli_says_when_the_endpoint_is_down(tmp_path):
@@ -156,3 +198,28 @@ def test_eval_cli_says_when_the_endpoint_is_down(tmp_path):
     with pytest.raises(SystemExit, match="cannot reach"):
         cli.main(["--data", str(tmp_path / "data"), "--endpoint", "http://127.0.0.1:9/v1", "--out",
                   str(tmp_path / "out")])
+
+
+def test_eval_cli_runs_an_in_process_engine(tiny_model_dir, tmp_path):
+    from prompts import milebench_task
+
+    data = milebench_task(tmp_path / "data")
+    engine_args = {"dtype": "float32", "enforce_eager": True, "distributed_executor_backend": "uni",
+                   "max_model_len": 2048, "block_size": 32, "max_num_seqs": 2, "limit_mm_per_prompt": {"image": 2},
+                   "additional_config": {"kv_eviction": {"policy": "madakv", "window": 8}}}
+    assert cli.main(["--data", str(data), "--engine", str(tiny_model_dir("qwen2vl")), "--engine-args",
+                     json.dumps(engine_args), "--policies", "none", "madakv", "streamingllm", "--budgets", "0.1",
+                     "0.3", "--max-tokens", "4", "--out", str(tmp_path / "out")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 5 and all(r["prompt_tokens"] > 500 for r in rows)
+    by_setting = {}
+    for r in rows:
+        by_setting.setdefault((r["policy"], r["budget"]), []).append(r["prediction"])
+    assert len({tuple(p) for p in by_setting.values()}) > 1, "eviction should change some answers"
+    with open(tmp_path / "out" / "summary.csv") as f:
+        memory = {(r["policy"], r["budget"]): r for r in csv.DictReader(f) if r["task"] == "ALL"}
+    for policy in ("madakv", "streamingllm"):
+        for budget in (0.1, 0.3):
+            assert float(memory[(policy, str(budget))]["kv_kept"]) == pytest.approx(budget, abs=0.01)
+            assert int(memory[(policy, str(budget))]["evicted_requests"]) == 2
+    assert float(memory[("madakv", "0.1")]["blocks_freed"]) > float(memory[("madakv", "0.3")]["blocks_freed"]) > 0

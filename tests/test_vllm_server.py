@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from madakv_vllm.demo import free_port
-from prompts import images
+from prompts import images, milebench_task
 
 VLLM = Path(sys.executable).with_name("vllm")
 
@@ -133,3 +133,21 @@ def test_readme_demo_command_reports_eviction():
     kept_image = re.search(r"tokens kept\s+text (\d+), image (\d+)", result.stdout)
     assert kept_image and int(kept_image.group(1)) > 0
     assert "server stopped" in result.stdout
+
+
+def test_madakv_eval_measures_memory_from_the_server(server, tmp_path):
+    """madakv-eval against the real server: scores, and the KV share each setting kept, read
+    from the server's /metrics around the setting."""
+    import csv
+
+    from madakv_vllm.evaluation import cli
+
+    data = milebench_task(tmp_path / "data")
+    assert cli.main(["--data", str(data), "--endpoint", server + "/v1", "--policies", "none", "madakv",
+                     "--budgets", "0.2", "--max-tokens", "4", "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "summary.csv") as f:
+        rows = {(r["policy"], r["budget"]): r for r in csv.DictReader(f) if r["task"] == "ALL"}
+    assert float(rows[("none", "")]["kv_kept"]) == 1.0 and int(rows[("none", "")]["evicted_requests"]) == 0
+    evicted = rows[("madakv", "0.2")]
+    assert int(evicted["evicted_requests"]) == 2 and float(evicted["blocks_freed"]) > 0
+    assert float(evicted["kv_kept"]) == pytest.approx(0.2, abs=0.01)

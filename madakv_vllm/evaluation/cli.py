@@ -1,12 +1,17 @@
-"""`madakv-eval`: score policies x budgets on MileBench-layout tasks against an OpenAI-compatible
-endpoint (a running `vllm serve MODEL --kv-eviction madakv ...`). One server covers the whole
-sweep: each request picks its policy and budget through `vllm_xargs`.
+"""`madakv-eval`: score policies x budgets on MileBench-layout tasks, either against an
+OpenAI-compatible endpoint (a running `vllm serve MODEL --kv-eviction madakv ...`) or with an
+in-process vLLM engine. One server or engine covers the whole sweep: each request picks its
+policy and budget through `vllm_xargs` (the engine's `SamplingParams.extra_args`).
 
     madakv-eval --data DATA_ROOT --endpoint http://127.0.0.1:8000/v1 \\
         --policies none madakv snapkv --budgets 0.05 0.1 0.2 0.5 --out eval/run1
+    madakv-eval --data DATA_ROOT --engine MODEL --engine-args '{"max_model_len": 8192}' --out eval/run2
 
+Settings run one after the other (the samples of one setting concurrently), so the server's
+eviction counters (`/metrics`, or the engine's own) say how much KV each setting kept.
 Writes OUT/samples.jsonl (one line per sample and setting), OUT/summary.csv (mean score per
-policy, budget and task) and OUT/scores.png (score vs budget per policy; needs matplotlib).
+policy, budget and task; measured KV kept and blocks freed per setting) and OUT/scores.png
+(score and KV kept vs budget per policy; needs matplotlib).
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ import base64
 import csv
 import json
 import mimetypes
+import os
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -62,23 +69,133 @@ def messages(sample: Sample) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def ask(client, model: str, sample: Sample, setting: Setting, max_tokens: int) -> dict:
-    """One request; a request the server rejects (e.g. too long) scores 0 and keeps its error."""
-    import openai
-
-    started = time.perf_counter()
-    row = dict(task=sample.task, sample_id=sample.sample_id, policy=setting.policy, budget=setting.budget,
-               answer=sample.answer)
-    try:
-        reply = client.chat.completions.create(model=model, messages=messages(sample), max_tokens=max_tokens,
-                                               temperature=0, extra_body={"vllm_xargs": setting.xargs})
-    except openai.APIStatusError as exc:
-        return dict(row, prediction="", score=0.0, error=f"HTTP {exc.status_code}: {exc.message}",
-                    latency_s=time.perf_counter() - started)
-    prediction = reply.choices[0].message.content or ""
+def _scored(row: dict, sample: Sample, prediction: str, prompt_tokens: int | None, started: float) -> dict:
     return dict(row, prediction=prediction, score=scorer_for(sample)(prediction, sample.answer, sample.choices),
-                prompt_tokens=reply.usage.prompt_tokens if reply.usage else None,
-                latency_s=time.perf_counter() - started)
+                prompt_tokens=prompt_tokens, latency_s=time.perf_counter() - started)
+
+
+def _row(sample: Sample, setting: Setting) -> dict:
+    return dict(task=sample.task, sample_id=sample.sample_id, policy=setting.policy, budget=setting.budget,
+                answer=sample.answer)
+
+
+# Eviction counters as the server exports them (metrics.py), by our short names.
+_METRICS = {"vllm:kv_eviction_requests_total": "requests", "vllm:kv_eviction_blocks_freed_total": "blocks_freed",
+            "vllm:kv_eviction_tokens_kept_total": "kept", "vllm:kv_eviction_tokens_evicted_total": "evicted"}
+
+
+def parse_eviction_metrics(text: str) -> dict[str, float]:
+    """Sum our counters (over modalities) from a Prometheus text page."""
+    totals: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in _METRICS:
+            totals[_METRICS[name]] += float(line.rsplit(" ", 1)[1])
+    return dict(totals)
+
+
+class Endpoint:
+    """An OpenAI-compatible server; a request it rejects (e.g. too long) scores 0 with its error."""
+
+    def __init__(self, url: str, model: str | None, concurrency: int):
+        import openai
+
+        self.url, self.concurrency = url.rstrip("/"), concurrency
+        self.client = openai.OpenAI(base_url=self.url, api_key="EMPTY")
+        try:
+            self.model = model or self.client.models.list().data[0].id
+        except openai.APIConnectionError:
+            sys.exit(f"madakv-eval: cannot reach {url}; start `vllm serve MODEL --kv-eviction madakv` first")
+
+    def ask(self, sample: Sample, setting: Setting, max_tokens: int) -> dict:
+        import openai
+
+        started, row = time.perf_counter(), _row(sample, setting)
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.model, messages=messages(sample), max_tokens=max_tokens, temperature=0,
+                extra_body={"vllm_xargs": setting.xargs})
+        except openai.APIStatusError as exc:
+            return dict(row, prediction="", score=0.0, error=f"HTTP {exc.status_code}: {exc.message}",
+                        latency_s=time.perf_counter() - started)
+        return _scored(row, sample, reply.choices[0].message.content or "",
+                       reply.usage.prompt_tokens if reply.usage else None, started)
+
+    def run(self, samples: list[Sample], setting: Setting, max_tokens: int, progress: "Progress") -> list[dict]:
+        rows = []
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            for future in as_completed([pool.submit(self.ask, s, setting, max_tokens) for s in samples]):
+                rows.append(future.result())
+                progress.update()
+        return rows
+
+    def eviction_totals(self) -> dict[str, float] | None:
+        """The server's eviction counters ({} before its first stats tick, or when it is not our
+        plugin), or None when it has no /metrics."""
+        import urllib.request
+
+        root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        try:
+            with urllib.request.urlopen(f"{root}/metrics", timeout=10) as response:
+                return parse_eviction_metrics(response.read().decode())
+        except OSError:
+            return None
+
+    def close(self):
+        pass
+
+
+class Engine:
+    """An in-process vLLM engine (`vllm.LLM`) with eviction on; requests pick their setting."""
+
+    def __init__(self, model: str, engine_args: dict):
+        from vllm import LLM
+
+        from ..vllm.metrics import ENV_DIR
+
+        args = dict(engine_args)
+        args.setdefault("additional_config", {}).setdefault("kv_eviction", {"policy": "madakv"})
+        # a fresh counters folder: an earlier engine of this process may have left its files
+        self.metrics_dir = os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="madakv-eval-metrics-")
+        self.llm = LLM(model=model, **args)
+
+    def run(self, samples: list[Sample], setting: Setting, max_tokens: int, progress: "Progress") -> list[dict]:
+        from vllm import SamplingParams
+
+        started = time.perf_counter()
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=setting.xargs)
+        outputs = self.llm.chat([messages(s) for s in samples], params, use_tqdm=False)
+        rows = []
+        for sample, out in zip(samples, outputs):
+            rows.append(_scored(_row(sample, setting), sample, out.outputs[0].text, len(out.prompt_token_ids),
+                                started))
+            progress.update()
+        return rows
+
+    def eviction_totals(self) -> dict[str, float] | None:
+        from ..vllm.metrics import read_totals
+
+        values, _ = read_totals(self.metrics_dir)
+        totals = defaultdict(float)
+        for key, value in values.items():
+            totals["kept" if key.startswith("kept_") else "evicted" if key.startswith("evicted_") else key] += value
+        return dict(totals)
+
+    def close(self):
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def memory_of(before: dict | None, after: dict | None, rows: list[dict]) -> dict:
+    """What one setting kept, from the counters' difference: share of the prompt KV kept by the
+    requests that evicted, and blocks freed per request. Blank when the server exports no counters."""
+    if not after:  # the counters appear at the server's first stats tick
+        return dict(kv_kept="", blocks_freed="", evicted_requests="")
+    before = before or {}
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _METRICS.values()}
+    moved = delta["kept"] + delta["evicted"]
+    return dict(kv_kept=round(delta["kept"] / moved, 4) if moved else 1.0,
+                blocks_freed=round(delta["blocks_freed"] / max(1, len(rows)), 2),
+                evicted_requests=int(delta["requests"]))
 
 
 class Progress:
@@ -107,12 +224,14 @@ class Progress:
             self.bar.close()
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], memory: dict[tuple, dict]) -> list[dict]:
     groups: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
         groups[(row["policy"], row["budget"], row["task"])].append(row["score"])
         groups[(row["policy"], row["budget"], "ALL")].append(row["score"])
-    return [dict(policy=p, budget="" if b is None else b, task=t, samples=len(s), score=sum(s) / len(s))
+    blank = dict(kv_kept="", blocks_freed="", evicted_requests="")
+    return [dict(policy=p, budget="" if b is None else b, task=t, samples=len(s), score=sum(s) / len(s),
+                 **(memory.get((p, b), blank) if t == "ALL" else blank))
             for (p, b, t), s in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2]))]
 
 
@@ -125,15 +244,23 @@ def plot(summary: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     overall = [r for r in summary if r["task"] == "ALL"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    measured = any(r["kv_kept"] != "" for r in overall)
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(11 if measured else 6, 4), squeeze=False)
     for policy in sorted({r["policy"] for r in overall} - {"none"}):
-        pts = sorted((r["budget"], r["score"]) for r in overall if r["policy"] == policy)
-        ax.plot(*zip(*pts), marker="o", label=policy)
+        mine = sorted((r for r in overall if r["policy"] == policy), key=lambda r: r["budget"])
+        axes[0][0].plot([r["budget"] for r in mine], [r["score"] for r in mine], marker="o", label=policy)
+        if measured:
+            axes[0][1].plot([r["budget"] for r in mine], [r["kv_kept"] or 1.0 for r in mine], marker="o", label=policy)
     for r in overall:
         if r["policy"] == "none":
-            ax.axhline(r["score"], color="gray", linestyle="--", label="full cache")
-    ax.set(xscale="log", xlabel="KV budget (ratio of the prompt)", ylabel="mean score", title="score vs budget")
-    ax.legend()
+            axes[0][0].axhline(r["score"], color="gray", linestyle="--", label="full cache")
+    axes[0][0].set(xscale="log", xlabel="KV budget (ratio of the prompt)", ylabel="mean score", title="score vs budget")
+    axes[0][0].legend()
+    if measured:
+        axes[0][1].axhline(1.0, color="gray", linestyle="--", label="full cache")
+        axes[0][1].set(xscale="log", yscale="log", xlabel="KV budget (ratio of the prompt)",
+                       ylabel="prompt KV kept (server counters)", title="memory vs budget")
+        axes[0][1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
@@ -144,53 +271,60 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="root folder in MileBench layout (real or synthetic)")
     p.add_argument("--tasks", nargs="+", help="task folders to run (default: all)")
     p.add_argument("--limit", type=int, help="samples per task")
-    p.add_argument("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    where.add_argument("--engine", metavar="MODEL", help="run an in-process vLLM engine on this model instead")
+    p.add_argument("--engine-args", type=json.loads, default={}, metavar="JSON",
+                   help='vllm.LLM keyword arguments for --engine, e.g. \'{"max_model_len": 8192}\'')
     p.add_argument("--model", help="served model name (default: the endpoint's first model)")
     p.add_argument("--policies", nargs="+", default=["none", "madakv", "snapkv"], choices=POLICY_NAMES)
     p.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.5])
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (endpoint)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--out", required=True, help="output folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not isinstance(args.engine_args, dict):
+        p.error("--engine-args must be a JSON object")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import openai
-
     tasks = args.tasks or list_tasks(args.data)
     if not tasks:
         sys.exit(f"madakv-eval: no MileBench tasks under {args.data}")
     samples = [s for task in tasks for s in load_task(args.data, task, args.limit)]
-    client = openai.OpenAI(base_url=args.endpoint, api_key="EMPTY")
-    try:
-        model = args.model or client.models.list().data[0].id
-    except openai.APIConnectionError:
-        sys.exit(f"madakv-eval: cannot reach {args.endpoint}; start `vllm serve MODEL --kv-eviction madakv` first")
-    jobs = [(s, setting) for setting in settings(args.policies, args.budgets) for s in samples]
+    backend = Engine(args.engine, args.engine_args) if args.engine else \
+        Endpoint(args.endpoint, args.model, args.concurrency)
+    sweep = settings(args.policies, args.budgets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, progress = [], Progress(len(jobs))
-    with open(out / "samples.jsonl", "w") as jsonl, ThreadPoolExecutor(args.concurrency) as pool:
-        futures = [pool.submit(ask, client, model, s, setting, args.max_tokens) for s, setting in jobs]
-        for future in as_completed(futures):
-            row = future.result()
-            rows.append(row)
-            jsonl.write(json.dumps(row) + "\n")
-            progress.update()
-    progress.close()
+    rows, memory, progress = [], {}, Progress(len(sweep) * len(samples))
+    try:
+        with open(out / "samples.jsonl", "w") as jsonl:
+            for setting in sweep:
+                before = backend.eviction_totals()
+                done = backend.run(samples, setting, args.max_tokens, progress)
+                memory[(setting.policy, setting.budget)] = memory_of(before, backend.eviction_totals(), done)
+                for row in done:
+                    jsonl.write(json.dumps(row) + "\n")
+                rows += done
+    finally:
+        progress.close()
+        backend.close()
     failed = [r for r in rows if "error" in r]
     if failed:
         print(f"madakv-eval: {len(failed)} of {len(rows)} requests failed (scored 0), e.g. {failed[0]['error']}",
               file=sys.stderr)
-    summary = summarize(rows)
+    summary = summarize(rows, memory)
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
     for r in summary:
         if r["task"] == "ALL":
-            print(f"{r['policy']:>12s} {str(r['budget']):>5s}  score {r['score']:.3f}  ({r['samples']} samples)")
+            kept = f"  KV kept {r['kv_kept']:.3f}" if r["kv_kept"] != "" else ""
+            print(f"{r['policy']:>12s} {str(r['budget']):>5s}  score {r['score']:.3f}{kept}  ({r['samples']} samples)")
     print(f"wrote {out / 'samples.jsonl'}, {out / 'summary.csv'}"
           + (f", {out / 'scores.png'}" if plot(summary, out / "scores.png") else " (no plot: matplotlib missing)"))
     return 0
