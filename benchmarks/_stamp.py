@@ -94,3 +94,31 @@ def synthetic_suite(samples: int):
     if not path.is_dir():
         synthetic.generate(path, samples=samples, seed=0)
     return path
+
+
+def drive(llm, prompts, params) -> dict:
+    """Add the prompts to a vLLM engine and step it until all finish. Returns wall seconds, the
+    peak number of running requests and, per request, seconds to the first token, to the second
+    (eviction's compaction runs in the step that makes it), to the last, and output tokens."""
+    import time
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}-{start}", prompt, params)
+    first, second, finished, peak = {}, {}, {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now = time.perf_counter() - start
+            produced = len(out.outputs[0].token_ids)
+            if produced and out.request_id not in first:
+                first[out.request_id] = now
+            if produced >= 2 and out.request_id not in second:
+                second[out.request_id] = now
+            if out.finished:
+                finished[out.request_id] = (now, produced)
+        peak = max(peak, len(scheduler.running))
+    return dict(wall_s=time.perf_counter() - start, peak_running=peak,
+                requests=[dict(ttft_s=first[r], second_s=second.get(r, done), done_s=done, tokens=tokens)
+                          for r, (done, tokens) in finished.items()])

@@ -2,7 +2,10 @@
 prefill time (eviction off), scoring + compaction time, blocks freed per request, and decode
 ms/token with the full cache vs MadaKV at 20 %.
 
-    python benchmarks/bench_overhead.py [--lengths 1024 2048 4096] [--decode-tokens 32]
+    python benchmarks/bench_overhead.py [--lengths 1024 2048 4096 8192 16384] [--decode-tokens 32]
+
+Batch 1. Decode ms/token is measured from the second output token to the last, so the step that
+compacts (the one making the second token) is not in it, for either run.
 
 The model is a random-weight Llama with SmolLM2-135M's shapes (30 layers, 9 query / 3 KV heads,
 head_dim 64, bf16), built once into benchmarks/.models/: real compute per token, meaningless
@@ -13,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -22,8 +24,15 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 HERE = Path(__file__).resolve().parent
 
 
-def build_model(path: Path) -> Path:
-    if (path / "config.json").is_file():
+def build_model(path: Path, max_len: int) -> Path:
+    import json
+
+    config_file = path / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if config["max_position_embeddings"] < max_len:  # random weights: only the limit changes
+            config["max_position_embeddings"] = max_len
+            config_file.write_text(json.dumps(config, indent=2))
         return path
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,7 +40,7 @@ def build_model(path: Path) -> Path:
     print(f"building a random SmolLM2-135M-shaped Llama in {path}")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=16384,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=max(max_len, 16384),
                          rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     return path
@@ -39,17 +48,19 @@ def build_model(path: Path) -> Path:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--budget", type=float, default=0.2)
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
-    from _stamp import stamp, write_results
+    from _stamp import drive, stamp, write_results
+    from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    model = build_model(HERE / ".models" / "smollm2-shaped-random")
+    max_len = max(args.lengths) + 256
+    model = build_model(HERE / ".models" / "smollm2-shaped-random", max_len)
     llm = LLM(model=str(model), dtype="bfloat16", enforce_eager=True, distributed_executor_backend="uni",
-              skip_tokenizer_init=True, enable_prefix_caching=False, max_model_len=max(args.lengths) + 256,
+              skip_tokenizer_init=True, enable_prefix_caching=False, max_model_len=max_len,
               max_num_seqs=1, seed=0,
               additional_config={"kv_eviction": {"policy": "madakv", "budget": args.budget}})
     core = llm.llm_engine.engine_core.engine_core
@@ -57,32 +68,32 @@ def main():
     worker = core.model_executor.driver_worker.worker.model_runner.kv_eviction
     block_size = scheduler.evicting_manager.block_size
 
-    def timed(ids, max_tokens, **xargs):
+    def timed(ids, max_tokens, **xargs) -> tuple[float, float]:
+        """(seconds to the first token, ms per token from the second on) for one request."""
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=xargs or None,
                                 detokenize=False)
-        start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
-        return time.perf_counter() - start
+        (req,) = drive(llm, [{"prompt_token_ids": ids}], params)["requests"]
+        return req["ttft_s"], 1000 * (req["done_s"] - req["second_s"]) / max(1, req["tokens"] - 2)
 
     rows = []
     timed(list(range(100, 612)), 2)  # warm-up
-    for n in args.lengths:
+    for n in tqdm(args.lengths, desc="lengths", unit="length"):
         ids = [(i * 7919) % 40000 + 100 for i in range(n)]
-        prefill = min(timed(ids, 1, kv_eviction="none") for _ in range(2))
-        full = timed(ids, args.decode_tokens + 1, kv_eviction="none")
+        prefill_full, decode_full = timed(ids, args.decode_tokens + 2, kv_eviction="none")
+        prefill = min(prefill_full, timed(ids, 1, kv_eviction="none")[0])
         freed_before = scheduler.eviction_counters.values["blocks_freed"]
-        evicting = timed(ids, args.decode_tokens + 1)
+        _, decode_evicted = timed(ids, args.decode_tokens + 2)
         overhead = worker.counters.seconds[-1]
         row = dict(n=n, prefill_s=prefill, eviction_s=overhead, eviction_share_of_prefill=overhead / prefill,
                    blocks_before=-(-n // block_size),
                    blocks_freed=scheduler.eviction_counters.values["blocks_freed"] - freed_before,
-                   decode_ms_full=1000 * (full - prefill) / args.decode_tokens,
-                   decode_ms_evicted=1000 * (evicting - prefill - overhead) / args.decode_tokens)
+                   decode_ms_full=decode_full,
+                   decode_ms_evicted=decode_evicted)
+        tqdm.write(f"N={n:5d} prefill {prefill * 1000:8.1f} ms | scoring+compaction {overhead * 1000:7.1f} ms "
+                   f"({100 * row['eviction_share_of_prefill']:.1f} % of prefill) | blocks {row['blocks_before']} -> "
+                   f"{row['blocks_before'] - row['blocks_freed']:.0f} | decode {row['decode_ms_full']:.1f} -> "
+                   f"{row['decode_ms_evicted']:.1f} ms/token")
         rows.append(row)
-        print(f"N={n:5d} prefill {prefill * 1000:8.1f} ms | scoring+compaction {overhead * 1000:7.1f} ms "
-              f"({100 * row['eviction_share_of_prefill']:.1f} % of prefill) | blocks {row['blocks_before']} -> "
-              f"{row['blocks_before'] - row['blocks_freed']:.0f} | decode {row['decode_ms_full']:.1f} -> "
-              f"{row['decode_ms_evicted']:.1f} ms/token", flush=True)
     result = dict(stamp=stamp(), model="random Llama, SmolLM2-135M shapes, bf16", policy="madakv",
                   budget=args.budget, block_size=block_size, rows=rows)
 

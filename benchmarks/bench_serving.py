@@ -1,11 +1,13 @@
 """Serving under KV-memory pressure: the same capped KV memory for every run, N concurrent
 multi-image requests, stock (eviction off) vs each policy at one budget, in one engine.
 
-    python benchmarks/bench_serving.py [--requests 8] [--blocks 48] [--budget 0.2] [--policies madakv snapkv streamingllm]
+    python benchmarks/bench_serving.py [--requests 8] [--blocks 48] [--budget 0.2] \
+        [--policies madakv snapkv streamingllm] [--sweep 0.05 0.1 0.5]
 
 Model: the SmolLM2-LLaVA test model (built into benchmarks/.models/ when missing), bf16, block
 size 128, prompts of ~2K tokens with 8 images. Per setting: output tok/s, requests/s, peak running
-requests, TTFT p50/p95, decode ms/token, and each as a ratio to stock from the same run.
+requests, TTFT p50/p95, decode ms/token, and each as a ratio to stock from the same run; then
+MadaKV at the `--sweep` budgets (the budget sweep).
 Writes benchmarks/results/serving.json (+ .png with matplotlib).
 """
 from __future__ import annotations
@@ -14,7 +16,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -30,27 +31,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(llm, prompts, params) -> dict:
-    engine = llm.llm_engine
-    scheduler = engine.engine_core.engine_core.scheduler
-    start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}-{start}", prompt, params)
-    first, finished, tokens, peak = {}, {}, {}, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            now = time.perf_counter()
-            produced = len(out.outputs[0].token_ids)
-            if produced and out.request_id not in first:
-                first[out.request_id] = now
-            if out.finished:
-                finished[out.request_id], tokens[out.request_id] = now, produced
-        peak = max(peak, len(scheduler.running))
-    wall = time.perf_counter() - start
-    ttft = [first[r] - start for r in first]
-    decode = [(finished[r] - first[r]) / max(1, tokens[r] - 1) * 1000 for r in finished]
-    return dict(wall_s=wall, output_tok_s=sum(tokens.values()) / wall, requests_s=len(finished) / wall,
-                peak_running=peak, ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
-                decode_ms_token=statistics.mean(decode))
+    from _stamp import drive
+
+    result = drive(llm, prompts, params)
+    done, wall = result["requests"], result["wall_s"]
+    ttft = [r["ttft_s"] for r in done]
+    decode = [(r["done_s"] - r["ttft_s"]) / max(1, r["tokens"] - 1) * 1000 for r in done]
+    return dict(wall_s=wall, output_tok_s=sum(r["tokens"] for r in done) / wall, requests_s=len(done) / wall,
+                peak_running=result["peak_running"], ttft_p50_s=percentile(ttft, 0.5),
+                ttft_p95_s=percentile(ttft, 0.95), decode_ms_token=statistics.mean(decode))
 
 
 def main():
@@ -59,6 +48,7 @@ def main():
     p.add_argument("--blocks", type=int, default=48, help="KV blocks of 128 tokens for the whole engine")
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--policies", nargs="+", default=["madakv", "snapkv", "streamingllm"])
+    p.add_argument("--sweep", type=float, nargs="*", default=[0.05, 0.1, 0.5], help="more MadaKV budgets")
     p.add_argument("--max-tokens", type=int, default=64)
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
@@ -83,6 +73,8 @@ def main():
         prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
     settings = [("stock", {"kv_eviction": "none"})] + [(f"{p} {args.budget:.0%}", {"kv_eviction": p})
                                                        for p in args.policies]
+    settings += [(f"madakv {b:.0%}", {"kv_eviction": "madakv", "kv_eviction_budget": b})
+                 for b in sorted(args.sweep) if b != args.budget]
     run(llm, prompts[:1], SamplingParams(max_tokens=2, extra_args={"kv_eviction": "none"}))  # warm-up
     rows = []
     for label, xargs in settings:
@@ -100,10 +92,10 @@ def main():
     prompt_tokens = len(llm.llm_engine.tokenizer.encode(prompts[0]["prompt"])) if llm.llm_engine.tokenizer else None
     result = dict(stamp=stamp(), model="SmolLM2-LLaVA (bf16)", kv_blocks=args.blocks, block_size=128,
                   requests=args.requests, images_per_request=8, prompt_text_tokens=prompt_tokens,
-                  max_tokens=args.max_tokens, budget=args.budget, rows=rows)
+                  max_tokens=args.max_tokens, budget=args.budget, sweep=args.sweep, rows=rows)
 
     def draw(plt):
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
         labels = [r["setting"] for r in rows]
         for ax, key, title in zip(axes, ("output_tok_s", "peak_running", "ttft_p95_s"),
                                   ("output tok/s", "peak running requests", "TTFT p95 (s)")):
