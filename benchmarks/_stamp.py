@@ -72,6 +72,14 @@ def write_results(out, result: dict, draw=None) -> None:
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def in_process_vllm_env() -> None:
+    """Before importing vLLM: one process (the benchmark reads the scheduler and workers), a KV
+    pool the CPU backend can hold, no usage stats, no hub lookups."""
+    for key, value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("VLLM_CPU_KVCACHE_SPACE", "4"),
+                       ("VLLM_NO_USAGE_STATS", "1"), ("HF_HUB_OFFLINE", "1")):
+        os.environ.setdefault(key, value)
+
+
 def smollm2_llava():
     """The SmolLM2-LLaVA test model, built into benchmarks/.models/ on first use."""
     from pathlib import Path
@@ -99,7 +107,7 @@ def synthetic_suite(samples: int):
 def drive(llm, prompts, params) -> dict:
     """Add the prompts to a vLLM engine and step it until all finish. Returns wall seconds, the
     peak number of running requests and, per request, seconds to the first token, to the second
-    (eviction's compaction runs in the step that makes it), to the last, and output tokens."""
+    (eviction's compaction runs in the step that makes it), to the last, output and prompt tokens."""
     import time
 
     engine = llm.llm_engine
@@ -117,8 +125,8 @@ def drive(llm, prompts, params) -> dict:
             if produced >= 2 and out.request_id not in second:
                 second[out.request_id] = now
             if out.finished:
-                finished[out.request_id] = (now, produced)
+                finished[out.request_id] = (now, produced, len(out.prompt_token_ids or ()))
         peak = max(peak, len(scheduler.running))
     return dict(wall_s=time.perf_counter() - start, peak_running=peak,
-                requests=[dict(ttft_s=first[r], second_s=second.get(r, done), done_s=done, tokens=tokens)
-                          for r, (done, tokens) in finished.items()])
+                requests=[dict(ttft_s=first[r], second_s=second.get(r, done), done_s=done, tokens=tokens,
+                               prompt_tokens=prompt) for r, (done, tokens, prompt) in finished.items()])

@@ -14,13 +14,9 @@ text. Writes benchmarks/results/overhead.json (+ .png with matplotlib).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 HERE = Path(__file__).resolve().parent
 
 
@@ -53,7 +49,9 @@ def main():
     p.add_argument("--budget", type=float, default=0.2)
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
-    from _stamp import drive, stamp, write_results
+    from _stamp import drive, in_process_vllm_env, stamp, write_results
+
+    in_process_vllm_env()
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 

@@ -13,15 +13,10 @@ Writes benchmarks/results/serving.json (+ .png with matplotlib).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 
 
@@ -53,7 +48,9 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from _stamp import smollm2_llava, stamp, write_results
+    from _stamp import in_process_vllm_env, smollm2_llava, stamp, write_results
+
+    in_process_vllm_env()
     from PIL import Image
     from vllm import LLM, SamplingParams
 
