@@ -99,7 +99,7 @@ def synthetic_suite(samples: int):
     from madakv_vllm.evaluation import synthetic
 
     path = Path(HERE) / ".data" / f"synthetic-{samples}"
-    if not path.is_dir():
+    if not all((path / task / f"{task}.json").is_file() for task in synthetic.TASKS):  # new tasks too
         synthetic.generate(path, samples=samples, seed=0)
     return path
 

@@ -78,7 +78,7 @@ def digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def test_generator_is_deterministic_and_spans_lengths(tmp_path):
+def test_generator_is_deterministic_and_spans_lengths(tmp_path, monkeypatch):
     synthetic.generate(tmp_path / "a", samples=4, seed=3)
     synthetic.generate(tmp_path / "b", samples=4, seed=3)
     synthetic.generate(tmp_path / "c", samples=4, seed=4)
@@ -91,6 +91,16 @@ def test_generator_is_deterministic_and_spans_lengths(tmp_path):
         assert all(p.is_file() for p in s.image_paths) and len(s.image_paths) >= 4
     for s in load_task(tmp_path / "a", "SyntheticChoice"):
         assert s.answer in s.choices and len(s.choices) == 4
+    keys = load_task(tmp_path / "a", "SyntheticPasskeyNeedle")
+    for s in keys:
+        assert s.answer.isdigit() and f"The pass key is {s.answer}." in s.context and scorer_for(s) is substring_match
+    assert len({s.answer for s in keys}) > 1
+    # adding or removing a task does not change the others: each task has its own seed
+    monkeypatch.delitem(synthetic.TASKS, "SyntheticPasskeyNeedle")
+    monkeypatch.delitem(synthetic.TASKS, "SyntheticChoice")
+    synthetic.generate(tmp_path / "d", samples=4, seed=3)
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["SyntheticTextNeedle"]
+    assert digest(tmp_path / "d" / "SyntheticTextNeedle") == digest(tmp_path / "a" / "SyntheticTextNeedle")
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):

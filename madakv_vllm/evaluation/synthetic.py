@@ -3,6 +3,8 @@
 - SyntheticTextNeedle (TN-like): many images interleaved with filler paragraphs; one sentence
   hides a secret word; the question asks for it (substring match: small models answer in a
   sentence).
+- SyntheticPasskeyNeedle: the classic pass-key retrieval (a five-digit number stated twice in
+  one spot of the haystack), the easiest needle for a small model (substring match).
 - SyntheticChoice: many images and paragraphs, each paragraph names where a person went; the
   question asks where one of them went, with four options (accuracy).
 Lengths are set in words (about one token each with SmolLM2's tokenizer; 16 per image with
@@ -80,6 +82,21 @@ def text_needle(folder: Path, samples: int, rng: random.Random) -> list[dict]:
     return data
 
 
+def passkey_needle(folder: Path, samples: int, rng: random.Random) -> list[dict]:
+    data = []
+    for i in range(samples):
+        words = LENGTHS_WORDS[i % len(LENGTHS_WORDS)]
+        chunks, names = _haystack(rng, folder, i, words, images=4 + (i % 4) * 4)
+        key = str(rng.randrange(10000, 100000))
+        depth = rng.randrange(0, len(chunks))
+        chunks.insert(depth if not chunks[depth].startswith("{image#") else depth + 1,
+                      f"The pass key is {key}. Remember it. {key} is the pass key.")
+        context = " ".join(chunks) + " What is the pass key?"
+        data.append({"sample_id": i, "task_instruction_id": 0,
+                     "task_instance": {"context": context, "images_path": names}, "response": key})
+    return data
+
+
 def choice(folder: Path, samples: int, rng: random.Random) -> list[dict]:
     data = []
     for i in range(samples):
@@ -97,16 +114,17 @@ def choice(folder: Path, samples: int, rng: random.Random) -> list[dict]:
     return data
 
 
-TASKS = {
-    "SyntheticTextNeedle": (text_needle, "Read the text and pictures below, then answer the question. "),
-    "SyntheticChoice": (choice, "Read the text and pictures below, then choose the right option. "),
+TASKS = {  # name: (generator, instruction, seed offset: a task's samples do not depend on the others)
+    "SyntheticChoice": (choice, "Read the text and pictures below, then choose the right option. ", 0),
+    "SyntheticTextNeedle": (text_needle, "Read the text and pictures below, then answer the question. ", 1),
+    "SyntheticPasskeyNeedle": (passkey_needle, "Read the text and pictures below, then answer the question. ", 2),
 }
 
 
 def generate(out: str | Path, samples: int = 20, seed: int = 0) -> list[Path]:
     """Write every synthetic task under `out`; same arguments, same bytes."""
     written = []
-    for offset, (task, (make, instruction)) in enumerate(sorted(TASKS.items())):
+    for task, (make, instruction, offset) in TASKS.items():
         folder = Path(out) / task
         (folder / "images").mkdir(parents=True, exist_ok=True)
         data = make(folder, samples, random.Random(seed * 1000 + offset))
