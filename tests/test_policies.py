@@ -219,7 +219,7 @@ def test_hcc_conserves_total_and_respects_floor(seed, budget, variant):
 def test_hcc_keeps_demand_and_later_layers_pay_back():
     scores, tags = head_preferring(visual_heads={0}, num_layers=4, n=600, images=((50, 350),))
     scores[0] = 1.0  # layer 0: uniform attention, high demand
-    policy = MadaKV(budget=0.2, window=16)
+    policy = MadaKV(budget=0.2, window=16, hcc_variant="paper")
     per_layer = policy.kept_tokens(600) - 16
     budgets = policy.layer_budgets(scores[..., :584], tags[:584], per_layer)
     demand0 = policy.layer_demand(scores[0, :, :584], tags[:584])
@@ -242,8 +242,8 @@ def test_balanced_hcc_follows_demand_and_never_starves_a_layer():
         assert all(abs(b - e) <= 1 for b, e in zip(budgets, expected)), (mix, budgets, expected)
         assert min(budgets) >= int((1 - mix) * per_layer)
     # the paper variant, on the same scores, lets layer 0 take more than the balanced one does
-    paper = MadaKV(budget=0.2, window=16).layer_budgets(scores[..., :n_select], tags[:n_select], per_layer)
-    balanced = MadaKV(budget=0.2, window=16, hcc_variant="balanced").layer_budgets(
+    paper = MadaKV(budget=0.2, window=16, hcc_variant="paper").layer_budgets(scores[..., :n_select], tags[:n_select], per_layer)
+    balanced = MadaKV(budget=0.2, window=16).layer_budgets(  # the default variant
         scores[..., :n_select], tags[:n_select], per_layer)
     assert paper[0] > balanced[0] > per_layer and min(balanced) > min(paper)
 
