@@ -1,0 +1,90 @@
+"""The README's result tables, rendered from what the benchmark commands wrote:
+
+    python benchmarks/tables.py [overhead serving video accuracy ablation]
+
+Each table comes with the command that regenerates its numbers and the machine they ran on.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _where(result: dict) -> str:
+    s = result["stamp"]
+    return f"{s.get('gpu') or s['machine']}, torch {s['torch']}, commit {s['commit']}, {s['date'][:10]}"
+
+
+def overhead(r: dict) -> str:
+    lines = [f"`python benchmarks/bench_overhead.py` ({_where(r)}; {r['model']}, block size {r['block_size']}, "
+             f"{r['policy']} at {r['budget']:.0%}, batch 1):", "",
+             "| prompt tokens | prefill | scoring + compaction | share of prefill | blocks held | "
+             "decode ms/token, full → evicted |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['n']} | {row['prefill_s']:.2f} s | {row['eviction_s'] * 1000:.0f} ms | "
+                     f"{row['eviction_share_of_prefill']:.1%} | {row['blocks_before']} → "
+                     f"{row['blocks_before'] - row['blocks_freed']:.0f} | {row['decode_ms_full']:.1f} → "
+                     f"{row['decode_ms_evicted']:.1f} |")
+    return "\n".join(lines)
+
+
+def serving(r: dict) -> str:
+    lines = [f"`python benchmarks/bench_serving.py` ({_where(r)}; {r['model']}, {r['kv_blocks']} KV blocks of "
+             f"{r['block_size']} tokens, {r['requests']} concurrent requests with {r['images_per_request']} images, "
+             f"{r['max_tokens']} output tokens):", "",
+             "| setting | output tok/s | requests/s | peak running | TTFT p50 / p95 | decode ms/token (per request) |",
+             "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['setting']} | {row['output_tok_s']:.1f} ({row['output_tok_s_vs_stock']:.2f}x) | "
+                     f"{row['requests_s']:.3f} | {row['peak_running']} | {row['ttft_p50_s']:.1f} / "
+                     f"{row['ttft_p95_s']:.1f} s | {row['decode_ms_token']:.0f} |")
+    return "\n".join(lines)
+
+
+def video(r: dict) -> str:
+    lines = [f"`python benchmarks/bench_video.py` ({_where(r)}; {r['model']}, {r['kv_blocks']} KV blocks of "
+             f"{r['block_size']} tokens, {r['requests']} concurrent requests, one {r['frames']}-frame "
+             f"{r['frame_size']}px video each):", "",
+             "| setting | prompt tokens | prompt KV blocks held | peak running | output tok/s |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['setting']} | {row['prompt_tokens']} | {row['prompt_blocks_held']:.1f} "
+                     f"({row['prompt_blocks_held_vs_stock']:.2f}x) | {row['peak_running']} | "
+                     f"{row['output_tok_s']:.1f} ({row['output_tok_s_vs_stock']:.2f}x) |")
+    if r.get("evs_skipped"):
+        lines += ["", f"({r['evs_skipped']}.)"]
+    return "\n".join(lines)
+
+
+def accuracy(_: dict | None = None) -> str | None:
+    path = RESULTS / "accuracy" / "table.md"
+    return f"`python benchmarks/run_accuracy.py`:\n\n{path.read_text().strip()}" if path.is_file() else None
+
+
+def ablation(r: dict) -> str:
+    return f"`python benchmarks/run_ablation.py` ({_where(r)}, {r['seconds'] // 60} min):\n\n{r['markdown']}"
+
+
+TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "ablation": ablation}
+
+
+def main(argv=None) -> int:
+    names = (argv if argv is not None else sys.argv[1:]) or list(TABLES)
+    for name in names:
+        if name not in TABLES:
+            sys.exit(f"tables.py: unknown table {name!r}; choose from {', '.join(TABLES)}")
+        result = None if name == "accuracy" else _load(name)
+        text = TABLES[name](result) if (result is not None or name == "accuracy") else None
+        print(f"### {name}\n\n{text or f'(no results yet: run the {name} benchmark)'}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
