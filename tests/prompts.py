@@ -30,12 +30,12 @@ def vllm_messages(num_images: int, filler_repeats: int = 4) -> list:
     return [{"role": "user", "content": content}]
 
 
-def milebench_task(root, samples: int = 2, num_images: int = 2, filler_repeats: int = 30):
-    """A MileBench-layout task ("LongCaptions") with long enough prompts to evict; returns root."""
+def milebench_task(root, samples: int = 2, num_images: int = 2, filler_repeats: int = 30, task: str = "LongCaptions"):
+    """A MileBench-layout task with long enough prompts to evict; returns root."""
     import json
     from pathlib import Path
 
-    folder = Path(root) / "LongCaptions"
+    folder = Path(root) / task
     (folder / "images").mkdir(parents=True, exist_ok=True)
     data = []
     for sample in range(samples):
@@ -47,5 +47,5 @@ def milebench_task(root, samples: int = 2, num_images: int = 2, filler_repeats: 
         data.append({"sample_id": sample, "task_instruction_id": 0, "response": "a cat",
                      "task_instance": {"context": context + " what is in the first picture", "images_path": names}})
     payload = {"meta_data": {"task_instruction": ["Answer briefly. "], "question_type": "open-ended"}, "data": data}
-    (folder / "LongCaptions.json").write_text(json.dumps(payload))
+    (folder / f"{task}.json").write_text(json.dumps(payload))
     return Path(root)

@@ -214,6 +214,7 @@ def test_eval_cli_runs_an_in_process_engine(tiny_model_dir, tmp_path):
     from prompts import milebench_task
 
     data = milebench_task(tmp_path / "data")
+    milebench_task(data, samples=1, filler_repeats=400, task="TooLong")  # over max_model_len: scored 0
     engine_args = {"dtype": "float32", "enforce_eager": True, "distributed_executor_backend": "uni",
                    "max_model_len": 2048, "block_size": 32, "max_num_seqs": 2, "limit_mm_per_prompt": {"image": 2},
                    "additional_config": {"kv_eviction": {"policy": "madakv", "window": 8}}}
@@ -221,7 +222,10 @@ def test_eval_cli_runs_an_in_process_engine(tiny_model_dir, tmp_path):
                      json.dumps(engine_args), "--policies", "none", "madakv", "streamingllm", "--budgets", "0.1",
                      "0.3", "--max-tokens", "4", "--out", str(tmp_path / "out")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 5 and all(r["prompt_tokens"] > 500 for r in rows)
+    too_long = [r for r in rows if r["task"] == "TooLong"]
+    assert len(too_long) == 5 and all(r["score"] == 0.0 and "maximum context length" in r["error"] for r in too_long)
+    rows = [r for r in rows if r["task"] == "LongCaptions"]
+    assert len(rows) == 2 * 5 and all(r["prompt_tokens"] > 500 and "error" not in r for r in rows)
     by_setting = {}
     for r in rows:
         by_setting.setdefault((r["policy"], r["budget"]), []).append(r["prediction"])
@@ -231,5 +235,15 @@ def test_eval_cli_runs_an_in_process_engine(tiny_model_dir, tmp_path):
     for policy in ("madakv", "streamingllm"):
         for budget in (0.1, 0.3):
             assert float(memory[(policy, str(budget))]["kv_kept"]) == pytest.approx(budget, abs=0.01)
-            assert int(memory[(policy, str(budget))]["evicted_requests"]) == 2
+            assert int(memory[(policy, str(budget))]["evicted_requests"]) == 2  # not the rejected one
     assert float(memory[("madakv", "0.1")]["blocks_freed"]) > float(memory[("madakv", "0.3")]["blocks_freed"]) > 0
+
+
+def test_eval_cli_bad_engine_args_fail_with_one_line(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    synthetic.generate(data, samples=1, seed=0)
+    with pytest.raises(SystemExit, match="cannot start an engine on .*no_such_arg"):
+        cli.main(["--data", str(data), "--engine", str(tiny_model_dir("qwen2vl")), "--engine-args",
+                  '{"no_such_arg": 1}', "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):  # argparse: not a JSON object
+        cli.main(["--data", str(data), "--engine", "m", "--engine-args", "[1]", "--out", str(tmp_path / "out")])

@@ -150,27 +150,45 @@ class Engine:
 
     def __init__(self, model: str, engine_args: dict):
         from vllm import LLM
+        from vllm.exceptions import VLLMClientError
 
         from ..vllm.metrics import ENV_DIR
+
+        self.rejected = (ValueError, VLLMClientError)  # what the server would answer with a 4xx
 
         args = dict(engine_args)
         args.setdefault("additional_config", {}).setdefault("kv_eviction", {"policy": "madakv"})
         # a fresh counters folder: an earlier engine of this process may have left its files
         self.metrics_dir = os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="madakv-eval-metrics-")
-        self.llm = LLM(model=model, **args)
+        try:
+            self.llm = LLM(model=model, **args)
+        except (TypeError, ValueError) as exc:  # a bad --engine-args key or value
+            sys.exit(f"madakv-eval: cannot start an engine on {model}: {' '.join(str(exc).split())}")
 
     def run(self, samples: list[Sample], setting: Setting, max_tokens: int, progress: "Progress") -> list[dict]:
         from vllm import SamplingParams
 
         started = time.perf_counter()
         params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=setting.xargs)
-        outputs = self.llm.chat([messages(s) for s in samples], params, use_tqdm=False)
+        try:
+            outputs = self.llm.chat([messages(s) for s in samples], params, use_tqdm=False)
+        except self.rejected:  # a sample is rejected (e.g. too long): run them one by one
+            if len(samples) == 1:
+                raise
+            return [row for s in samples for row in self._run_one(s, setting, max_tokens, progress)]
         rows = []
         for sample, out in zip(samples, outputs):
             rows.append(_scored(_row(sample, setting), sample, out.outputs[0].text, len(out.prompt_token_ids),
                                 started))
             progress.update()
         return rows
+
+    def _run_one(self, sample: Sample, setting: Setting, max_tokens: int, progress: "Progress") -> list[dict]:
+        try:
+            return self.run([sample], setting, max_tokens, progress)
+        except self.rejected as exc:  # scored 0 with its error, as the endpoint does with an HTTP 400
+            progress.update()
+            return [dict(_row(sample, setting), prediction="", score=0.0, error=" ".join(str(exc).split()))]
 
     def eviction_totals(self) -> dict[str, float] | None:
         from ..vllm.metrics import read_totals
