@@ -6,6 +6,7 @@ unequal counts, unlike vLLM's one-block-table regime):
 - MPA on/off x HCC off / paper / balanced (the balanced HCC is ours, see policies/madakv.py),
 - theta 0.8 / 0.95 for both HCC variants (theta only shapes HCC's layer demand),
 - proxy window 8 / 64 (MPA only, the configuration vLLM runs),
+- max-pooling of the scores inside a modality over 3 / 7 neighbours (ours, beyond the paper),
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
@@ -36,6 +37,8 @@ def variants(budget: float) -> dict:
             out[f"MPA on, HCC {hcc}, θ {theta}"] = MadaKV(budget=budget, hcc_variant=hcc, theta=theta)
     for window in (8, 64):
         out[f"MPA on, HCC off, window {window}"] = MadaKV(budget=budget, hcc=False, window=window)
+    for pool in (3, 7):
+        out[f"MPA on, HCC balanced, pool {pool}"] = MadaKV(budget=budget, pool=pool)
     out["SnapKV"] = SnapKV(budget=budget)
     out["PyramidKV"] = PyramidKV(budget=budget)
     out["StreamingLLM"] = StreamingLLM(budget=budget)

@@ -94,6 +94,8 @@ def test_bad_settings_say_what_is_wrong():
         MadaKV(hcc_variant="greedy")
     with pytest.raises(ValueError, match="hcc_mix must be in"):
         MadaKV(hcc_variant="balanced", hcc_mix=1.5)
+    with pytest.raises(ValueError, match="pool must be an odd integer"):
+        MadaKV(pool=4)
 
 
 # ---- policy-specific behaviour ------------------------------------------------------------------
@@ -116,6 +118,26 @@ def test_snapkv_pooling_keeps_neighbours_of_a_peak():
     assert set(range(97, 104)) <= set(keep.tolist())
     unpooled = SnapKV(budget=1 + 8, window=8, kernel_size=1).select(psi, tags)[0][0]
     assert 100 in unpooled.tolist()
+
+
+def test_madakv_pooling_keeps_a_span_within_its_modality():
+    """pool=5: the neighbours of a text peak rank with it, but never the image tokens next to it."""
+    psi = torch.full((1, 2, 200), 0.01)
+    psi[0, :, 100] = 10.0  # a text peak right after an image run [90, 100)
+    psi[0, :, 150] = 1.0   # and a weaker text peak inside text
+    tags = torch.zeros(200, dtype=torch.int8)
+    tags[90:100] = 1
+    policy = MadaKV(budget=12 + 8, window=8, pool=5, hcc=False, mpa=False)
+    ranked = policy.rank_scores(psi[0], tags)
+    assert (ranked[:, 98:100] == 0.01).all() and (ranked[:, 100:103] == 10.0).all()
+    assert (ranked[:, 148:153] == 1.0).all()
+    keep = set(policy.select(psi, tags)[0][0].tolist())
+    assert set(range(100, 103)) | set(range(148, 153)) <= keep and not keep & set(range(90, 100))
+    # with MPA too, the modality shares come from the raw scores and the pooled ones pick inside
+    with_mpa = set(MadaKV(budget=12 + 8, window=8, pool=5, hcc=False).select(psi, tags)[0][0].tolist())
+    assert set(range(100, 103)) <= with_mpa
+    plain = set(MadaKV(budget=12 + 8, window=8, hcc=False, mpa=False).select(psi, tags)[0][0].tolist())
+    assert not set(range(101, 103)) <= plain or not set(range(148, 153)) <= plain  # pooling made the difference
 
 
 def test_h2o_scores_with_every_query_and_keeps_half_recent():

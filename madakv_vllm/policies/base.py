@@ -50,6 +50,25 @@ def distribute(targets: list[float], total: int, cap: int) -> list[int]:
     return out
 
 
+def max_pool_scores(psi: torch.Tensor, kernel: int, groups: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """1-D max pooling of [H, N] scores over `kernel` neighbouring tokens, so a hit's neighbours
+    rank with it; with `groups` (bool masks over N), only neighbours of the same group count."""
+    import torch.nn.functional as F
+
+    if kernel == 1 or psi.shape[1] == 0:
+        return psi
+
+    def pool(x):
+        return F.max_pool1d(x[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+
+    if groups is None:
+        return pool(psi)
+    pooled = psi.clone()
+    for member in groups:
+        pooled = torch.where(member, pool(psi.masked_fill(~member, float("-inf"))), pooled)
+    return pooled
+
+
 @dataclass
 class EvictionPolicy:
     """Base policy. `budget`: ratio of the prompt length in (0, 1] or an absolute token count,

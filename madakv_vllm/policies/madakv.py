@@ -26,7 +26,7 @@ import torch
 
 from madakv_kernels import TEXT, coverage_demand, modality_mass, split_quota, topk_mask
 
-from .base import EvictionPolicy, distribute
+from .base import EvictionPolicy, distribute, max_pool_scores
 
 HCC_VARIANTS = ("paper", "balanced")
 
@@ -36,7 +36,9 @@ class MadaKV(EvictionPolicy):
     """`theta`: coverage threshold of the HCC demand. `min_layer_ratio`: floor of a layer's
     selectable budget as a ratio of the prompt (at least one token). `mpa`, `hcc`: switch the
     two parts on or off. `hcc_variant`: "paper" or "balanced" (see the module docstring);
-    `hcc_mix`: the share of the budget the balanced variant moves by demand."""
+    `hcc_mix`: the share of the budget the balanced variant moves by demand. `pool`: ranks
+    tokens by their scores max-pooled over `pool` neighbours of the same modality (odd; 1 = no
+    pooling, as in the paper), so spans such as multi-token numbers survive together."""
 
     theta: float = 0.9
     mpa: bool = True
@@ -44,6 +46,7 @@ class MadaKV(EvictionPolicy):
     hcc_variant: str = "balanced"  # measured better than "paper" (README, benchmarks/run_ablation.py)
     hcc_mix: float = 0.5
     min_layer_ratio: float = 0.01
+    pool: int = 1
     name: ClassVar[str] = "madakv"
 
     def __post_init__(self):
@@ -56,6 +59,8 @@ class MadaKV(EvictionPolicy):
             raise ValueError(f"{self.name}: hcc_variant must be one of {', '.join(HCC_VARIANTS)}, got {self.hcc_variant!r}")
         if not 0.0 <= self.hcc_mix <= 1.0:
             raise ValueError(f"{self.name}: hcc_mix must be in [0, 1], got {self.hcc_mix}")
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"{self.name}: pool must be an odd integer >= 1, got {self.pool!r}")
 
     def layer_demand(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> float:
         """Mean over heads of k_v + k_t (tokens covering theta of each modality's mass)."""
@@ -94,6 +99,10 @@ class MadaKV(EvictionPolicy):
         targets = [max(floor, (1 - self.hcc_mix) * per_layer + self.hcc_mix * total * share) for share in shares]
         return distribute(targets, total, n_select)
 
+    def rank_scores(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
+        text = modality_tags == TEXT
+        return max_pool_scores(psi, self.pool, groups=[text, ~text])
+
     def choose(self, layer: int, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
         if not self.mpa:
             return super().choose(layer, psi, modality_tags, count)
@@ -106,4 +115,5 @@ class MadaKV(EvictionPolicy):
         count_share = torch.full_like(total, n_visual / max(1, psi.shape[1]))
         visual_share = torch.where(total > 0, w_visual / total.clamp(min=1e-30), count_share)
         visual, text_count = split_quota(count, visual_share, n_visual, psi.shape[1] - n_visual)
-        return topk_mask(psi, ~text, visual) | topk_mask(psi, text, text_count)
+        ranked = self.rank_scores(psi, modality_tags)  # the shares above come from the raw mass
+        return topk_mask(ranked, ~text, visual) | topk_mask(ranked, text, text_count)

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from .base import EvictionPolicy
+from .base import EvictionPolicy, max_pool_scores
 
 
 @dataclass
@@ -28,6 +27,4 @@ class SnapKV(EvictionPolicy):
             raise ValueError(f"{self.name}: kernel_size must be odd and >= 1, got {self.kernel_size}")
 
     def rank_scores(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
-        if self.kernel_size == 1 or psi.shape[1] == 0:
-            return psi
-        return F.max_pool1d(psi[:, None], self.kernel_size, stride=1, padding=self.kernel_size // 2)[:, 0]
+        return max_pool_scores(psi, self.kernel_size)
