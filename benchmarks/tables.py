@@ -1,16 +1,20 @@
 """The README's result tables, rendered from what the benchmark commands wrote:
 
-    python benchmarks/tables.py [overhead serving video accuracy ablation]
+    python benchmarks/tables.py [overhead serving video accuracy ablation]   # print them
+    python benchmarks/tables.py --readme                                     # refresh README.md
 
 Each table comes with the command that regenerates its numbers and the machine they ran on.
+In README.md a table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`.
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = RESULTS.parent.parent / "README.md"
 
 
 def _load(name: str) -> dict | None:
@@ -75,14 +79,33 @@ def ablation(r: dict) -> str:
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "ablation": ablation}
 
 
+def render(name: str) -> str:
+    if name not in TABLES:
+        sys.exit(f"tables.py: unknown table {name!r}; choose from {', '.join(TABLES)}")
+    result = None if name == "accuracy" else _load(name)
+    text = TABLES[name](result) if (result is not None or name == "accuracy") else None
+    return text or f"(no results yet: run the {name} benchmark)"
+
+
+def refresh_readme(path: Path = README) -> list[str]:
+    """Replace every marked table in the README with its current rendering; returns their names."""
+    text, found = path.read_text(), []
+
+    def replace(match):
+        found.append(match.group(1))
+        return f"<!-- table:{match.group(1)} -->\n{render(match.group(1))}\n<!-- /table:{match.group(1)} -->"
+
+    path.write_text(re.sub(r"<!-- table:(\w+) -->.*?<!-- /table:\1 -->", replace, text, flags=re.S))
+    return found
+
+
 def main(argv=None) -> int:
-    names = (argv if argv is not None else sys.argv[1:]) or list(TABLES)
-    for name in names:
-        if name not in TABLES:
-            sys.exit(f"tables.py: unknown table {name!r}; choose from {', '.join(TABLES)}")
-        result = None if name == "accuracy" else _load(name)
-        text = TABLES[name](result) if (result is not None or name == "accuracy") else None
-        print(f"### {name}\n\n{text or f'(no results yet: run the {name} benchmark)'}\n")
+    args = argv if argv is not None else sys.argv[1:]
+    if args == ["--readme"]:
+        print(f"refreshed in {README.name}: {', '.join(refresh_readme()) or 'no marked tables'}")
+        return 0
+    for name in args or list(TABLES):
+        print(f"### {name}\n\n{render(name)}\n")
     return 0
 
 

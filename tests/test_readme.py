@@ -17,3 +17,18 @@ def test_readme_hf_example_runs(tmp_path, monkeypatch, capsys):
     prompt_len, kept_ratio = int(printed[0]), float(printed[-1])
     assert prompt_len > 50
     assert abs(kept_ratio - 0.3) < 1 / prompt_len + 1e-9  # the budget, up to rounding
+
+
+def test_readme_tables_match_the_committed_results():
+    """Every marked table is what `python benchmarks/tables.py --readme` renders from the
+    stamped results JSON, so README numbers cannot drift from benchmarks/results/."""
+    import sys
+
+    sys.path.insert(0, str(README.parent / "benchmarks"))
+    import tables
+
+    text = README.read_text()
+    marked = re.findall(r"<!-- table:(\w+) -->\n(.*?)\n<!-- /table:\1 -->", text, re.S)
+    assert {name for name, _ in marked} == set(tables.TABLES)
+    for name, body in marked:
+        assert body == tables.render(name), f"README table {name!r} is stale: run python benchmarks/tables.py --readme"
