@@ -132,14 +132,19 @@ class Endpoint:
     def eviction_totals(self) -> dict[str, float] | None:
         """The server's eviction counters ({} before its first stats tick, or when it is not our
         plugin), or None when it has no /metrics."""
+        import urllib.error
         import urllib.request
 
         root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
-        try:
-            with urllib.request.urlopen(f"{root}/metrics", timeout=10) as response:
-                return parse_eviction_metrics(response.read().decode())
-        except OSError:
-            return None
+        for attempt in range(3):  # a busy server can be slow to answer
+            try:
+                with urllib.request.urlopen(f"{root}/metrics", timeout=60) as response:
+                    return parse_eviction_metrics(response.read().decode())
+            except urllib.error.HTTPError:
+                return None  # it answers, but has no /metrics
+            except OSError:
+                time.sleep(1 + attempt)
+        return None
 
     def close(self):
         pass
