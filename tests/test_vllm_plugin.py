@@ -1,5 +1,6 @@
 """The plugin's flags, start-up checks and version gate (no engine started)."""
 import argparse
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -124,3 +125,20 @@ def test_bad_request_override_is_a_validation_error(monkeypatch):
     SamplingParams(extra_args={"kv_eviction_budget": 0.5})
     with pytest.raises(VLLMValidationError, match="budget"):
         SamplingParams(extra_args={"kv_eviction_budget": 7.5})
+
+
+def test_each_engine_gets_its_own_metrics_folder(tiny_model_dir, monkeypatch, tmp_path):
+    """An inherited folder (a parent that ran its own engine) must not mix its counters in."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    from madakv_vllm.vllm.metrics import ENV_DIR
+
+    load_general_plugins()
+    monkeypatch.setenv(ENV_DIR, str(tmp_path))
+    args = EngineArgs(model=str(tiny_model_dir("qwen2vl")), max_model_len=512, enforce_eager=True,
+                      additional_config={"kv_eviction": {"policy": "madakv"}})
+    args.create_engine_config()
+    first = os.environ[ENV_DIR]
+    args.create_engine_config()
+    assert first != str(tmp_path) and os.path.isdir(first) and os.environ[ENV_DIR] != first

@@ -22,7 +22,6 @@ import json
 import mimetypes
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -163,12 +162,11 @@ class Engine:
 
         args = dict(engine_args)
         args.setdefault("additional_config", {}).setdefault("kv_eviction", {"policy": "madakv"})
-        # a fresh counters folder: an earlier engine of this process may have left its files
-        self.metrics_dir = os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="madakv-eval-metrics-")
         try:
             self.llm = LLM(model=model, **args)
         except (TypeError, ValueError) as exc:  # a bad --engine-args key or value
             sys.exit(f"madakv-eval: cannot start an engine on {model}: {' '.join(str(exc).split())}")
+        self.metrics_dir = os.environ[ENV_DIR]  # the plugin made a fresh one for this engine
 
     def run(self, samples: list[Sample], setting: Setting, max_tokens: int, progress: "Progress") -> list[dict]:
         from vllm import SamplingParams

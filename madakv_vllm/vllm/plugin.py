@@ -216,8 +216,9 @@ def _hook_engine_args() -> None:
                     raise EvictionStartupError(reason)
                 check_engine_args(self)
                 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the hooks live in the V1 runner
-                if not os.environ.get(METRICS_ENV_DIR):  # engine processes inherit it (metrics.py)
-                    os.environ[METRICS_ENV_DIR] = tempfile.mkdtemp(prefix="madakv-metrics-")
+                # A fresh folder per engine, inherited by its processes (metrics.py); never one
+                # inherited from a parent that ran its own engine, whose counters would mix in.
+                os.environ[METRICS_ENV_DIR] = tempfile.mkdtemp(prefix="madakv-metrics-")
         except EvictionConfigError as exc:
             _fail(self, exc)
         vllm_config = create_engine_config(self, *args, **kwargs)
