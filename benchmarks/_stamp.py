@@ -80,6 +80,17 @@ def in_process_vllm_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def bar_panels(plt, rows: list[dict], panels: list[tuple[str, str]], width: float = 13):
+    """One bar chart per (key, title), bars labelled by each row's "setting"."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.5))
+    labels = [r["setting"] for r in rows]
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(labels, [r[key] for r in rows])
+        ax.set(title=title)
+        ax.tick_params(axis="x", rotation=25)
+    return fig
+
+
 def smollm2_llava():
     """The SmolLM2-LLaVA test model, built into benchmarks/.models/ on first use."""
     from pathlib import Path

@@ -48,7 +48,7 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from _stamp import in_process_vllm_env, smollm2_llava, stamp, write_results
+    from _stamp import bar_panels, in_process_vllm_env, smollm2_llava, stamp, write_results
 
     in_process_vllm_env()
     from PIL import Image
@@ -92,14 +92,8 @@ def main():
                   max_tokens=args.max_tokens, budget=args.budget, sweep=args.sweep, rows=rows)
 
     def draw(plt):
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
-        labels = [r["setting"] for r in rows]
-        for ax, key, title in zip(axes, ("output_tok_s", "peak_running", "ttft_p95_s"),
-                                  ("output tok/s", "peak running requests", "TTFT p95 (s)")):
-            ax.bar(labels, [r[key] for r in rows])
-            ax.set(title=title)
-            ax.tick_params(axis="x", rotation=30)
-        return fig
+        return bar_panels(plt, rows, [("output_tok_s", "output tok/s"), ("peak_running", "peak running requests"),
+                                      ("ttft_p95_s", "TTFT p95 (s)")], width=14)
 
     write_results(HERE / "results" / "serving", result, draw)
 

@@ -51,7 +51,7 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from _stamp import drive, in_process_vllm_env, stamp, write_results
+    from _stamp import bar_panels, drive, in_process_vllm_env, stamp, write_results
 
     in_process_vllm_env()
     from vllm import LLM, SamplingParams
@@ -112,15 +112,8 @@ def main():
                   evs_rate=args.rate, evs_skipped=skipped, rows=rows)
 
     def draw(plt):
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-        labels = [r["setting"] for r in rows]
-        for ax, key, title in zip(axes, ("prompt_blocks_held", "peak_running", "output_tok_s"),
-                                  (f"prompt KV blocks held per request ({BLOCK_SIZE} tokens)",
-                                   "peak running requests", "output tok/s")):
-            ax.bar(labels, [r[key] for r in rows])
-            ax.set(title=title)
-            ax.tick_params(axis="x", rotation=20)
-        return fig
+        return bar_panels(plt, rows, [("prompt_blocks_held", f"prompt KV blocks held per request ({BLOCK_SIZE} tokens)"),
+                                      ("peak_running", "peak running requests"), ("output_tok_s", "output tok/s")])
 
     write_results(HERE / "results" / "video", result, draw)
 

@@ -67,34 +67,29 @@ def _haystack(rng, folder: Path, sample_id: int, total_words: int, images: int):
     return chunks, names
 
 
-def text_needle(folder: Path, samples: int, rng: random.Random) -> list[dict]:
+def _needle(folder: Path, samples: int, rng: random.Random, pick, fact: str, question: str) -> list[dict]:
+    """One fact (`fact` formatted with the answer `pick(rng)`) at a random depth of the haystack."""
     data = []
     for i in range(samples):
         words = LENGTHS_WORDS[i % len(LENGTHS_WORDS)]
         chunks, names = _haystack(rng, folder, i, words, images=4 + (i % 4) * 4)
-        secret = rng.choice(SECRETS)
+        answer = pick(rng)
         depth = rng.randrange(0, len(chunks))
-        chunks.insert(depth if not chunks[depth].startswith("{image#") else depth + 1,
-                      f"Remember this: the secret word is {secret}.")
-        context = " ".join(chunks) + " What is the secret word?"
+        chunks.insert(depth if not chunks[depth].startswith("{image#") else depth + 1, fact.format(answer))
+        context = " ".join(chunks) + " " + question
         data.append({"sample_id": i, "task_instruction_id": 0,
-                     "task_instance": {"context": context, "images_path": names}, "response": secret})
+                     "task_instance": {"context": context, "images_path": names}, "response": answer})
     return data
+
+
+def text_needle(folder: Path, samples: int, rng: random.Random) -> list[dict]:
+    return _needle(folder, samples, rng, lambda r: r.choice(SECRETS), "Remember this: the secret word is {}.",
+                   "What is the secret word?")
 
 
 def passkey_needle(folder: Path, samples: int, rng: random.Random) -> list[dict]:
-    data = []
-    for i in range(samples):
-        words = LENGTHS_WORDS[i % len(LENGTHS_WORDS)]
-        chunks, names = _haystack(rng, folder, i, words, images=4 + (i % 4) * 4)
-        key = str(rng.randrange(10000, 100000))
-        depth = rng.randrange(0, len(chunks))
-        chunks.insert(depth if not chunks[depth].startswith("{image#") else depth + 1,
-                      f"The pass key is {key}. Remember it. {key} is the pass key.")
-        context = " ".join(chunks) + " What is the pass key?"
-        data.append({"sample_id": i, "task_instruction_id": 0,
-                     "task_instance": {"context": context, "images_path": names}, "response": key})
-    return data
+    return _needle(folder, samples, rng, lambda r: str(r.randrange(10000, 100000)),
+                   "The pass key is {0}. Remember it. {0} is the pass key.", "What is the pass key?")
 
 
 def choice(folder: Path, samples: int, rng: random.Random) -> list[dict]:
