@@ -27,44 +27,44 @@ def _where(result: dict) -> str:
     return f"{s.get('gpu') or s['machine']}, torch {s['torch']}, commit {s['commit']}, {s['date'][:10]}"
 
 
+def _markdown(caption: str, header: list[str], rows: list[list]) -> str:
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
 def overhead(r: dict) -> str:
-    lines = [f"`python benchmarks/bench_overhead.py` ({_where(r)}; {r['model']}, block size {r['block_size']}, "
-             f"{r['policy']} at {r['budget']:.0%}, batch 1):", "",
-             "| prompt tokens | prefill | scoring + compaction | share of prefill | blocks held | "
-             "decode ms/token, full → evicted |", "|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        lines.append(f"| {row['n']} | {row['prefill_s']:.2f} s | {row['eviction_s'] * 1000:.0f} ms | "
-                     f"{row['eviction_share_of_prefill']:.1%} | {row['blocks_before']} → "
-                     f"{row['blocks_before'] - row['blocks_freed']:.0f} | {row['decode_ms_full']:.1f} → "
-                     f"{row['decode_ms_evicted']:.1f} |")
-    return "\n".join(lines)
+    return _markdown(
+        f"`python benchmarks/bench_overhead.py` ({_where(r)}; {r['model']}, block size {r['block_size']}, "
+        f"{r['policy']} at {r['budget']:.0%}, batch 1):",
+        ["prompt tokens", "prefill", "scoring + compaction", "share of prefill", "blocks held",
+         "decode ms/token, full → evicted"],
+        [[row["n"], f"{row['prefill_s']:.2f} s", f"{row['eviction_s'] * 1000:.0f} ms",
+          f"{row['eviction_share_of_prefill']:.1%}",
+          f"{row['blocks_before']} → {row['blocks_before'] - row['blocks_freed']:.0f}",
+          f"{row['decode_ms_full']:.1f} → {row['decode_ms_evicted']:.1f}"] for row in r["rows"]])
 
 
 def serving(r: dict) -> str:
-    lines = [f"`python benchmarks/bench_serving.py` ({_where(r)}; {r['model']}, {r['kv_blocks']} KV blocks of "
-             f"{r['block_size']} tokens, {r['requests']} concurrent requests with {r['images_per_request']} images, "
-             f"{r['max_tokens']} output tokens):", "",
-             "| setting | output tok/s | requests/s | peak running | TTFT p50 / p95 | decode ms/token (per request) |",
-             "|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        lines.append(f"| {row['setting']} | {row['output_tok_s']:.1f} ({row['output_tok_s_vs_stock']:.2f}x) | "
-                     f"{row['requests_s']:.3f} | {row['peak_running']} | {row['ttft_p50_s']:.1f} / "
-                     f"{row['ttft_p95_s']:.1f} s | {row['decode_ms_token']:.0f} |")
-    return "\n".join(lines)
+    return _markdown(
+        f"`python benchmarks/bench_serving.py` ({_where(r)}; {r['model']}, {r['kv_blocks']} KV blocks of "
+        f"{r['block_size']} tokens, {r['requests']} concurrent requests with {r['images_per_request']} images, "
+        f"{r['max_tokens']} output tokens):",
+        ["setting", "output tok/s", "requests/s", "peak running", "TTFT p50 / p95", "decode ms/token (per request)"],
+        [[row["setting"], f"{row['output_tok_s']:.1f} ({row['output_tok_s_vs_stock']:.2f}x)",
+          f"{row['requests_s']:.3f}", row["peak_running"], f"{row['ttft_p50_s']:.1f} / {row['ttft_p95_s']:.1f} s",
+          f"{row['decode_ms_token']:.0f}"] for row in r["rows"]])
 
 
 def video(r: dict) -> str:
-    lines = [f"`python benchmarks/bench_video.py` ({_where(r)}; {r['model']}, {r['kv_blocks']} KV blocks of "
-             f"{r['block_size']} tokens, {r['requests']} concurrent requests, one {r['frames']}-frame "
-             f"{r['frame_size']}px video each):", "",
-             "| setting | prompt tokens | prompt KV blocks held | peak running | output tok/s |", "|---|---|---|---|---|"]
-    for row in r["rows"]:
-        lines.append(f"| {row['setting']} | {row['prompt_tokens']} | {row['prompt_blocks_held']:.1f} "
-                     f"({row['prompt_blocks_held_vs_stock']:.2f}x) | {row['peak_running']} | "
-                     f"{row['output_tok_s']:.1f} ({row['output_tok_s_vs_stock']:.2f}x) |")
-    if r.get("evs_skipped"):
-        lines += ["", f"({r['evs_skipped']}.)"]
-    return "\n".join(lines)
+    table = _markdown(
+        f"`python benchmarks/bench_video.py` ({_where(r)}; {r['model']}, {r['kv_blocks']} KV blocks of "
+        f"{r['block_size']} tokens, {r['requests']} concurrent requests, one {r['frames']}-frame "
+        f"{r['frame_size']}px video each):",
+        ["setting", "prompt tokens", "prompt KV blocks held", "peak running", "output tok/s"],
+        [[row["setting"], row["prompt_tokens"],
+          f"{row['prompt_blocks_held']:.1f} ({row['prompt_blocks_held_vs_stock']:.2f}x)", row["peak_running"],
+          f"{row['output_tok_s']:.1f} ({row['output_tok_s_vs_stock']:.2f}x)"] for row in r["rows"]])
+    return table + (f"\n\n({r['evs_skipped']}.)" if r.get("evs_skipped") else "")
 
 
 def accuracy(_: dict | None = None) -> str | None:

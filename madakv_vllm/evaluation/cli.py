@@ -206,11 +206,14 @@ class Engine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
+NOT_MEASURED = dict(kv_kept="", blocks_freed="", evicted_requests="")
+
+
 def memory_of(before: dict | None, after: dict | None, rows: list[dict]) -> dict:
     """What one setting kept, from the counters' difference: share of the prompt KV kept by the
     requests that evicted, and blocks freed per request. Blank when the server exports no counters."""
     if not after:  # the counters appear at the server's first stats tick
-        return dict(kv_kept="", blocks_freed="", evicted_requests="")
+        return NOT_MEASURED
     before = before or {}
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _METRICS.values()}
     moved = delta["kept"] + delta["evicted"]
@@ -250,9 +253,8 @@ def summarize(rows: list[dict], memory: dict[tuple, dict]) -> list[dict]:
     for row in rows:
         groups[(row["policy"], row["budget"], row["task"])].append(row["score"])
         groups[(row["policy"], row["budget"], "ALL")].append(row["score"])
-    blank = dict(kv_kept="", blocks_freed="", evicted_requests="")
     return [dict(policy=p, budget="" if b is None else b, task=t, samples=len(s), score=sum(s) / len(s),
-                 **(memory.get((p, b), blank) if t == "ALL" else blank))
+                 **(memory.get((p, b), NOT_MEASURED) if t == "ALL" else NOT_MEASURED))
             for (p, b, t), s in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2]))]
 
 
