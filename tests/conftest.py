@@ -1,7 +1,11 @@
 import os
 
-# Read when @triton.jit decorates, so before any kernel module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
+
+# Read when @triton.jit decorates, so before any kernel module is imported. With a GPU the kernels
+# run natively (scripts/device_check.sh, scripts/gpu_check.sh); without one, interpreted on CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # vLLM on CPU, in-process (see ../shared/reference/CPU_SETUP.md): 1 GiB of KV cache per engine.

@@ -1,4 +1,8 @@
-"""Paged scoring and compaction: Triton (interpreted on CPU) == torch reference == dense oracle."""
+"""Paged scoring and compaction: Triton == torch reference == dense oracle.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1; with a GPU (scripts/device_check.sh) the
+same tests run natively on CUDA tensors, where 16-bit caches take the tensor-core dot.
+"""
 import math
 
 import pytest
@@ -8,8 +12,12 @@ from madakv_kernels import (compact_kv, compact_kv_torch, compact_kv_triton, den
                             modality_mass, window_scores, window_scores_torch, window_scores_triton)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def make_paged(n, num_kv_heads, head_dim, block_size, layout, dtype=torch.float32, spare_blocks=3, seed=0):
-    """A paged cache holding n random tokens of one request in shuffled blocks, and the dense keys."""
+    """A paged cache (on DEVICE) holding n random tokens of one request in shuffled blocks, and the
+    dense keys (on CPU)."""
     gen = torch.Generator().manual_seed(seed)
     used = math.ceil(n / block_size)
     num_blocks = used + spare_blocks
@@ -19,7 +27,11 @@ def make_paged(n, num_kv_heads, head_dim, block_size, layout, dtype=torch.float3
     for logical_block, physical in enumerate(block_table.tolist()):
         nhd[physical] = dense[logical_block * block_size:(logical_block + 1) * block_size]
     cache = nhd if layout == "NHD" else nhd.transpose(1, 2).contiguous()
-    return cache.to(dtype), block_table, dense[:n].to(dtype)
+    return cache.to(DEVICE, dtype), block_table.to(DEVICE), dense[:n].to(dtype)
+
+
+def randn(*shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 
 
 def dense_oracle(keys, queries, n, scale=None):
@@ -51,12 +63,12 @@ SHAPES = [  # (n, window, kv heads, GQA group, head_dim, block_size)
 def test_window_scores_triton_matches_torch_and_oracle(layout, shape):
     n, w, hkv, group, d, bs = shape
     cache, table, keys = make_paged(n, hkv, d, bs, layout)
-    queries = torch.randn(w, hkv * group, d, generator=torch.Generator().manual_seed(1))
-    expected = dense_oracle(keys, queries, n)
+    queries = randn(w, hkv * group, d, seed=1)
+    expected = dense_oracle(keys, queries.cpu(), n)
     ref = window_scores_torch(cache, table, queries, n, layout)
     tri = window_scores_triton(cache, table, queries, n, layout)
-    torch.testing.assert_close(ref, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(tri, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ref.cpu(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tri.cpu(), expected, rtol=1e-4, atol=1e-5)
     # every valid window query of every query head distributes exactly one unit of attention
     assert tri.sum().item() == pytest.approx(min(w, n) * hkv * group, rel=1e-4)
 
@@ -65,32 +77,57 @@ def test_window_scores_triton_matches_torch_and_oracle(layout, shape):
 def test_window_scores_low_precision_caches(dtype):
     n, w, hkv, group, d, bs = 90, 16, 2, 2, 32, 16
     cache, table, keys = make_paged(n, hkv, d, bs, "NHD", dtype=dtype)
-    queries = torch.randn(w, hkv * group, d, generator=torch.Generator().manual_seed(2)).to(dtype)
-    expected = dense_oracle(keys.float(), queries.float(), n)  # same rounded inputs, exact math
-    torch.testing.assert_close(window_scores_triton(cache, table, queries, n), expected, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(window_scores_torch(cache, table, queries, n), expected, rtol=1e-3, atol=1e-4)
+    queries = randn(w, hkv * group, d, seed=2, dtype=dtype)
+    expected = dense_oracle(keys.float(), queries.float().cpu(), n)  # same rounded inputs, exact math
+    torch.testing.assert_close(window_scores_triton(cache, table, queries, n).cpu(), expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(window_scores_torch(cache, table, queries, n).cpu(), expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("key_chunks", [1, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_scores_split_keys_and_wide_gqa(key_chunks, dtype):
+    """Pass 1 split over key slices (as on a GPU) with a Qwen2.5-VL-like 7:1 GQA group and W=32:
+    more rows than one row block, slices that end inside a paged block."""
+    n, w, hkv, group, d, bs = 1000, 32, 2, 7, 128, 16
+    cache, table, keys = make_paged(n, hkv, d, bs, "NHD", dtype=dtype, seed=7)
+    queries = randn(w, hkv * group, d, seed=8, dtype=dtype)
+    expected = dense_oracle(keys.float(), queries.float().cpu(), n)
+    got = window_scores_triton(cache, table, queries, n, key_chunks=key_chunks)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_r", [16, 32, 64])
+def test_window_scores_row_blocks_end_on_tile_edges(block_r):
+    """Row blocks whose last query sits just before a key-tile edge (n - w + 2 = 64 with
+    block_r 16 and GQA 7: row 15 is window query 2) must still reach the key at that edge."""
+    n, w, hkv, group, d, bs = 94, 32, 1, 7, 32, 16
+    cache, table, keys = make_paged(n, hkv, d, bs, "NHD", seed=10)
+    queries = randn(w, hkv * group, d, seed=11)
+    expected = dense_oracle(keys, queries.cpu(), n)
+    got = window_scores_triton(cache, table, queries, n, block_r=block_r, block_n=16)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_window_scores_custom_scale_and_dense_view():
     n, w, hkv, group, d = 50, 8, 2, 2, 32
-    keys = torch.randn(hkv, n, d)
-    queries = torch.randn(w, hkv * group, d)
+    keys = randn(hkv, n, d, seed=0)
+    queries = randn(w, hkv * group, d, seed=1)
     cache, table = dense_as_paged(keys)  # the HF path's view: one HND block of n tokens
-    expected = dense_oracle(keys.transpose(0, 1), queries, n, scale=0.05)
-    torch.testing.assert_close(window_scores_torch(cache, table, queries, n, "HND", scale=0.05), expected,
+    expected = dense_oracle(keys.transpose(0, 1).cpu(), queries.cpu(), n, scale=0.05)
+    torch.testing.assert_close(window_scores_torch(cache, table, queries, n, "HND", scale=0.05).cpu(), expected,
                                rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(window_scores_triton(cache, table, queries, n, "HND", scale=0.05), expected,
+    torch.testing.assert_close(window_scores_triton(cache, table, queries, n, "HND", scale=0.05).cpu(), expected,
                                rtol=1e-4, atol=1e-5)
 
 
 def test_window_scores_rejects_bad_shapes():
     cache, table, _ = make_paged(40, 2, 32, 16, "NHD")
     with pytest.raises(ValueError, match="not a multiple"):
-        window_scores_torch(cache, table, torch.randn(4, 3, 32), 40)
+        window_scores_torch(cache, table, randn(4, 3, 32, seed=0), 40)
     with pytest.raises(ValueError, match="cannot hold"):
-        window_scores_torch(cache, table[:1], torch.randn(4, 2, 32), 40)
+        window_scores_torch(cache, table[:1], randn(4, 2, 32, seed=0), 40)
     with pytest.raises(ValueError, match="layout"):
-        window_scores_torch(cache, table, torch.randn(4, 2, 32), 40, layout="XYZ")
+        window_scores_torch(cache, table, randn(4, 2, 32, seed=0), 40, layout="XYZ")
 
 
 def test_modality_mass_splits_scores_by_tag():
@@ -112,24 +149,24 @@ def test_compaction_gathers_each_heads_tokens(layout, dtype, impl):
     values.mul_(-2)  # distinct from keys, same paging
     num_blocks = keys.shape[0]
     free = [b for b in range(num_blocks) if b not in set(src_table.tolist())]
-    dst_table = torch.tensor(free[:2], dtype=torch.int32)  # 2 x 16 slots >= 29
+    dst_table = torch.tensor(free[:2], dtype=torch.int32, device=DEVICE)  # 2 x 16 slots >= 29
     gen = torch.Generator().manual_seed(4)
-    keep = torch.stack([torch.randperm(n, generator=gen)[:kept].sort().values for _ in range(hkv)])
-    before_src = gather_tokens(keys, src_table, torch.arange(n), layout).clone()
+    keep = torch.stack([torch.randperm(n, generator=gen)[:kept].sort().values for _ in range(hkv)]).to(DEVICE)
+    before_src = gather_tokens(keys, src_table, torch.arange(n, device=DEVICE), layout).clone()
     impl(keys, values, src_table, dst_table, keep, layout)
-    got_k = gather_tokens(keys, dst_table, torch.arange(kept), layout)  # [K, H, D]
-    got_v = gather_tokens(values, dst_table, torch.arange(kept), layout)
-    src_v = gather_tokens(values, src_table, torch.arange(n), layout)
+    got_k = gather_tokens(keys, dst_table, torch.arange(kept, device=DEVICE), layout)  # [K, H, D]
+    got_v = gather_tokens(values, dst_table, torch.arange(kept, device=DEVICE), layout)
+    src_v = gather_tokens(values, src_table, torch.arange(n, device=DEVICE), layout)
     for h in range(hkv):
         assert torch.equal(got_k[:, h], before_src[keep[h], h])
         assert torch.equal(got_v[:, h], src_v[keep[h], h])
     # copy-on-compact: the source blocks are untouched
-    assert torch.equal(gather_tokens(keys, src_table, torch.arange(n), layout), before_src)
+    assert torch.equal(gather_tokens(keys, src_table, torch.arange(n, device=DEVICE), layout), before_src)
 
 
 def test_dispatch_uses_torch_on_cpu_and_triton_when_forced(monkeypatch):
     cache, table, _ = make_paged(60, 2, 32, 16, "NHD")
-    queries = torch.randn(8, 4, 32)
+    cache, table, queries = cache.cpu(), table.cpu(), torch.randn(8, 4, 32)
     calls = []
     import madakv_kernels
 
@@ -145,8 +182,8 @@ def test_dispatch_uses_torch_on_cpu_and_triton_when_forced(monkeypatch):
 def test_compact_kv_dispatch_matches_reference():
     keys, table, _ = make_paged(40, 2, 32, 16, "HND", spare_blocks=3)
     values = keys.clone() * 3
-    keep = torch.stack([torch.arange(0, 40, 2), torch.arange(1, 40, 2)])
-    dst = torch.tensor([k for k in range(keys.shape[0]) if k not in table.tolist()][:2], dtype=torch.int32)
+    keep = torch.stack([torch.arange(0, 40, 2), torch.arange(1, 40, 2)]).to(DEVICE)
+    dst = torch.tensor([k for k in range(keys.shape[0]) if k not in table.tolist()][:2], dtype=torch.int32, device=DEVICE)
     k2, v2 = keys.clone(), values.clone()
     compact_kv(keys, values, table, dst, keep, "HND")
     compact_kv_torch(k2, v2, table, dst, keep, "HND")
@@ -159,13 +196,13 @@ def test_score_layer_modality_masses(images):
 
     n, w = 110, 16
     cache, table, keys = make_paged(n, 2, 32, 16, "NHD")
-    queries = torch.randn(w, 4, 32, generator=torch.Generator().manual_seed(6))
+    queries = randn(w, 4, 32, seed=6)
     tags = torch.zeros(n, dtype=torch.int8)
     for start, end in images:
         tags[start:end] = 1
     tags[100:104] = 2  # video tokens inside the window do not count
-    psi, mass = score_layer(cache, table, queries, n, tags)
-    expected_psi = dense_oracle(keys, queries, n)
+    psi, mass = (t.cpu() for t in score_layer(cache, table, queries, n, tags.to(DEVICE)))
+    expected_psi = dense_oracle(keys, queries.cpu(), n)
     torch.testing.assert_close(psi, expected_psi, rtol=1e-4, atol=1e-5)
     image = tags[: n - w] == 1
     torch.testing.assert_close(mass[:, 1], expected_psi[:, : n - w][:, image].sum(1), rtol=1e-4, atol=1e-5)
@@ -180,17 +217,19 @@ def test_compaction_with_transposed_keys(impl):
     """vLLM's CPU backend stores each block's keys transposed (head_dim x block_size) and its
     values token by token, in one buffer: key and value views then have different strides."""
     blocks, heads, bs, d = 6, 2, 16, 32
-    buffer = torch.randn(blocks, heads, bs, 2 * d)
+    buffer = randn(blocks, heads, bs, 2 * d, seed=9)
     s_block, s_head = buffer.stride()[:2]
     keys = buffer.as_strided((blocks, heads, bs, d), (s_block, s_head, 1, bs), 0)
     values = buffer.as_strided((blocks, heads, bs, d), (s_block, s_head, d, 1), bs * d)
-    src, dst = torch.tensor([4, 1], dtype=torch.int32), torch.tensor([3, 0], dtype=torch.int32)
-    keep = torch.stack([torch.arange(0, 30, 2), torch.arange(1, 31, 2)])
-    before_k = gather_tokens(keys, src, torch.arange(31), "HND").clone()
-    before_v = gather_tokens(values, src, torch.arange(31), "HND").clone()
+    src = torch.tensor([4, 1], dtype=torch.int32, device=DEVICE)
+    dst = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
+    keep = torch.stack([torch.arange(0, 30, 2), torch.arange(1, 31, 2)]).to(DEVICE)
+    tokens = torch.arange(31, device=DEVICE)
+    before_k = gather_tokens(keys, src, tokens, "HND").clone()
+    before_v = gather_tokens(values, src, tokens, "HND").clone()
     impl(keys, values, src, dst, keep, "HND")
-    got_k = gather_tokens(keys, dst, torch.arange(15), "HND")
-    got_v = gather_tokens(values, dst, torch.arange(15), "HND")
+    got_k = gather_tokens(keys, dst, tokens[:15], "HND")
+    got_v = gather_tokens(values, dst, tokens[:15], "HND")
     for h in range(heads):
         assert torch.equal(got_k[:, h], before_k[keep[h], h])
         assert torch.equal(got_v[:, h], before_v[keep[h], h])

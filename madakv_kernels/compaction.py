@@ -91,6 +91,7 @@ def compact_kv_triton(
     keep_idx: torch.Tensor,
     layout: str = "NHD",
     block_t: int = 64,
+    num_warps: int = 4,
 ) -> None:
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use compact_kv_torch")
@@ -105,5 +106,5 @@ def compact_kv_triton(
         key_cache, value_cache, src_block_table.contiguous(), dst_block_table.contiguous(), keep_idx,
         kept, keep_idx.stride(0), *paged_strides(key_cache, layout), *paged_strides(value_cache, layout),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_T=block_t,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=num_warps,
     )
