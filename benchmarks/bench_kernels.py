@@ -121,15 +121,16 @@ def main():
         return keys, values, src, dst, queries, keep, kept
 
     tuning = []
-    if device == "cuda" and not args.no_tune:  # pick tile sizes at 32K, then use them everywhere
-        keys, values, src, dst, queries, keep, kept = setup(32768)
-        for block_r, block_n, warps in [(64, 64, 4), (128, 64, 8), (256, 64, 8), (128, 32, 4), (256, 32, 8), (128, 128, 8)]:
-            t = timer(lambda: mk.window_scores_triton(keys, src, queries, 32768, layout, block_r=block_r,
+    if device == "cuda" and not args.no_tune:  # pick tile sizes at the longest context, then use them everywhere
+        tune_n = max(lengths)
+        keys, values, src, dst, queries, keep, kept = setup(tune_n)
+        for block_r, block_n, warps in [(128, 32, 4), (256, 32, 8), (128, 64, 4), (256, 64, 8), (128, 128, 8), (256, 32, 4), (64, 64, 4)]:
+            t = timer(lambda: mk.window_scores_triton(keys, src, queries, tune_n, layout, block_r=block_r,
                                                       block_n=block_n, num_warps=warps))
-            tuning.append(dict(kernel="score", block_r=block_r, block_n=block_n, num_warps=warps, ms=t * 1e3))
+            tuning.append(dict(kernel="score", n=tune_n, block_r=block_r, block_n=block_n, num_warps=warps, ms=t * 1e3))
         for block_t, warps in [(64, 4), (128, 4), (128, 8), (256, 8)]:
             t = timer(lambda: mk.compact_kv_triton(keys, values, src, dst, keep, layout, block_t=block_t, num_warps=warps))
-            tuning.append(dict(kernel="compact", block_t=block_t, num_warps=warps, ms=t * 1e3))
+            tuning.append(dict(kernel="compact", n=tune_n, block_t=block_t, num_warps=warps, ms=t * 1e3))
         for row in tuning:
             print("tune", row, flush=True)
         del keys, values

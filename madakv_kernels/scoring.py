@@ -86,22 +86,21 @@ if HAS_TRITON:
         return q if NATIVE else q.to(tl.float32)  # fp32 off the tensor cores (and bf16-safe in the interpreter)
 
     @triton.jit
-    def _tile_logits(q, k_ptr, bt_ptr, offs_r, offs_n, offs_d, end, N, W, GROUP, kv_head, scale_log2,
-                     s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NATIVE: tl.constexpr):
-        # Base-2 logits of the rows against keys offs_n (found through the block table); -inf where
-        # causality, the slice end (<= N) or row padding hides the key. 16-bit products are exact in
-        # fp32, so the NATIVE tensor-core dot (fp32 accumulation) is as exact as the "ieee" one up to
-        # summation order.
-        in_ctx = offs_n < end
-        blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
+    def _load_keys(k_ptr, bt_ptr, offs_n, offs_d, end, kv_head, s_kb, s_kt, s_kh, s_kd,
+                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NATIVE: tl.constexpr):
+        # Keys of logical tokens offs_n (< end), found through the request's block table.
+        blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=offs_n < end, other=0).to(tl.int64)
         ptrs = k_ptr + blk[:, None] * s_kb + (offs_n % BLOCK_SIZE)[:, None] * s_kt + kv_head * s_kh + offs_d[None, :] * s_kd
-        k = tl.load(ptrs, mask=in_ctx[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        k = tl.load(ptrs, mask=(offs_n[:, None] < end) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        return k if NATIVE else k.to(tl.float32)
+
+    @triton.jit
+    def _dot(a, b, NATIVE: tl.constexpr):
+        # 16-bit products are exact in fp32, so the NATIVE tensor-core dot (fp32 accumulation) is as
+        # exact as the fp32 "ieee" one up to summation order.
         if NATIVE:
-            s = tl.dot(q, tl.trans(k))
-        else:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        visible = (offs_n[None, :] <= (N - W + offs_r // GROUP)[:, None]) & in_ctx[None, :] & (offs_r[:, None] < GROUP * W)
-        return tl.where(visible, s * scale_log2, float("-inf"))
+            return tl.dot(a, b)
+        return tl.dot(a, b, input_precision="ieee")
 
     @triton.jit
     def _window_partial_lse_kernel(
@@ -118,14 +117,16 @@ if HAS_TRITON:
         chunk = tl.program_id(2)
         offs_d = tl.arange(0, BLOCK_D)
         q = _load_rows(q_ptr, offs_r, kv_head, offs_d, W, GROUP, s_qw, s_qh, s_qd, HEAD_DIM, NATIVE)
+        q_pos = tl.where(offs_r < GROUP * W, N - W + offs_r // GROUP, -1)  # padding rows see no key
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite, so fully masked tiles give exp2(-inf) = 0
         l_i = tl.zeros([BLOCK_R], tl.float32)
         lo = chunk * CHUNK_N
         hi = tl.minimum(lo + CHUNK_N, N)
         for n_start in range(lo, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            s = _tile_logits(q, k_ptr, bt_ptr, offs_r, offs_n, offs_d, hi, N, W, GROUP, kv_head, scale_log2,
-                             s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM, NATIVE)
+            k = _load_keys(k_ptr, bt_ptr, offs_n, offs_d, hi, kv_head, s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM, NATIVE)
+            visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < hi)
+            s = tl.where(visible, _dot(q, tl.trans(k), NATIVE) * scale_log2, float("-inf"))  # [rows, keys], base 2
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
             m_i = m_new
@@ -135,22 +136,35 @@ if HAS_TRITON:
 
     @triton.jit
     def _window_psi_kernel(
-        q_ptr, k_ptr, bt_ptr, lse_ptr, psi_ptr,
-        N, W, GROUP, CHUNK_N, scale_log2,
+        q_ptr, k_ptr, bt_ptr, m_ptr, l_ptr, psi_ptr,
+        N, W, GROUP, CHUNK_N, NUM_CHUNKS, scale_log2,
         s_qw, s_qh, s_qd,
         s_kb, s_kt, s_kh, s_kd,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NATIVE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # Pass 2: normalised probabilities summed over this program's rows, per key of its slice,
-        # into psi_ptr[row block, KV head, N] (the row blocks are summed afterwards).
+        # into psi_ptr[row block, KV head, N] (the row blocks are summed afterwards). Computed as
+        # [keys, rows] so the sum over rows stays inside a warp (no shared-memory reduction).
         kv_head = tl.program_id(0)
         row_block = tl.program_id(1)
         offs_r = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
         chunk = tl.program_id(2)
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(q_ptr, offs_r, kv_head, offs_d, W, GROUP, s_qw, s_qh, s_qd, HEAD_DIM, NATIVE)
-        lse = tl.load(lse_ptr + kv_head * GROUP * W + offs_r, mask=offs_r < GROUP * W, other=0.0)
+        q_t = tl.trans(_load_rows(q_ptr, offs_r, kv_head, offs_d, W, GROUP, s_qw, s_qh, s_qd, HEAD_DIM, NATIVE))
+        q_pos = tl.where(offs_r < GROUP * W, N - W + offs_r // GROUP, -1)
+        # Merge pass 1's (max, sum) pairs of these rows over all key slices into log2-sum-exp2
+        # (here rather than in torch: fewer launches, which dominate below ~32K tokens).
+        m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        for c in range(0, NUM_CHUNKS):
+            part = (c * tl.num_programs(0) + kv_head) * GROUP * W + offs_r
+            m_c = tl.load(m_ptr + part, mask=offs_r < GROUP * W, other=-1.0e30)
+            l_c = tl.load(l_ptr + part, mask=offs_r < GROUP * W, other=0.0)
+            m_new = tl.maximum(m_i, m_c)
+            l_i = l_i * tl.exp2(m_i - m_new) + l_c * tl.exp2(m_c - m_new)
+            m_i = m_new
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)  # rows that see no key: 0
         lo = chunk * CHUNK_N
         hi = tl.minimum(lo + CHUNK_N, N)
         # Causality: keys after this row block's last query position get nothing from it (left 0).
@@ -158,9 +172,10 @@ if HAS_TRITON:
         out = psi_ptr + (row_block * tl.num_programs(0) + kv_head) * N
         for n_start in range(lo, tl.minimum(hi, last_pos), BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            s = _tile_logits(q, k_ptr, bt_ptr, offs_r, offs_n, offs_d, hi, N, W, GROUP, kv_head, scale_log2,
-                             s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM, NATIVE)
-            tl.store(out + offs_n, tl.sum(tl.exp2(s - lse[:, None]), 0), mask=offs_n < hi)
+            k = _load_keys(k_ptr, bt_ptr, offs_n, offs_d, hi, kv_head, s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM, NATIVE)
+            visible = (offs_n[:, None] <= q_pos[None, :]) & (offs_n[:, None] < hi)
+            s = tl.where(visible, _dot(k, q_t, NATIVE) * scale_log2, float("-inf"))  # [keys, rows]
+            tl.store(out + offs_n, tl.sum(tl.exp2(s - lse[None, :]), 1), mask=offs_n < hi)
 
 
 def _uses_native_dot(key_cache: torch.Tensor, queries: torch.Tensor) -> bool:
@@ -215,11 +230,9 @@ def window_scores_triton(
     part_l = torch.empty_like(part_m)
     _window_partial_lse_kernel[(num_kv_heads, row_blocks, chunks)](
         queries, key_cache, block_table, part_m, part_l, CHUNK_N=chunk_n, **common)
-    # Merge the chunks' (max, sum) pairs into each row's log2-sum-exp2; rows that see no key get 0.
-    m = part_m.max(dim=0).values
-    total = (part_l * torch.exp2(part_m - m)).sum(dim=0)
-    lse = torch.where(total > 0, m + torch.log2(total.clamp_min(1e-30)), torch.zeros_like(m))
-    psi = torch.zeros(row_blocks, num_kv_heads, n, dtype=torch.float32, device=queries.device)
+    # One row block covers every key (its last row sees them all); several leave causal gaps at 0.
+    alloc = torch.zeros if row_blocks > 1 else torch.empty
+    psi = alloc(row_blocks, num_kv_heads, n, dtype=torch.float32, device=queries.device)
     _window_psi_kernel[(num_kv_heads, row_blocks, chunks)](
-        queries, key_cache, block_table, lse, psi, CHUNK_N=chunk_n, **common)
+        queries, key_cache, block_table, part_m, part_l, psi, CHUNK_N=chunk_n, NUM_CHUNKS=chunks, **common)
     return psi.sum(dim=0) if row_blocks > 1 else psi[0]
