@@ -192,7 +192,7 @@ def window_scores_triton(
     context_len: int,
     layout: str = "NHD",
     scale: float | None = None,
-    block_r: int = 64,
+    block_r: int = 128,  # tile defaults: fastest at 128K tokens on an H200 (benchmarks/bench_kernels.py)
     block_n: int = 64,
     num_warps: int = 4,
     key_chunks: int | None = None,
