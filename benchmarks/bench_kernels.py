@@ -44,8 +44,6 @@ def peak_hbm(name: str) -> float | None:
 
 
 def make_timer(device, repeats):
-    import torch
-
     if device == "cuda":
         from triton.testing import do_bench
 
@@ -133,7 +131,6 @@ def main():
             tuning.append(dict(kernel="compact", n=tune_n, block_t=block_t, num_warps=warps, ms=t * 1e3))
         for row in tuning:
             print("tune", row, flush=True)
-        del keys, values
         best_s = min((r for r in tuning if r["kernel"] == "score"), key=lambda r: r["ms"])
         best_c = min((r for r in tuning if r["kernel"] == "compact"), key=lambda r: r["ms"])
         s_kw = dict(block_r=best_s["block_r"], block_n=best_s["block_n"], num_warps=best_s["num_warps"])
@@ -164,7 +161,6 @@ def main():
             cpct = (f" ({row['compact_pct_peak']:5.1f} % peak)" if peak else "")
             print(f"{name:15s} N={n:7d}  score {row['score_ms']:9.3f} ms {row['score_gbps']:8.1f} GB/s{pct}   "
                   f"compact {row['compact_ms']:8.3f} ms {row['compact_gbps']:8.1f} GB/s{cpct}", flush=True)
-        del keys, values
     result = dict(stamp=stamp(), device=device, gpu=gpu, peak_hbm_gbps=peak / 1e9 if peak else None,
                   copy_gbps=copy_bw / 1e9 if copy_bw else None, dtype=args.dtype, layout=layout,
                   block_size=block_size, heads=dict(q=num_q, kv=num_kv, head_dim=head_dim), window=window,

@@ -12,13 +12,7 @@ import torch
 
 from ._paged import as_token_major, paged_dims, paged_strides
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, tl, triton
 
 
 def _check_inputs(key_cache, value_cache, src_block_table, dst_block_table, keep_idx, layout):

@@ -17,13 +17,7 @@ import torch
 
 from ._paged import paged_dims, paged_strides, request_keys
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the torch path needs no triton
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, tl, triton
 
 
 def _check_inputs(key_cache, block_table, queries, context_len, layout):

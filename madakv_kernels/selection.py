@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
-NUM_MODALITIES = 3
+MODALITY_TAGS = {"text": TEXT, "image": IMAGE, "video": VIDEO}  # vLLM's modality names -> tags
+NUM_MODALITIES = len(MODALITY_TAGS)
 
 
 def modality_mass(psi: torch.Tensor, modality_tags: torch.Tensor, n_select: int) -> torch.Tensor:

@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from madakv_kernels import MODALITY_TAGS
+
 from .policies import POLICY_NAMES
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_models"
@@ -73,13 +75,9 @@ def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 60
 
 
 def eviction_metrics(base: str) -> dict[str, float]:
-    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("vllm:kv_eviction"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = values.get(name, 0.0) + float(value)
-    return values
+    from .vllm.metrics import parse_metrics_page
+
+    return parse_metrics_page(urllib.request.urlopen(base + "/metrics", timeout=10).read().decode())
 
 
 def chat_content(num_images: int) -> list:
@@ -133,13 +131,12 @@ def main(argv=None) -> None:
         print("  " + (reply.choices[0].message.content or "").strip().replace("\n", "\n  "))
         print(f"\nwhat {args.policy} did at budget {args.budget} (per KV head and layer):")
         for kind in ("kept", "evicted"):
-            counts = [(m, delta.get(f'vllm:kv_eviction_tokens_{kind}_total{{modality="{m}"}}', 0.0))
-                      for m in ("text", "image", "video")]
+            counts = [(m, delta.get(f"{kind}_{m}", 0.0)) for m in MODALITY_TAGS]
             print(f"  tokens {kind:8s} " + ", ".join(f"{m} {n:.0f}" for m, n in counts))
-        print(f"  KV blocks freed  {delta.get('vllm:kv_eviction_blocks_freed_total', 0):.0f}")
-        count = delta.get("vllm:kv_eviction_seconds_count", 0)
+        print(f"  KV blocks freed  {delta.get('blocks_freed', 0):.0f}")
+        count = delta.get("seconds_count", 0)
         if count:
-            print(f"  scoring + compaction {1000 * delta.get('vllm:kv_eviction_seconds_sum', 0) / count:.1f} ms")
+            print(f"  scoring + compaction {1000 * delta.get('seconds_sum', 0) / count:.1f} ms")
         print(f"\nserver log: {log}")
     finally:
         proc.terminate()

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from madakv_vllm.evaluation import cli, synthetic
+from madakv_vllm.vllm.metrics import parse_metrics_page, sum_modalities
 from madakv_vllm.evaluation.milebench import (choice_accuracy, exact_match, list_tasks, load_task, rouge_l,
                                               scorer_for, substring_match)
 
@@ -200,7 +201,9 @@ def test_eviction_metrics_parser_sums_modalities():
             'vllm:kv_eviction_tokens_kept_created{modality="text"} 1.7e9\n'
             'vllm:num_requests_running{engine="0"} 2.0\n'
             'vllm:kv_eviction_blocks_freed_total 7.0\n')
-    assert cli.parse_eviction_metrics(page) == {"kept": 15.0, "blocks_freed": 7.0}
+    values = parse_metrics_page(page)
+    assert values == {"kept_text": 10.0, "kept_image": 5.0, "blocks_freed": 7.0}
+    assert sum_modalities(values) == {"kept": 15.0, "blocks_freed": 7.0}
 
 
 def test_eval_cli_says_when_the_endpoint_is_down(tmp_path):

@@ -191,9 +191,8 @@ def test_compact_kv_dispatch_matches_reference():
 
 
 @pytest.mark.parametrize("images", [[], [(5, 25)], [(5, 25), (40, 60), (70, 90)]], ids=["none", "one", "three"])
-def test_score_layer_modality_masses(images):
-    from madakv_kernels import score_layer
-
+def test_window_scores_modality_masses(images):
+    """What MadaKV's MPA splits budgets by: each head's mass per modality before the window."""
     n, w = 110, 16
     cache, table, keys = make_paged(n, 2, 32, 16, "NHD")
     queries = randn(w, 4, 32, seed=6)
@@ -201,7 +200,8 @@ def test_score_layer_modality_masses(images):
     for start, end in images:
         tags[start:end] = 1
     tags[100:104] = 2  # video tokens inside the window do not count
-    psi, mass = (t.cpu() for t in score_layer(cache, table, queries, n, tags.to(DEVICE)))
+    psi = window_scores(cache, table, queries, n)
+    psi, mass = psi.cpu(), modality_mass(psi, tags.to(DEVICE), n - w).cpu()
     expected_psi = dense_oracle(keys, queries.cpu(), n)
     torch.testing.assert_close(psi, expected_psi, rtol=1e-4, atol=1e-5)
     image = tags[: n - w] == 1

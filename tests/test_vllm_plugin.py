@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from madakv_vllm.config import PRESETS_DIR, EvictionConfigError
-from madakv_vllm.vllm import plugin
+from madakv_vllm.vllm import compat, plugin
 from madakv_vllm.vllm.requests import eviction_target, request_config, request_policy
 from madakv_vllm.config import EvictionConfig
 
@@ -43,18 +43,18 @@ def test_vllm_parser_gets_the_flag_group(tiny_model_dir):
 
 
 def test_installed_vllm_is_supported_and_signature_changes_are_caught(monkeypatch):
-    assert plugin.unsupported_reason(tuple(plugin.HOOKED_SIGNATURES)) is None
+    assert compat.unsupported_reason(tuple(compat.HOOKED_SIGNATURES)) is None
     from vllm.v1.core.sched.scheduler import Scheduler
 
     monkeypatch.setattr(Scheduler, "_reserve_prefill_lookahead", lambda self, req, n: n)
-    reason = plugin.unsupported_reason(("vllm.v1.core.sched.scheduler",))
+    reason = compat.unsupported_reason(("vllm.v1.core.sched.scheduler",))
     assert reason and "_reserve_prefill_lookahead" in reason
     with pytest.raises(RuntimeError, match="cannot hook this vLLM"):
-        plugin.require_supported("vllm.v1.core.sched.scheduler")
+        compat.require_supported("vllm.v1.core.sched.scheduler")
     import vllm
 
     monkeypatch.setattr(vllm, "__version__", "0.33.0")
-    assert "supports vLLM 0.32.0, found 0.33.0" in plugin.unsupported_reason(())
+    assert "supports vLLM 0.32.0, found 0.33.0" in compat.unsupported_reason(())
 
 
 @pytest.mark.parametrize("engine_args, message", [
@@ -64,8 +64,8 @@ def test_installed_vllm_is_supported_and_signature_changes_are_caught(monkeypatc
 ])
 def test_engine_arg_refusals(engine_args, message):
     defaults = dict(speculative_config=None, pipeline_parallel_size=1, kv_transfer_config=None)
-    with pytest.raises(plugin.EvictionStartupError, match=message):
-        plugin.check_engine_args(SimpleNamespace(**{**defaults, **engine_args}))
+    with pytest.raises(compat.EvictionStartupError, match=message):
+        compat.check_engine_args(SimpleNamespace(**{**defaults, **engine_args}))
 
 
 def fake_vllm_config(**model_overrides):
@@ -87,9 +87,9 @@ def fake_vllm_config(**model_overrides):
     (dict(runner_type="pooling"), "generative"),
 ])
 def test_model_refusals(overrides, message):
-    plugin.check_vllm_config(fake_vllm_config())  # the plain case passes
-    with pytest.raises(plugin.EvictionStartupError, match=message):
-        plugin.check_vllm_config(fake_vllm_config(**overrides))
+    compat.check_vllm_config(fake_vllm_config())  # the plain case passes
+    with pytest.raises(compat.EvictionStartupError, match=message):
+        compat.check_vllm_config(fake_vllm_config(**overrides))
 
 
 def test_full_cudagraphs_refused():
@@ -97,8 +97,8 @@ def test_full_cudagraphs_refused():
 
     config = fake_vllm_config()
     config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
-    with pytest.raises(plugin.EvictionStartupError, match="cudagraph mode FULL"):
-        plugin.check_vllm_config(config)
+    with pytest.raises(compat.EvictionStartupError, match="cudagraph mode FULL"):
+        compat.check_vllm_config(config)
 
 
 def test_request_overrides_and_targets():

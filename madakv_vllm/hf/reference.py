@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from madakv_kernels import IMAGE, TEXT, VIDEO, dense_as_paged, window_scores
+from madakv_kernels import IMAGE, MODALITY_TAGS, TEXT, VIDEO, dense_as_paged, window_scores
 
 from ..policies import EvictionPolicy
 
@@ -155,7 +155,7 @@ def _new_report(model, input_ids: torch.Tensor) -> tuple[EvictionReport, torch.T
         raise ValueError("the HF reference path evicts one request at a time (batch size 1)")
     report = EvictionReport(prompt_len=input_ids.shape[1])
     tags = modality_tags(input_ids[0], model.config)
-    report.modality_counts = {name: int((tags == t).sum()) for name, t in (("text", TEXT), ("image", IMAGE), ("video", VIDEO))}
+    report.modality_counts = {name: int((tags == t).sum()) for name, t in MODALITY_TAGS.items()}
     return report, tags
 
 

@@ -97,7 +97,7 @@ class EvictionPolicy:
         target = int(self.budget * n + 0.5) if isinstance(self.budget, float) else self.budget
         return min(n, max(target, min(self.window, n)))
 
-    def protected_tail(self, n: int, kept: int) -> int:
+    def protected_tail(self, kept: int) -> int:
         """Last prompt tokens every head keeps unconditionally."""
         return min(self.window, kept)
 
@@ -114,7 +114,7 @@ class EvictionPolicy:
         """Selectable tokens per head for each layer (beyond the protected tail)."""
         return [per_layer] * scores.shape[0]
 
-    def choose(self, layer: int, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
+    def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
         """Bool [H, n_select]: exactly `count` tokens per head."""
         heads, n_select = psi.shape
         everyone = torch.ones(n_select, dtype=torch.bool, device=psi.device)
@@ -139,7 +139,7 @@ class EvictionPolicy:
         kept = self.kept_tokens(n)
         if kept >= n:
             return None
-        tail = self.protected_tail(n, kept)
+        tail = self.protected_tail(kept)
         n_select = n - tail
         selectable = scores[..., :n_select].float()
         tags = modality_tags[:n_select]
@@ -147,5 +147,5 @@ class EvictionPolicy:
             budgets = [kept - tail] * selectable.shape[0]
         else:
             budgets = self.layer_budgets(selectable, tags, kept - tail)
-        return [keep_indices(self.choose(layer, selectable[layer], tags, count), n, n_select)
+        return [keep_indices(self.choose(selectable[layer], tags, count), n, n_select)
                 for layer, count in enumerate(budgets)]

@@ -27,5 +27,5 @@ class H2O(EvictionPolicy):
     def score_queries(self, n: int) -> int:
         return n  # accumulated attention of all prompt queries
 
-    def protected_tail(self, n: int, kept: int) -> int:
+    def protected_tail(self, kept: int) -> int:
         return min(kept, max(self.window, int(kept * self.recent_fraction)))

@@ -103,9 +103,9 @@ class MadaKV(EvictionPolicy):
         text = modality_tags == TEXT
         return max_pool_scores(psi, self.pool, groups=[text, ~text])
 
-    def choose(self, layer: int, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
+    def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
         if not self.mpa:
-            return super().choose(layer, psi, modality_tags, count)
+            return super().choose(psi, modality_tags, count)
         text = modality_tags == TEXT
         mass = modality_mass(psi, modality_tags, psi.shape[1])  # [H, 3]
         w_text, w_visual = mass[:, TEXT], mass[:, 1:].sum(dim=1)

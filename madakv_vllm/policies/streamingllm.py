@@ -19,11 +19,11 @@ class StreamingLLM(EvictionPolicy):
     name: ClassVar[str] = "streamingllm"
     needs_scores: ClassVar[bool] = False
 
-    def protected_tail(self, n: int, kept: int) -> int:
+    def protected_tail(self, kept: int) -> int:
         # recent tokens (never fewer than the window); the rest of the budget are sinks
         return max(kept - self.sinks, min(self.window, kept))
 
-    def choose(self, layer: int, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
+    def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
         keep = torch.zeros(psi.shape, dtype=torch.bool, device=psi.device)
         keep[:, :count] = True
         return keep

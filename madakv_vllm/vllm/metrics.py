@@ -14,8 +14,16 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
+from madakv_kernels import MODALITY_TAGS
+
 ENV_DIR = "MADAKV_METRICS_DIR"
-MODALITIES = ("text", "image", "video")
+# Prometheus names (counters are exported with a "_total" suffix). The same short keys name the
+# published counters ("requests", "blocks_freed", "kept_<modality>", "evicted_<modality>").
+METRIC_REQUESTS = "vllm:kv_eviction_requests"
+METRIC_KEPT = "vllm:kv_eviction_tokens_kept"
+METRIC_EVICTED = "vllm:kv_eviction_tokens_evicted"
+METRIC_BLOCKS_FREED = "vllm:kv_eviction_blocks_freed"
+METRIC_SECONDS = "vllm:kv_eviction_seconds"
 MAX_RECENT = 1000  # observations kept for a reader that fell behind
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 
@@ -67,6 +75,38 @@ def read_totals(directory: str) -> tuple[dict[str, float], dict[str, tuple[int, 
     return values, seconds
 
 
+def parse_metrics_page(text: str) -> dict[str, float]:
+    """Our counters from a Prometheus text page (the server's /metrics), by short key:
+    requests, blocks_freed, kept_<modality>, evicted_<modality>, seconds_sum, seconds_count."""
+    names = {f"{METRIC_REQUESTS}_total": "requests", f"{METRIC_BLOCKS_FREED}_total": "blocks_freed",
+             f"{METRIC_KEPT}_total": "kept_", f"{METRIC_EVICTED}_total": "evicted_",
+             f"{METRIC_SECONDS}_sum": "seconds_sum", f"{METRIC_SECONDS}_count": "seconds_count"}
+    values: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        series, value = line.rsplit(" ", 1)
+        name, _, labels = series.partition("{")
+        if name not in names:
+            continue
+        key = names[name]
+        if key.endswith("_"):
+            key += labels.split('modality="', 1)[1].split('"', 1)[0] if 'modality="' in labels else "unknown"
+        values[key] += float(value)
+    return dict(values)
+
+
+def sum_modalities(values: dict[str, float]) -> dict[str, float]:
+    """Counters with the modalities summed: requests, blocks_freed, kept, evicted."""
+    totals: dict[str, float] = defaultdict(float)
+    for key, value in values.items():
+        if key.startswith(("kept_", "evicted_")):
+            totals[key.split("_", 1)[0]] += value
+        elif key in ("requests", "blocks_freed"):
+            totals[key] += value
+    return dict(totals)
+
+
 def _make_stat_logger_class():
     from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -88,17 +128,15 @@ def _make_stat_logger_class():
             from vllm.v1.metrics.prometheus import get_prometheus_registry
 
             registry = get_prometheus_registry()
-            self.requests = Counter("vllm:kv_eviction_requests", "Requests whose KV cache was evicted",
-                                    registry=registry)
-            self.kept = Counter("vllm:kv_eviction_tokens_kept", "Prompt tokens kept (per KV head and layer)",
-                                ["modality"], registry=registry)
-            self.evicted = Counter("vllm:kv_eviction_tokens_evicted",
-                                   "Prompt tokens evicted (per KV head and layer)", ["modality"], registry=registry)
-            self.blocks = Counter("vllm:kv_eviction_blocks_freed", "KV-cache blocks returned to the pool",
-                                  registry=registry)
-            self.seconds = Histogram("vllm:kv_eviction_seconds", "Scoring + compaction time per request",
+            self.requests = Counter(METRIC_REQUESTS, "Requests whose KV cache was evicted", registry=registry)
+            self.kept = Counter(METRIC_KEPT, "Prompt tokens kept (per KV head and layer)", ["modality"],
+                                registry=registry)
+            self.evicted = Counter(METRIC_EVICTED, "Prompt tokens evicted (per KV head and layer)", ["modality"],
+                                   registry=registry)
+            self.blocks = Counter(METRIC_BLOCKS_FREED, "KV-cache blocks returned to the pool", registry=registry)
+            self.seconds = Histogram(METRIC_SECONDS, "Scoring + compaction time per request",
                                      buckets=SECONDS_BUCKETS, registry=registry)
-            for modality in MODALITIES:  # export zeros from the start
+            for modality in MODALITY_TAGS:  # export zeros from the start
                 self.kept.labels(modality=modality)
                 self.evicted.labels(modality=modality)
             self.seen: dict[str, float] = defaultdict(float)

@@ -1,16 +1,15 @@
-"""Entry point (`vllm.general_plugins`) and start-up checks.
+"""Entry point (`vllm.general_plugins`): CLI flags, config hand-over, request validation, hooks.
 
 register() runs in every vLLM process and is idempotent. It imports only what the calling
 process has already imported (vLLM's engine args), adds the CLI flags, and installs the other
-hooks lazily. Every hooked vLLM function is listed in HOOKED_SIGNATURES: on another vLLM version
-or a changed signature the flags still parse, but asking for eviction fails with one line.
+hooks lazily. The version gate and what we refuse at start-up live in compat.py: on another vLLM
+version or a changed signature the flags still parse, but asking for eviction fails with one line.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import importlib.abc
-import inspect
 import logging
 import os
 import sys
@@ -19,88 +18,13 @@ from typing import Any
 
 from ..config import PRESETS_DIR, EvictionConfig, EvictionConfigError, parse_budget
 from ..policies import POLICY_NAMES
+from .compat import EvictionStartupError, check_engine_args, check_vllm_config, require_supported, unsupported_reason
 from .metrics import ENV_DIR as METRICS_ENV_DIR
 from .requests import CONFIG_KEY, engine_config, request_config
 
-SUPPORTED_VLLM = "0.32.0"
 logger = logging.getLogger("madakv_vllm")
 
-# module -> {qualified function: parameter names we rely on}
-HOOKED_SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
-    "vllm.engine.arg_utils": {
-        "EngineArgs.add_cli_args": ("parser",),
-        "EngineArgs.from_cli_args": ("args",),
-        "EngineArgs.create_engine_config": ("self", "usage_context", "headless"),
-    },
-    "vllm.sampling_params": {"SamplingParams._verify_extra_args": ("self",)},
-    "vllm.v1.core.sched.scheduler": {
-        "Scheduler._reserve_prefill_lookahead": ("self", "request", "num_computed_tokens", "num_new_tokens"),
-        "Scheduler.schedule": ("self", "throttle_prefills"),
-        "Scheduler.update_from_output": ("self", "scheduler_output", "model_runner_output"),
-        "Scheduler.add_request": ("self", "request"),
-    },
-    "vllm.v1.core.kv_cache_manager": {
-        "KVCacheManager.get_computed_blocks": ("self", "request"),
-        "KVCacheManager.truncate_computed_blocks": ("self", "blocks", "num_computed_tokens"),
-    },
-    "vllm.v1.core.single_type_kv_cache_manager": {
-        "SingleTypeKVCacheManager.get_num_blocks_to_allocate": ("self", "request_id", "num_tokens"),
-        "SingleTypeKVCacheManager.allocate_new_blocks": ("self", "request_id", "num_tokens",
-                                                         "num_tokens_main_model"),
-        "SingleTypeKVCacheManager.cache_blocks": ("self", "request", "num_tokens"),
-        "SingleTypeKVCacheManager.pop_blocks_for_free": ("self", "request_id"),
-    },
-    "vllm.v1.worker.gpu_model_runner": {
-        "GPUModelRunner.initialize_kv_cache": ("self", "kv_cache_config", "is_profiling"),
-        "GPUModelRunner._update_states": ("self", "scheduler_output"),
-        "GPUModelRunner._prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
-        "GPUModelRunner.execute_model": ("self", "scheduler_output"),
-    },
-}
-
 _state: dict[str, Any] = {"registered": False, "server_config": None}
-
-
-class EvictionStartupError(EvictionConfigError):
-    """Eviction was asked for but cannot run correctly here."""
-
-
-def signature_problems(module_name: str) -> list[str]:
-    """Hooked functions of one module whose parameters no longer start as we expect."""
-    import importlib
-
-    module = importlib.import_module(module_name)
-    problems = []
-    for qualname, expected in HOOKED_SIGNATURES[module_name].items():
-        obj: Any = module
-        for part in qualname.split("."):
-            obj = getattr(obj, part, None)
-        if obj is None:
-            problems.append(f"{module_name}.{qualname} is missing")
-            continue
-        params = tuple(inspect.signature(obj).parameters)
-        if params[: len(expected)] != expected:
-            problems.append(f"{module_name}.{qualname}{params} no longer starts with {expected}")
-    return problems
-
-
-FRONTEND_MODULES = ("vllm.engine.arg_utils", "vllm.sampling_params")  # already imported in every process
-
-
-def unsupported_reason(modules=FRONTEND_MODULES) -> str | None:
-    """Why eviction cannot run on this vLLM (version, or hooked signatures of `modules`)."""
-    import vllm
-
-    if vllm.__version__ != SUPPORTED_VLLM:
-        return f"madakv-vllm supports vLLM {SUPPORTED_VLLM}, found {vllm.__version__}"
-    problems = [p for module in modules for p in signature_problems(module)]
-    return "vLLM internals changed: " + "; ".join(problems) if problems else None
-
-
-def require_supported(*modules: str) -> None:
-    """Called where the engine core and workers install hooks: fail loudly, never half-hook."""
-    if (reason := unsupported_reason(modules)) is not None:
-        raise RuntimeError(f"madakv-vllm cannot hook this vLLM: {reason}")
 
 
 # ---- CLI --------------------------------------------------------------------------------------
@@ -135,41 +59,6 @@ def config_from_args(args: argparse.Namespace) -> EvictionConfig | None:
 
 def config_as_dict(config: EvictionConfig) -> dict[str, Any]:
     return {"policy": config.policy, "budget": config.budget, "window": config.window, **config.options}
-
-
-# ---- start-up checks ----------------------------------------------------------------------------
-def check_engine_args(engine_args) -> None:
-    """What we refuse before vLLM builds anything (one line each)."""
-    if engine_args.speculative_config:
-        raise EvictionStartupError("KV eviction does not support speculative decoding yet; drop it or "
-                                   "use --kv-eviction none")
-    if (engine_args.pipeline_parallel_size or 1) > 1:
-        raise EvictionStartupError("KV eviction does not support pipeline parallelism yet")
-    if engine_args.kv_transfer_config is not None:
-        raise EvictionStartupError("KV eviction does not support KV connectors (--kv-transfer-config) yet")
-
-
-def check_vllm_config(vllm_config) -> None:
-    """What we refuse once the model and compilation settings are known."""
-    from vllm.config import CUDAGraphMode
-
-    model = vllm_config.model_config
-    if model.runner_type != "generate":
-        raise EvictionStartupError(f"KV eviction applies to generative models, not runner {model.runner_type!r}")
-    if model.use_mla:
-        raise EvictionStartupError(f"{model.model}: MLA attention is not supported by KV eviction yet")
-    if model.is_hybrid or model.is_attention_free:
-        raise EvictionStartupError(f"{model.model}: hybrid or attention-free models are not supported by KV "
-                                   f"eviction yet")
-    text_config = model.hf_text_config
-    layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
-    if model.get_sliding_window() is not None or layer_types - {"full_attention"}:
-        raise EvictionStartupError(f"{model.model}: decoder layers must all be full attention for KV eviction "
-                                   f"(found sliding window or {sorted(layer_types)})")
-    mode = vllm_config.compilation_config.cudagraph_mode
-    if mode is not None and mode == CUDAGraphMode.FULL:
-        raise EvictionStartupError("KV eviction cannot run with cudagraph mode FULL (prefill steps must run "
-                                   "eagerly to be scored); use FULL_AND_PIECEWISE (the default) or PIECEWISE")
 
 
 def _fail(engine_args, exc: EvictionConfigError):

@@ -71,14 +71,3 @@ def eviction_target(policy: EvictionPolicy | None, prompt_len: int) -> EvictionT
     if kept >= prompt_len:
         return None
     return EvictionTarget(prompt_len, kept, policy.score_queries(prompt_len) if policy.needs_scores else 0)
-
-
-@dataclass
-class CompactionPlan:
-    """Scheduler -> worker, one step after the prompt's last chunk: move the kept prompt tokens
-    (per head) and every token computed after the prompt into `block_ids`, in order."""
-
-    block_ids: list[int]
-    prompt_len: int
-    kept: int
-    computed: int  # tokens [prompt_len, computed) are copied after the kept ones

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from madakv_kernels import IMAGE, TEXT, VIDEO, compact_kv, gather_tokens, window_scores
+from madakv_kernels import MODALITY_TAGS, TEXT, compact_kv, paged_dims, window_scores
 
 from ..policies import EvictionPolicy
+from .kv_layout import check_layout, key_value_views
 from .metrics import Counters
 from .requests import EvictionTarget, engine_config, eviction_target, request_policy
-from .scheduler import PLANS_ATTR
+from .protocol import plans_of
 
 logger = logging.getLogger("madakv_vllm")
-_MODALITY_TAGS = {"image": IMAGE, "video": VIDEO}
 
 
 def modality_tags(mm_features, prompt_len: int) -> torch.Tensor:
@@ -35,8 +35,8 @@ def modality_tags(mm_features, prompt_len: int) -> torch.Tensor:
     positions that receive embeddings); everything else is text."""
     tags = torch.full((prompt_len,), TEXT, dtype=torch.int8)
     for feature in mm_features or ():
-        tag = _MODALITY_TAGS.get(feature.modality)
-        if tag is None:
+        tag = MODALITY_TAGS.get(feature.modality)
+        if tag is None:  # e.g. audio: scored and ranked as text
             continue
         pos = feature.mm_position
         span = torch.arange(pos.offset, min(pos.offset + pos.length, prompt_len))
@@ -44,49 +44,6 @@ def modality_tags(mm_features, prompt_len: int) -> torch.Tensor:
             span = span[pos.is_embed[: span.numel()].bool()]
         tags[span] = tag
     return tags
-
-
-def key_value_views(kv_cache: torch.Tensor, impl) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """One layer's paged keys and values as 4-D strided views [blocks, kv_heads, block_size,
-    head_dim] ("HND") or [blocks, block_size, kv_heads, head_dim] ("NHD")."""
-    if type(impl).__name__ == "CPUAttentionBackendImpl":
-        # [blocks, kv_heads, block_size, 2 * head_dim]; per (block, head) the CPU kernels store
-        # the keys transposed (head_dim x block_size), then the values token by token.
-        blocks, heads, block_size, twice_dim = kv_cache.shape
-        head_dim = twice_dim // 2
-        if kv_cache.stride()[2:] != (twice_dim, 1):
-            raise RuntimeError(f"KV eviction expects each CPU KV block to be contiguous, got strides {kv_cache.stride()}")
-        size, (s_block, s_head) = (blocks, heads, block_size, head_dim), kv_cache.stride()[:2]
-        offset = kv_cache.storage_offset()
-        keys = kv_cache.as_strided(size, (s_block, s_head, 1, block_size), offset)
-        values = kv_cache.as_strided(size, (s_block, s_head, head_dim, 1), offset + block_size * head_dim)
-        return keys, values, "HND"
-    if kv_cache.dim() == 4:  # GPU backends: a strided (blocks, kv_heads, block_size, 2 * head_dim) view, K | V
-        keys, values = kv_cache.transpose(1, 2).split(kv_cache.shape[-1] // 2, dim=-1)
-        return keys, values, "NHD"
-    raise RuntimeError(f"KV eviction does not know the KV-cache layout of {type(impl).__name__} "
-                       f"(shape {tuple(kv_cache.shape)})")
-
-
-def check_layout(layer, impl, kv_cache: torch.Tensor) -> None:
-    """Write known keys and values through the backend's own cache update into a scratch cache
-    shaped like the real one, and read them back through key_value_views: the backend's private
-    layout (it may differ by CPU ISA) must be the one we assume, or we refuse to start."""
-    scratch = torch.zeros((2,) + tuple(kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device)
-    keys, values, layout = key_value_views(scratch, impl)
-    block_size = keys.shape[2] if layout == "HND" else keys.shape[1]
-    heads, head_dim = (keys.shape[1] if layout == "HND" else keys.shape[2]), keys.shape[3]
-    num_tokens = 2 * block_size
-    ramp = torch.arange(num_tokens * heads * head_dim, device=kv_cache.device).reshape(num_tokens, heads, head_dim)
-    key = (ramp % 251).to(kv_cache.dtype)
-    value = (ramp % 241 + 300).to(kv_cache.dtype)
-    impl.do_kv_cache_update(layer, key, value, scratch, torch.arange(num_tokens, device=kv_cache.device))
-    table = torch.tensor([0, 1], dtype=torch.int32, device=kv_cache.device)
-    positions = torch.arange(num_tokens, device=kv_cache.device)
-    if not (torch.equal(gather_tokens(keys, table, positions, layout), key)
-            and torch.equal(gather_tokens(values, table, positions, layout), value)):
-        raise RuntimeError(f"KV eviction does not support the KV-cache layout of {type(impl).__name__} here "
-                           f"(ISA {getattr(layer, 'isa', '?')}, dtype {kv_cache.dtype}); run with --kv-eviction none")
 
 
 @dataclass
@@ -177,7 +134,7 @@ class WorkerEviction:
         for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
             if req_id in runner.requests:  # preempted: its blocks were replaced, re-prefill re-evicts
                 self._track(runner.requests[req_id])
-        for req_id, plan in (getattr(scheduler_output, PLANS_ATTR, None) or {}).items():
+        for req_id, plan in plans_of(scheduler_output).items():
             self.apply_plan(req_id, plan)
 
     def apply_plan(self, req_id: str, plan) -> None:
@@ -194,7 +151,7 @@ class WorkerEviction:
             scores = torch.stack(state.scores)
         first = self.layers[0]
         key_cache, _, layout = key_value_views(first.kv_cache, first.impl)
-        num_kv_heads = key_cache.shape[2] if layout == "NHD" else key_cache.shape[1]
+        num_kv_heads = paged_dims(key_cache, layout)[1]
         keep = state.policy.select(scores, state.tags.to(self.device), num_layers=len(self.layers),
                                    num_kv_heads=num_kv_heads)
         tail = torch.arange(plan.prompt_len, plan.computed, device=self.device).expand(num_kv_heads, -1)
@@ -277,7 +234,7 @@ def kept_and_evicted_by_modality(keep: list[torch.Tensor], tags: torch.Tensor) -
     slots = sum(layer_keep.numel() for layer_keep in keep)
     heads_and_layers = slots / keep[0].shape[1]
     counts = {}
-    for name, tag in (("text", TEXT), ("image", IMAGE), ("video", VIDEO)):
+    for name, tag in MODALITY_TAGS.items():
         kept = sum(int((tags[layer_keep] == tag).sum()) for layer_keep in keep) / heads_and_layers
         counts[f"kept_{name}"] = kept
         counts[f"evicted_{name}"] = int((tags == tag).sum()) - kept

@@ -20,12 +20,12 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
+from .compat import require_supported
 from .metrics import Counters
-from .plugin import require_supported
-from .requests import CompactionPlan, EvictionTarget, engine_config, eviction_target, request_policy
+from .protocol import CompactionPlan, attach_plans, plans_of
+from .requests import EvictionTarget, engine_config, eviction_target, request_policy
 
 logger = logging.getLogger("madakv_vllm")
-PLANS_ATTR = "kv_eviction_plans"  # set on SchedulerOutput; survives pickling to the workers
 
 
 class EvictingManager:
@@ -146,7 +146,7 @@ class EvictingSchedulerMixin:
             logger.debug("kv eviction: request %s logical length %d physical length %d blocks %d -> %d (%d freed)",
                          request_id, plan.computed, plan.computed - plan.prompt_len + plan.kept, old_blocks,
                          new_blocks, freed)
-        setattr(output, PLANS_ATTR, delivered)
+        attach_plans(output, delivered)
         if frees:
             self.frees_after_step[id(output)] = (output, frees)
         return output
@@ -175,7 +175,7 @@ class EvictingSchedulerMixin:
         _, frees = self.frees_after_step.pop(id(scheduler_output), (None, None))
         if frees:  # the step that read them is done
             self.kv_cache_manager.block_pool.free_blocks(reversed(frees))
-        if getattr(scheduler_output, PLANS_ATTR, None):
+        if plans_of(scheduler_output):
             self.eviction_counters.publish()
         return result
 
