@@ -206,3 +206,21 @@ def test_randomized_run_leaks_nothing_and_matches_solo_runs(tight_engine):
         solo, _, _ = run_steps(tight_engine, {request_id + "-solo": requests[request_id]})
         assert solo[request_id + "-solo"] == tokens, request_id
     assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_edge_request_values_never_reach_a_worker_as_a_crash(engines):
+    """Regression: window 0 on a 2-token prompt at budget 0.2 kept 0 tokens and the worker divided
+    by it (EngineCore died). Every accepted edge value must run, and the pool must end full."""
+    llm = engines.get("qwen2vl", additional_config={"kv_eviction": {"policy": "madakv", "budget": 0.2, "window": 8}})
+    pool = scheduler_of(llm).kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    cases = [({"kv_eviction_window": 0}, 2), ({"kv_eviction_window": 0}, 1), ({"kv_eviction_window": 0}, 40),
+             ({"kv_eviction_budget": 0.001}, 3), ({"kv_eviction_budget": 1}, 30), ({"kv_eviction_budget": 2, "kv_eviction_window": 1}, 3),
+             ({"kv_eviction_window": 5000}, 50), ({"kv_eviction": "h2o", "kv_eviction_budget": 0.01}, 9),
+             ({"kv_eviction": "streamingllm", "kv_eviction_window": 0, "kv_eviction_budget": 0.01}, 70),
+             ({"kv_eviction": "pyramidkv", "kv_eviction_budget": 0.05}, 300)]
+    requests = {f"edge-{i}": (text_prompt(length, seed=i), sampling(max_tokens=3, **xargs))
+                for i, (xargs, length) in enumerate(cases)}
+    outputs, _, _ = run_steps(llm, requests)
+    assert sorted(outputs) == sorted(requests) and all(len(tokens) == 3 for tokens in outputs.values())
+    assert pool.get_num_free_blocks() == free_at_start

@@ -4,6 +4,7 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from madakv_vllm.config import PRESETS_DIR, EvictionConfigError
 from madakv_vllm.vllm import compat, plugin
@@ -114,6 +115,72 @@ def test_request_overrides_and_targets():
     target = eviction_target(request_policy(base, None), 1000)
     assert (target.kept, target.evicted, target.score_queries) == (200, 800, 8)
     assert eviction_target(request_policy(base, None), 8) is None  # the window is the whole prompt
+
+
+BAD_XARGS = [
+    {"kv_eviction_budget": float("nan")}, {"kv_eviction_budget": float("inf")}, {"kv_eviction_budget": -0.1},
+    {"kv_eviction_budget": 0}, {"kv_eviction_budget": 0.0}, {"kv_eviction_budget": True},
+    {"kv_eviction_budget": [0.2]}, {"kv_eviction_budget": {"a": 1}}, {"kv_eviction_budget": 10**30},
+    {"kv_eviction_budget": "lots"}, {"kv_eviction_window": -1}, {"kv_eviction_window": 2**40},
+    {"kv_eviction_window": "8"}, {"kv_eviction_window": 8.0}, {"kv_eviction_window": False},
+    {"kv_eviction_window": None, "kv_eviction": ["madakv"]}, {"kv_eviction": 3}, {"kv_eviction": "fastkv"},
+    {"kv_eviction_budget": 16, "kv_eviction_window": 16},
+]
+
+
+@pytest.mark.parametrize("xargs", BAD_XARGS, ids=repr)
+def test_request_values_that_cannot_be_honoured_are_refused(xargs):
+    base = EvictionConfig(policy="madakv", budget=0.2, window=8)
+    with pytest.raises(EvictionConfigError, match="bad vllm_xargs"):
+        request_config(base, xargs)
+
+
+def random_value(rng):
+    return rng.choice([
+        0, 1, 2, -1, 7, 32, 10**9, 2**31, 10**30, 0.0, 1e-9, 0.004, 0.2, 0.5, 1.0, 1.5, -0.3, float("nan"),
+        float("inf"), True, False, None, "", "0.2", "8", "madakv", "none", "snapkv", [], [1], {}, {"x": 1},
+        rng.randint(-5, 5000), rng.random()])
+
+
+def test_any_accepted_request_values_give_a_target_a_worker_can_run():
+    """Seeded property test: for arbitrary vllm_xargs values and prompt lengths, either the API
+    server refuses them (EvictionConfigError -> HTTP 400) or every prompt length gets no eviction
+    or a target with 1 <= kept < prompt and 1..prompt scoring queries (the worker divides by both)."""
+    import random
+
+    rng = random.Random(0)
+    keys = ["kv_eviction", "kv_eviction_budget", "kv_eviction_window", "other_key"]
+    base = EvictionConfig(policy="madakv", budget=0.2, window=8)
+    accepted = refused = evicting = 0
+    for _ in range(3000):
+        xargs = {key: random_value(rng) for key in rng.sample(keys, rng.randint(0, len(keys)))}
+        if rng.random() < 0.3 and "kv_eviction" in xargs:
+            xargs["kv_eviction"] = rng.choice(["madakv", "snapkv", "pyramidkv", "h2o", "streamingllm", "lookm"])
+        try:
+            request_config(base, xargs)
+        except EvictionConfigError:
+            refused += 1
+            continue
+        accepted += 1
+        policy = request_policy(base, xargs)
+        for prompt_len in (1, 2, 3, rng.randint(4, 64), rng.randint(65, 20000)):
+            target = eviction_target(policy, prompt_len)
+            if target is None:
+                continue
+            evicting += 1
+            assert 1 <= target.kept < prompt_len, (xargs, prompt_len, target)
+            if policy.needs_scores:
+                assert 1 <= target.score_queries <= prompt_len, (xargs, prompt_len, target)
+    assert accepted > 300 and refused > 300 and evicting > 300, (accepted, refused, evicting)
+
+
+def test_a_budget_that_rounds_to_zero_keeps_one_token():
+    """The crash that took a server down: window 0 at budget 0.2 on a 2-token prompt kept 0 tokens."""
+    base = EvictionConfig(policy="madakv", budget=0.2, window=8)
+    target = eviction_target(request_policy(base, {"kv_eviction_window": 0}), 2)
+    assert (target.kept, target.score_queries) == (1, 1)
+    keep = request_policy(base, {"kv_eviction_window": 0}).select(torch.rand(3, 2, 2), torch.zeros(2, dtype=torch.int8))
+    assert [k.shape for k in keep] == [(2, 1)] * 3
 
 
 def test_bad_request_override_is_a_validation_error(monkeypatch):

@@ -18,14 +18,17 @@ import torch
 from madakv_kernels import keep_indices, topk_mask
 
 
+MAX_TOKEN_COUNT = 2**31 - 1  # token counts beyond this are no real budget (and overflow int32 / msgpack)
+
+
 def budget_error(budget) -> str | None:
     """Why `budget` is not a valid budget, or None: a ratio in (0, 1] or a token count >= 1."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         return f"budget must be a number, got {budget!r}"
     if isinstance(budget, float) and not (0.0 < budget <= 1.0):
         return f"budget ratio must be in (0, 1], got {budget}"
-    if isinstance(budget, int) and budget < 1:
-        return f"budget token count must be >= 1, got {budget}"
+    if isinstance(budget, int) and not 1 <= budget <= MAX_TOKEN_COUNT:
+        return f"budget token count must be in [1, {MAX_TOKEN_COUNT}], got {budget}"
     return None
 
 
@@ -86,16 +89,17 @@ class EvictionPolicy:
     def __post_init__(self):
         if (err := budget_error(self.budget)) is not None:
             raise ValueError(f"{self.name}: {err}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"{self.name}: window must be an integer >= 0, got {self.window!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or not 0 <= self.window <= MAX_TOKEN_COUNT:
+            raise ValueError(f"{self.name}: window must be an integer in [0, {MAX_TOKEN_COUNT}], got {self.window!r}")
         if isinstance(self.budget, int) and self.window >= self.budget:
             raise ValueError(f"{self.name}: window ({self.window}) must be smaller than the budget ({self.budget} tokens)")
 
     # ---- budget arithmetic (the scheduler and the workers must agree on it) -----------------
     def kept_tokens(self, n: int) -> int:
-        """Tokens each head keeps per layer on average for an n-token prompt (n = no eviction)."""
+        """Tokens each head keeps per layer on average for an n-token prompt (n = no eviction);
+        never fewer than one, even when the budget rounds to zero tokens."""
         target = int(self.budget * n + 0.5) if isinstance(self.budget, float) else self.budget
-        return min(n, max(target, min(self.window, n)))
+        return min(n, max(target, min(self.window, n), 1))
 
     def protected_tail(self, kept: int) -> int:
         """Last prompt tokens every head keeps unconditionally."""

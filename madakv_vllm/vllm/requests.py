@@ -3,12 +3,15 @@
 OpenAI body's `vllm_xargs` (`{"kv_eviction": "none"}`, `{"kv_eviction_budget": 0.1}`)."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import EvictionConfig, EvictionConfigError
 from ..policies import EvictionPolicy
+
+logger = logging.getLogger("madakv_vllm")
 
 CONFIG_KEY = "kv_eviction"  # in VllmConfig.additional_config
 XARG_POLICY = "kv_eviction"  # in SamplingParams.extra_args (vllm_xargs)
@@ -70,4 +73,11 @@ def eviction_target(policy: EvictionPolicy | None, prompt_len: int) -> EvictionT
     kept = policy.kept_tokens(prompt_len)
     if kept >= prompt_len:
         return None
-    return EvictionTarget(prompt_len, kept, policy.score_queries(prompt_len) if policy.needs_scores else 0)
+    score_queries = policy.score_queries(prompt_len) if policy.needs_scores else 0
+    # The scheduler and workers compute from this: an impossible target must never reach a
+    # worker. Policies guarantee it; if one ever does not, the request runs without eviction.
+    if not 1 <= kept < prompt_len or (policy.needs_scores and not 1 <= score_queries <= prompt_len):
+        logger.warning("KV eviction skipped for a %d-token prompt: %s keeps %d tokens scored by %d queries",
+                       prompt_len, policy.name, kept, score_queries)
+        return None
+    return EvictionTarget(prompt_len, kept, score_queries)
