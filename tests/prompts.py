@@ -49,3 +49,24 @@ def milebench_task(root, samples: int = 2, num_images: int = 2, filler_repeats: 
     payload = {"meta_data": {"task_instruction": ["Answer briefly. "], "question_type": "open-ended"}, "data": data}
     (folder / f"{task}.json").write_text(json.dumps(payload))
     return Path(root)
+
+
+XARG_KEYS = ["kv_eviction", "kv_eviction_budget", "kv_eviction_window", "some_other_key"]
+POLICIES = ["none", "madakv", "snapkv", "pyramidkv", "h2o", "streamingllm", "lookm"]
+
+
+def random_xarg_value(rng):
+    """Anything a client might send in vllm_xargs: good, bad, odd and hostile values."""
+    return rng.choice([
+        0, 1, 2, -1, 7, 32, 10**9, 2**31, 10**30, 0.0, 1e-9, 0.004, 0.2, 0.5, 1.0, 1.5, -0.3, float("nan"),
+        float("inf"), True, False, None, "", "0.2", "8", "madakv", "none", "snapkv", [], [1], {}, {"x": 1},
+        rng.randint(-5, 5000), rng.random()])
+
+
+def random_xargs(rng) -> dict:
+    xargs = {key: random_xarg_value(rng) for key in rng.sample(XARG_KEYS, rng.randint(0, len(XARG_KEYS)))}
+    if "kv_eviction" in xargs and rng.random() < 0.5:
+        xargs["kv_eviction"] = rng.choice(POLICIES)
+    if "kv_eviction_budget" in xargs and rng.random() < 0.4:
+        xargs["kv_eviction_budget"] = rng.choice([rng.random(), rng.randint(1, 600), 1.0, 0.01])
+    return xargs

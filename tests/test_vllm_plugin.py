@@ -135,27 +135,19 @@ def test_request_values_that_cannot_be_honoured_are_refused(xargs):
         request_config(base, xargs)
 
 
-def random_value(rng):
-    return rng.choice([
-        0, 1, 2, -1, 7, 32, 10**9, 2**31, 10**30, 0.0, 1e-9, 0.004, 0.2, 0.5, 1.0, 1.5, -0.3, float("nan"),
-        float("inf"), True, False, None, "", "0.2", "8", "madakv", "none", "snapkv", [], [1], {}, {"x": 1},
-        rng.randint(-5, 5000), rng.random()])
-
-
 def test_any_accepted_request_values_give_a_target_a_worker_can_run():
     """Seeded property test: for arbitrary vllm_xargs values and prompt lengths, either the API
     server refuses them (EvictionConfigError -> HTTP 400) or every prompt length gets no eviction
     or a target with 1 <= kept < prompt and 1..prompt scoring queries (the worker divides by both)."""
     import random
 
+    from prompts import random_xargs
+
     rng = random.Random(0)
-    keys = ["kv_eviction", "kv_eviction_budget", "kv_eviction_window", "other_key"]
     base = EvictionConfig(policy="madakv", budget=0.2, window=8)
     accepted = refused = evicting = 0
     for _ in range(3000):
-        xargs = {key: random_value(rng) for key in rng.sample(keys, rng.randint(0, len(keys)))}
-        if rng.random() < 0.3 and "kv_eviction" in xargs:
-            xargs["kv_eviction"] = rng.choice(["madakv", "snapkv", "pyramidkv", "h2o", "streamingllm", "lookm"])
+        xargs = random_xargs(rng)
         try:
             request_config(base, xargs)
         except EvictionConfigError:

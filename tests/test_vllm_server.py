@@ -2,7 +2,9 @@
 a bad override (HTTP 400, server keeps serving), Prometheus counters, and start-up refusals."""
 import base64
 import io
+import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from madakv_vllm.demo import free_port
-from prompts import images, milebench_task
+from prompts import images, milebench_task, random_xargs
 
 VLLM = Path(sys.executable).with_name("vllm")
 
@@ -148,3 +150,59 @@ def test_madakv_eval_measures_memory_from_the_server(server, tmp_path):
     evicted = rows[("madakv", "0.2")]
     assert int(evicted["evicted_requests"]) == 2 and float(evicted["blocks_freed"]) > 0
     assert float(evicted["kv_kept"]) == pytest.approx(0.2, abs=0.01)
+
+
+def post(base: str, path: str, body: dict) -> int:
+    """HTTP status of one JSON POST (NaN/inf go out as the non-standard literals Python writes)."""
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def fuzz_body(rng: random.Random) -> tuple[str, dict]:
+    """A random request: token-id completions of 1 token to past max_model_len, or chats with
+    0-3 images (the server allows 2), text-only or images-only, max_tokens 1-8, random vllm_xargs."""
+    xargs = random_xargs(rng)
+    max_tokens = rng.choice([1, 1, rng.randint(1, 8)])
+    if rng.random() < 0.5:
+        length = rng.choice([1, 2, 3, rng.randint(4, 200), rng.randint(200, 2100)])
+        prompt = [rng.randrange(20, 400) for _ in range(length)]
+        return "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                   "vllm_xargs": xargs}
+    content = [{"type": "image_url", "image_url": {"url": image_url(img)}} for img in images(rng.randint(0, 3))]
+    if not content or rng.random() < 0.7:
+        content.append({"type": "text", "text": "the dog sits by the river " * rng.randint(1, 60)})
+    return "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": content}],
+                                    "max_tokens": max_tokens, "temperature": 0, "vllm_xargs": xargs}
+
+
+def test_fuzzed_requests_get_200_or_400_and_leave_nothing_behind(server):
+    """Arbitrary vllm_xargs and prompt shapes: every answer is 200 or 400, the server keeps
+    serving, and once idle the KV cache is empty again (no leaked blocks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(1)
+    bodies = [fuzz_body(rng) for _ in range(48)]
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda pb: post(server, *pb), bodies))
+    unexpected = [(s, b) for s, (_, b) in zip(statuses, bodies) if s not in (200, 400)]
+    assert not unexpected, unexpected[:3]
+    assert statuses.count(200) >= 10 and statuses.count(400) >= 5, statuses
+    assert post(server, "/v1/completions", {"model": "tiny", "prompt": [30, 40], "max_tokens": 2,
+                                            "vllm_xargs": {"kv_eviction_window": 0, "kv_eviction_budget": 0.2}}) == 200
+    deadline = time.time() + 60
+    while (usage := gauge(server, "vllm:kv_cache_usage_perc")) > 0:
+        assert time.time() < deadline, f"KV cache usage stays at {usage} when idle"
+        time.sleep(1)
+
+
+def gauge(base: str, name: str) -> float:
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+    assert values, f"{name} not exported"
+    return sum(values)

@@ -37,6 +37,10 @@ HOOKED_SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
         "SingleTypeKVCacheManager.cache_blocks": ("self", "request", "num_tokens"),
         "SingleTypeKVCacheManager.pop_blocks_for_free": ("self", "request_id"),
     },
+    "vllm.entrypoints.generate.base.serving": {
+        "GenerateBaseServing._with_kv_transfer_rejection_cleanup": ("self", "awaitable", "request", "raw_request"),
+        "GenerateBaseServing.create_error_response": ("message", "err_type", "status_code", "param"),
+    },
     "vllm.v1.worker.gpu_model_runner": {
         "GPUModelRunner.initialize_kv_cache": ("self", "kv_cache_config", "is_profiling"),
         "GPUModelRunner._update_states": ("self", "scheduler_output"),

@@ -154,6 +154,29 @@ def _hook_request_validation() -> None:
     SamplingParams._verify_extra_args = verify_with_eviction
 
 
+def _hook_openai_serving(module) -> None:
+    """Check vllm_xargs before a chat / completion / responses request is rendered. The
+    SamplingParams check above runs after rendering, when vLLM's multimodal processor cache has
+    already recorded the request's images as sent to the engine: after such a 400, the next
+    request with the same image failed with HTTP 500 (P0/P1 cache drift). Found by the fuzz test."""
+    require_supported(module.__name__)
+    serving_cls = module.GenerateBaseServing
+    run_create = serving_cls._with_kv_transfer_rejection_cleanup
+
+    @functools.wraps(run_create)
+    async def validate_then_create(self, awaitable, request, raw_request, *args, **kwargs):
+        base = _state["server_config"]
+        if base is not None:
+            try:
+                request_config(base, getattr(request, "vllm_xargs", None))
+            except EvictionConfigError as exc:
+                getattr(awaitable, "close", lambda: None)()  # never started: no "never awaited" warning
+                return self.create_error_response(str(exc), param="vllm_xargs")
+        return await run_create(self, awaitable, request, raw_request, *args, **kwargs)
+
+    serving_cls._with_kv_transfer_rejection_cleanup = validate_then_create
+
+
 def _hook_model_runner(module) -> None:
     """Install the worker hooks on each V1 runner once its KV cache exists (runner.py)."""
     runner_cls = module.GPUModelRunner
@@ -173,7 +196,7 @@ def _hook_model_runner(module) -> None:
 
 class _AfterImport(importlib.abc.MetaPathFinder):
     """Runs a hook right after a module is first imported, so processes that never import the
-    model runner (the API server) never pay for it."""
+    model runner (the API server) or the OpenAI serving code (engine core, workers) never pay for it."""
 
     def __init__(self, hooks):
         self.hooks = hooks
@@ -210,8 +233,12 @@ def register() -> None:
     if unsupported_reason() is not None:
         return
     _hook_request_validation()
-    module_name = "vllm.v1.worker.gpu_model_runner"
-    if module_name in sys.modules:
-        _hook_model_runner(sys.modules[module_name])
-    else:
-        sys.meta_path.insert(0, _AfterImport({module_name: _hook_model_runner}))
+    later = {}
+    for module_name, hook in (("vllm.v1.worker.gpu_model_runner", _hook_model_runner),
+                              ("vllm.entrypoints.generate.base.serving", _hook_openai_serving)):
+        if module_name in sys.modules:
+            hook(sys.modules[module_name])
+        else:
+            later[module_name] = hook
+    if later:
+        sys.meta_path.insert(0, _AfterImport(later))
