@@ -6,6 +6,8 @@ import gc
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # starts vLLM engines or servers (minutes); `-m "not slow"` skips them
+
 
 @pytest.fixture(scope="module")
 def smol_llm(tmp_path_factory):

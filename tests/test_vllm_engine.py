@@ -12,6 +12,8 @@ from madakv_vllm.hf import generate_with_eviction
 from madakv_vllm.policies import make_policy
 from prompts import hf_inputs, images, vllm_messages
 
+pytestmark = pytest.mark.slow  # starts vLLM engines or servers (minutes); `-m "not slow"` skips them
+
 EVICTION = {"kv_eviction": {"policy": "madakv", "budget": 0.3, "window": 8}}
 MAX_TOKENS = 10
 

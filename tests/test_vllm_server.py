@@ -17,6 +17,8 @@ import pytest
 from madakv_vllm.demo import free_port
 from prompts import images, milebench_task, random_xargs
 
+pytestmark = pytest.mark.slow  # starts vLLM engines or servers (minutes); `-m "not slow"` skips them
+
 VLLM = Path(sys.executable).with_name("vllm")
 
 
