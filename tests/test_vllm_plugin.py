@@ -201,3 +201,46 @@ def test_each_engine_gets_its_own_metrics_folder(tiny_model_dir, monkeypatch, tm
     first = os.environ[ENV_DIR]
     args.create_engine_config()
     assert first != str(tmp_path) and os.path.isdir(first) and os.environ[ENV_DIR] != first
+
+
+def cudagraph_runner(mode):
+    """Just enough of a GPU model runner for vLLM's own batch-execution decision, with vLLM's own
+    cudagraph dispatcher for `mode` (graphs for 1-8 tokens)."""
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    config = VllmConfig()  # on this CPU machine its post-init turns graphs off: set them after
+    compilation = config.compilation_config
+    compilation.cudagraph_mode, compilation.mode = mode, CompilationMode.VLLM_COMPILE
+    compilation.cudagraph_capture_sizes, compilation.max_cudagraph_capture_size = [1, 2, 4, 8], 8
+    compilation.splitting_ops = list(CompilationConfig._attention_ops)
+    dispatcher = CudagraphDispatcher(config)
+    dispatcher.initialize_cudagraph_keys(mode, 1)
+    runner = SimpleNamespace(uniform_decode_query_len=1, model_config=SimpleNamespace(is_encoder_decoder=False),
+                             input_batch=SimpleNamespace(lora_id_to_lora_request={}), cudagraph_dispatcher=dispatcher,
+                             vllm_config=config, _is_uniform_decode=GPUModelRunner._is_uniform_decode)
+    return lambda *a, **k: GPUModelRunner._determine_batch_execution_and_padding(runner, *a, **k)
+
+
+@pytest.mark.parametrize("mode_name, while_scoring", [("FULL_AND_PIECEWISE", "PIECEWISE"),
+                                                      ("FULL_DECODE_ONLY", "NONE"), ("PIECEWISE", "PIECEWISE")])
+def test_steps_with_scoring_rows_never_replay_full_cudagraphs(mode_name, while_scoring):
+    """Four requests with one scheduled token each look like a uniform decode: vLLM would replay
+    a FULL graph, in which the per-layer scoring never runs. With scoring rows the step is
+    dispatched as a mixed batch; without them vLLM's own decision is unchanged."""
+    import numpy as np
+    from vllm.config import CUDAGraphMode
+
+    from madakv_vllm.vllm.runner import without_full_graphs_while_scoring
+
+    mode = CUDAGraphMode[mode_name]
+    scoring = {"rows": False}
+    determine = without_full_graphs_while_scoring(cudagraph_runner(mode), lambda: scoring["rows"])
+    step = dict(num_tokens=4, num_reqs=4, num_scheduled_tokens_np=np.ones(4, dtype=np.int32),
+                max_num_scheduled_tokens=1)
+    stock_mode = determine(**step)[0]
+    assert stock_mode == (CUDAGraphMode.PIECEWISE if mode_name == "PIECEWISE" else CUDAGraphMode.FULL)
+    scoring["rows"] = True
+    graph_mode, batch, *_ = determine(**step)
+    assert graph_mode == CUDAGraphMode[while_scoring] and not batch.uniform

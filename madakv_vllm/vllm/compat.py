@@ -46,6 +46,9 @@ HOOKED_SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
         "GPUModelRunner._update_states": ("self", "scheduler_output"),
         "GPUModelRunner._prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
         "GPUModelRunner.execute_model": ("self", "scheduler_output"),
+        "GPUModelRunner._determine_batch_execution_and_padding": (
+            "self", "num_tokens", "num_reqs", "num_scheduled_tokens_np", "max_num_scheduled_tokens",
+            "use_cascade_attn", "allow_microbatching", "force_eager", "force_uniform_decode"),
     },
 }
 

@@ -7,6 +7,8 @@ CPU runner subclasses), installed once its KV cache exists.
 - `_prepare_inputs` (after): for compacted requests give attention physical `seq_lens` and
   write slots at `position - E`; positions (RoPE, M-RoPE) stay logical. List the rows of this
   step's queries that score a prompt (the last `score_queries` prompt tokens).
+- `_determine_batch_execution_and_padding`: a step with scoring rows never replays a FULL
+  cudagraph (attention must run its Python for the scoring hook).
 - each decoder layer's `impl.forward` (after): score those rows against the layer's paged keys.
 """
 from __future__ import annotations
@@ -89,6 +91,8 @@ class WorkerEviction:
         self.counters = Counters("worker") if _is_first_rank() else None
         for index, layer in enumerate(self.layers):
             layer.impl.forward = self._scoring_forward(index, layer.impl.forward, layer.impl)
+        runner._determine_batch_execution_and_padding = without_full_graphs_while_scoring(
+            runner._determine_batch_execution_and_padding, lambda: bool(self.step_rows))
         runner._update_states = self._after(runner._update_states, self.after_update_states)
         runner._prepare_inputs = self._after(runner._prepare_inputs, self.after_prepare_inputs)
         execute_model = runner.execute_model
@@ -227,6 +231,21 @@ class WorkerEviction:
         elapsed = time.perf_counter() - started  # shared by this step's scored requests
         for rows in self.step_rows:
             rows.request.seconds += elapsed / len(self.step_rows)
+
+
+def without_full_graphs_while_scoring(determine_batch_execution, has_scoring_rows):
+    """A FULL cudagraph replays attention without running its Python, so the scoring hook would
+    never see a step whose batch looks like a uniform decode (e.g. one scored prompt token per
+    request). Such steps are dispatched as mixed batches instead: PIECEWISE graphs (attention
+    runs eagerly between them) under FULL_AND_PIECEWISE, eager under FULL_DECODE_ONLY."""
+
+    @functools.wraps(determine_batch_execution)
+    def determine_without_full_graphs(*args, **kwargs):
+        if has_scoring_rows():
+            kwargs["force_uniform_decode"] = False
+        return determine_batch_execution(*args, **kwargs)
+
+    return determine_without_full_graphs
 
 
 def kept_and_evicted_by_modality(keep: list[torch.Tensor], tags: torch.Tensor) -> dict[str, float]:
