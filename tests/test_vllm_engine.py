@@ -226,3 +226,60 @@ def test_edge_request_values_never_reach_a_worker_as_a_crash(engines):
     outputs, _, _ = run_steps(llm, requests)
     assert sorted(outputs) == sorted(requests) and all(len(tokens) == 3 for tokens in outputs.values())
     assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_compaction_swaps_never_cause_preemption(engines):
+    """The blocks a compaction takes before schedule() must leave what this step's running
+    requests need. Whenever a compaction is due, the test holds back every free block beyond the
+    swap's own (the tightest pool it can meet): no request may be preempted in a step that
+    delivered a plan (without the headroom rule, decoders at a block boundary preempt)."""
+    from madakv_vllm.vllm.protocol import plans_of
+
+    llm = engines.get("qwen2vl", num_gpu_blocks_override=64, max_num_seqs=8, max_num_batched_tokens=512,
+                      max_model_len=1024,
+                      additional_config={"kv_eviction": {"policy": "madakv", "budget": 0.2, "window": 16}})
+    scheduler = scheduler_of(llm)
+    manager, pool = scheduler.evicting_manager, scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    steps = {"now": 0, "with_plans": set(), "preempted": [], "squeezed": 0}
+    schedule, preempt = scheduler.schedule, scheduler._preempt_request
+
+    def hold_back_all_but_one_swap():
+        for request in scheduler.running:
+            target = scheduler.eviction_targets.get(request.request_id)
+            if (target is not None and request.request_id not in manager.evicted_tokens
+                    and request.num_computed_tokens >= target.prompt_len):
+                swap = -(-(target.kept + request.num_computed_tokens - target.prompt_len) // BLOCK)
+                extra = pool.get_num_free_blocks() - swap
+                steps["squeezed"] += 1
+                return pool.get_new_blocks(extra) if extra > 0 else []
+        return []
+
+    def schedule_and_note(*args, **kwargs):
+        steps["now"] += 1
+        held = hold_back_all_but_one_swap()
+        try:
+            output = schedule(*args, **kwargs)
+        finally:
+            pool.free_blocks(held)
+        if plans_of(output):
+            steps["with_plans"].add(steps["now"])
+        return output
+
+    def preempt_and_note(request, *args, **kwargs):
+        steps["preempted"].append((steps["now"], request.request_id))
+        return preempt(request, *args, **kwargs)
+
+    scheduler.schedule, scheduler._preempt_request = schedule_and_note, preempt_and_note
+    try:
+        # decoders without eviction cross block boundaries all the time; evicting prompts compact between
+        requests = {f"decode-{i}": (text_prompt(40 + 5 * i, seed=60 + i), sampling(max_tokens=300, kv_eviction="none"))
+                    for i in range(5)}
+        requests.update({f"evict-{i}": (text_prompt(n, seed=50 + i), sampling(max_tokens=8))
+                         for i, n in enumerate([300, 330, 287, 352, 316, 270, 341, 309])})
+        outputs, _, _ = run_steps(llm, requests)
+    finally:
+        del scheduler.schedule, scheduler._preempt_request
+    assert len(outputs) == len(requests) and pool.get_num_free_blocks() == free_at_start
+    assert len(steps["with_plans"]) >= 4, steps
+    assert not [p for p in steps["preempted"] if p[0] in steps["with_plans"]], steps

@@ -75,8 +75,12 @@ def fake_vllm_config(**model_overrides):
     text = SimpleNamespace(layer_types=None)
     model = dict(runner_type="generate", use_mla=False, is_hybrid=False, is_attention_free=False, model="m",
                  hf_text_config=text, get_sliding_window=lambda: None)
+    parallel = dict(decode_context_parallel_size=1, prefill_context_parallel_size=1, enable_dbo=False)
+    v2 = model_overrides.pop("use_v2_model_runner", False)
+    parallel.update({k: model_overrides.pop(k) for k in list(model_overrides) if k in parallel})
     model.update(model_overrides)
-    return SimpleNamespace(model_config=SimpleNamespace(**model),
+    return SimpleNamespace(model_config=SimpleNamespace(**model), parallel_config=SimpleNamespace(**parallel),
+                           use_v2_model_runner=v2,
                            compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
 
 
@@ -86,6 +90,17 @@ def fake_vllm_config(**model_overrides):
     (dict(get_sliding_window=lambda: 4096), "full attention"),
     (dict(hf_text_config=SimpleNamespace(layer_types=["full_attention", "sliding_attention"])), "full attention"),
     (dict(runner_type="pooling"), "generative"),
+    (dict(hf_text_config=SimpleNamespace(model_type="bloom")), "ALiBi"),
+    (dict(hf_text_config=SimpleNamespace(model_type="falcon", alibi=True)), "ALiBi"),
+    (dict(hf_text_config=SimpleNamespace(num_key_value_heads=[8, 8, 2])), "different KV-head counts"),
+    (dict(hf_text_config=SimpleNamespace(num_attention_heads=32, block_configs=[
+        SimpleNamespace(attention=SimpleNamespace(no_op=False, n_heads_in_group=4)),
+        SimpleNamespace(attention=SimpleNamespace(no_op=True, n_heads_in_group=None)),
+        SimpleNamespace(attention=SimpleNamespace(no_op=False, n_heads_in_group=8))])), "different KV-head counts"),
+    (dict(decode_context_parallel_size=2), "context parallelism"),
+    (dict(prefill_context_parallel_size=2), "context parallelism"),
+    (dict(enable_dbo=True), "dual-batch overlap"),
+    (dict(use_v2_model_runner=True), "Model Runner V2"),
 ])
 def test_model_refusals(overrides, message):
     compat.check_vllm_config(fake_vllm_config())  # the plain case passes
@@ -244,3 +259,32 @@ def test_steps_with_scoring_rows_never_replay_full_cudagraphs(mode_name, while_s
     scoring["rows"] = True
     graph_mode, batch, *_ = determine(**step)
     assert graph_mode == CUDAGraphMode[while_scoring] and not batch.uniform
+
+
+def test_model_runner_v2_forced_by_other_settings_is_refused(monkeypatch):
+    """The env var says V1, but a watermark config forces V2 in vLLM's own final decision."""
+    from vllm.config import VllmConfig
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    config = VllmConfig()
+    compat.check_parallel_and_runner(config)  # V1: fine
+    object.__setattr__(config, "watermark_config", object())
+    assert config.use_v2_model_runner
+    with pytest.raises(compat.EvictionStartupError, match="Model Runner V2"):
+        compat.check_parallel_and_runner(config)
+
+
+def test_streaming_input_sessions_with_eviction_are_a_validation_error(monkeypatch):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    plugin.register()
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    monkeypatch.setitem(plugin._state, "server_config", EvictionConfig(policy="madakv", budget=0.2, window=8))
+    with pytest.raises(VLLMValidationError, match="streaming-input sessions"):
+        InputProcessor.process_inputs(None, "r", {"prompt_token_ids": [1]}, SamplingParams(), (), resumable=True)
+    # eviction off for the request, or not a session: vLLM's own code runs (and fails on the stand-in self)
+    for params, resumable in ((SamplingParams(extra_args={"kv_eviction": "none"}), True), (SamplingParams(), False)):
+        with pytest.raises(AttributeError):
+            InputProcessor.process_inputs(None, "r", {"prompt_token_ids": [1]}, params, (), resumable=resumable)

@@ -41,6 +41,9 @@ HOOKED_SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
         "GenerateBaseServing._with_kv_transfer_rejection_cleanup": ("self", "awaitable", "request", "raw_request"),
         "GenerateBaseServing.create_error_response": ("message", "err_type", "status_code", "param"),
     },
+    "vllm.v1.engine.input_processor": {
+        "InputProcessor.process_inputs": ("self", "request_id", "prompt", "params", "supported_tasks"),
+    },
     "vllm.v1.worker.gpu_model_runner": {
         "GPUModelRunner.initialize_kv_cache": ("self", "kv_cache_config", "is_profiling"),
         "GPUModelRunner._update_states": ("self", "scheduler_output"),
@@ -123,9 +126,62 @@ def check_vllm_config(vllm_config) -> None:
     if model.get_sliding_window() is not None or layer_types - {"full_attention"}:
         raise EvictionStartupError(f"{model.model}: decoder layers must all be full attention for KV eviction "
                                    f"(found sliding window or {sorted(layer_types)})")
+    if uses_alibi(model):
+        raise EvictionStartupError(f"{model.model}: ALiBi attention biases by the physical key index, which "
+                                   f"compaction changes; KV eviction supports rotary positions only")
+    if (heads := kv_heads_per_layer(text_config)) is not None and len(set(heads)) > 1:
+        raise EvictionStartupError(f"{model.model}: layers have different KV-head counts {sorted(set(heads))}; "
+                                   f"KV eviction needs the same count in every layer")
     mode = vllm_config.compilation_config.cudagraph_mode
     if mode is not None and mode == CUDAGraphMode.FULL:
         raise EvictionStartupError("KV eviction cannot run with cudagraph mode FULL (prefill steps must run "
                                    "eagerly to be scored); use FULL_AND_PIECEWISE (the default) or PIECEWISE")
+    check_parallel_and_runner(vllm_config)
+
+
+def check_parallel_and_runner(vllm_config) -> None:
+    """Settings that change what the hooked code sees (also checked again by the scheduler,
+    which runs in the engine core with the final config)."""
+    parallel = vllm_config.parallel_config
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(parallel, name, 1) > 1:
+            raise EvictionStartupError(f"KV eviction does not support context parallelism ({name} = "
+                                       f"{getattr(parallel, name)}): the scheduler's block size spans the ranks, "
+                                       f"the workers' does not")
+    if getattr(parallel, "enable_dbo", False):
+        raise EvictionStartupError("KV eviction does not support dual-batch overlap (--enable-dbo): scoring rows "
+                                   "index the whole batch, not a micro-batch")
+    if vllm_config.use_v2_model_runner:
+        raise EvictionStartupError("KV eviction hooks vLLM's V1 model runner, but this configuration forces Model "
+                                   "Runner V2 (e.g. --watermark-config or HiSparse); drop that setting or use "
+                                   "--kv-eviction none")
+
+
+ALIBI_MODEL_TYPES = ("bloom", "mpt", "step1")
+
+
+def uses_alibi(model_config) -> bool:
+    text = model_config.hf_text_config
+    return (getattr(text, "model_type", None) in ALIBI_MODEL_TYPES or bool(getattr(text, "alibi", False))
+            or bool(getattr(text, "use_alibi", False)) or getattr(text, "position_embedding_type", None) == "alibi")
+
+
+def kv_heads_per_layer(text_config) -> list | None:
+    """Per-layer KV-head counts where a config declares them (DeciLM / Nemotron-NAS block configs,
+    or a list-valued num_key_value_heads); None for the usual uniform configs."""
+    heads = getattr(text_config, "num_key_value_heads", None)
+    if isinstance(heads, (list, tuple)):
+        return list(heads)
+    blocks = getattr(text_config, "block_configs", None)
+    if not blocks:
+        return None
+    total = getattr(text_config, "num_attention_heads", 0)
+    counts = []
+    for block in blocks:
+        attention = getattr(block, "attention", None)
+        group = getattr(attention, "n_heads_in_group", None) if attention is not None else None
+        if attention is not None and not getattr(attention, "no_op", False) and group:
+            counts.append(total // group)
+    return counts
 
 

@@ -20,7 +20,7 @@ from ..config import PRESETS_DIR, EvictionConfig, EvictionConfigError, parse_bud
 from ..policies import POLICY_NAMES
 from .compat import EvictionStartupError, check_engine_args, check_vllm_config, require_supported, unsupported_reason
 from .metrics import ENV_DIR as METRICS_ENV_DIR
-from .requests import CONFIG_KEY, engine_config, request_config
+from .requests import CONFIG_KEY, engine_config, request_config, request_policy
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -177,6 +177,27 @@ def _hook_openai_serving(module) -> None:
     serving_cls._with_kv_transfer_rejection_cleanup = validate_then_create
 
 
+def _hook_streaming_inputs(module) -> None:
+    """Streaming-input sessions (resumable requests) replace the prompt between chunks, which
+    compaction cannot follow: when eviction applies to such a request it is an HTTP 400."""
+    require_supported(module.__name__)
+    processor_cls = module.InputProcessor
+    process_inputs = processor_cls.process_inputs
+
+    @functools.wraps(process_inputs)
+    def process_inputs_refusing_evicted_sessions(self, request_id, prompt, params, *args, **kwargs):
+        base = _state["server_config"]
+        if kwargs.get("resumable") and base is not None and \
+                request_policy(base, getattr(params, "extra_args", None)) is not None:
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError("KV eviction does not support streaming-input sessions; send "
+                                      "vllm_xargs {\"kv_eviction\": \"none\"} with them", parameter="vllm_xargs")
+        return process_inputs(self, request_id, prompt, params, *args, **kwargs)
+
+    processor_cls.process_inputs = process_inputs_refusing_evicted_sessions
+
+
 def _hook_model_runner(module) -> None:
     """Install the worker hooks on each V1 runner once its KV cache exists (runner.py)."""
     runner_cls = module.GPUModelRunner
@@ -235,7 +256,8 @@ def register() -> None:
     _hook_request_validation()
     later = {}
     for module_name, hook in (("vllm.v1.worker.gpu_model_runner", _hook_model_runner),
-                              ("vllm.entrypoints.generate.base.serving", _hook_openai_serving)):
+                              ("vllm.entrypoints.generate.base.serving", _hook_openai_serving),
+                              ("vllm.v1.engine.input_processor", _hook_streaming_inputs)):
         if module_name in sys.modules:
             hook(sys.modules[module_name])
         else:

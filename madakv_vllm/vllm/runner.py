@@ -85,6 +85,9 @@ class WorkerEviction:
         context = runner.compilation_config.static_forward_context
         self.layers = [context[name] for name in groups[0].layer_names]
         check_layout(self.layers[0], self.layers[0].impl, self.layers[0].kv_cache)
+        heads = {paged_dims(*key_value_views(layer.kv_cache, layer.impl)[::2])[1] for layer in self.layers}
+        if len(heads) != 1:  # compat.check_vllm_config refuses such models from their config already
+            raise RuntimeError(f"KV eviction needs the same KV-head count in every layer, found {sorted(heads)}")
         self.requests: dict[str, RequestEviction] = {}
         self.step_rows: list[ScoringRows] = []
         self.device = runner.device

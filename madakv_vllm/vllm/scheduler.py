@@ -20,7 +20,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
-from .compat import require_supported
+from .compat import check_parallel_and_runner, require_supported
 from .metrics import Counters
 from .protocol import CompactionPlan, attach_plans, plans_of
 from .requests import EvictionTarget, engine_config, eviction_target, request_policy
@@ -69,11 +69,9 @@ class EvictingManager:
 
     def swap_in_private_blocks(self, request_id: str, num_tokens: int, evicted: int):
         """Give the request fresh blocks for num_tokens physical tokens; return its old blocks
-        (the caller frees them once no in-flight step reads them), or None if the pool is short."""
+        (the caller frees them once no in-flight step reads them). The caller checks the pool."""
         m = self.manager
         needed = -(-num_tokens // m.block_size)
-        if m.block_pool.get_num_free_blocks() < needed:
-            return None
         new_blocks = m.block_pool.get_new_blocks(needed)
         old_blocks = m.req_to_blocks[request_id]
         m.req_to_blocks[request_id] = new_blocks
@@ -89,6 +87,7 @@ class EvictingSchedulerMixin:
         require_supported("vllm.v1.core.sched.scheduler", "vllm.v1.core.kv_cache_manager",
                           "vllm.v1.core.single_type_kv_cache_manager")
         self.eviction_config = engine_config(self.vllm_config.additional_config)
+        check_parallel_and_runner(self.vllm_config)  # the engine core's final config, not the front end's
         managers = self.kv_cache_manager.coordinator.single_type_managers
         if len(managers) != 1 or not isinstance(managers[0], FullAttentionManager):
             raise RuntimeError("KV eviction needs one full-attention KV-cache group; this model has "
@@ -115,7 +114,10 @@ class EvictingSchedulerMixin:
     def add_request(self, request) -> None:
         policy = request_policy(self.eviction_config, request.sampling_params.extra_args
                                 if request.sampling_params is not None else None)
-        self.eviction_targets[request.request_id] = eviction_target(policy, request.num_prompt_tokens)
+        # Streaming-input sessions replace the prompt between chunks: never compacted (the API
+        # server refuses them when eviction applies; this is the engine's own line of defence).
+        resumable = getattr(request, "resumable", False)
+        self.eviction_targets[request.request_id] = None if resumable else eviction_target(policy, request.num_prompt_tokens)
         super().add_request(request)
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
@@ -152,9 +154,12 @@ class EvictingSchedulerMixin:
         return output
 
     def _plan_compactions(self):
-        """Requests whose prompt was fully scheduled in an earlier step get private blocks now."""
+        """Requests whose prompt was fully scheduled in an earlier step get private blocks now,
+        but only when the pool keeps enough blocks for what this step's schedule() will allocate
+        to running requests: taking them would make vLLM preempt, often the request just compacted."""
         frees, plans = [], {}
         manager = self.evicting_manager
+        needs = self._blocks_this_step()
         for request in self.running:
             request_id = request.request_id
             target = self.eviction_targets.get(request_id)
@@ -162,13 +167,34 @@ class EvictingSchedulerMixin:
                     or request.num_computed_tokens < target.prompt_len):
                 continue
             computed = request.num_computed_tokens
-            old_blocks = manager.swap_in_private_blocks(request_id, target.kept + computed - target.prompt_len,
-                                                        target.evicted)
-            if old_blocks is None:
+            physical = target.kept + computed - target.prompt_len
+            new_blocks = -(-physical // manager.block_size)
+            # after the swap this request needs blocks for its step token in the new layout
+            need_after = -(-(physical + 1) // manager.block_size) - new_blocks
+            headroom = sum(needs.values()) - needs.get(request_id, 0) + need_after
+            if manager.manager.block_pool.get_num_free_blocks() < new_blocks + headroom:
                 continue  # pool too short this step; tokens decoded meanwhile are carried over later
+            old_blocks = manager.swap_in_private_blocks(request_id, physical, target.evicted)
+            needs[request_id] = need_after
             frees.extend(old_blocks)
             plans[request_id] = (CompactionPlan([], target.prompt_len, target.kept, computed), len(old_blocks))
         return frees, plans
+
+    def _blocks_this_step(self) -> dict[str, int]:
+        """Blocks each running request will take in this step's schedule(), as vLLM schedules
+        them: in order, each its remaining tokens (at least its next one) within the token budget."""
+        manager, budget, needs = self.evicting_manager, self.max_num_scheduled_tokens, {}
+        for request in self.running:
+            if budget <= 0:
+                break
+            pending = request.num_tokens + getattr(request, "num_output_placeholders", 0) - request.num_computed_tokens
+            tokens = min(max(pending, 1), budget)
+            budget -= tokens
+            request_id = request.request_id
+            physical = request.num_computed_tokens - manager.evicted_tokens.get(request_id, 0) + tokens
+            held = len(manager.manager.req_to_blocks.get(request_id, ()))
+            needs[request_id] = max(0, -(-physical // manager.block_size) - held)
+        return needs
 
     def update_from_output(self, scheduler_output, model_runner_output):
         result = super().update_from_output(scheduler_output, model_runner_output)
