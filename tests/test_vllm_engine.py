@@ -108,7 +108,7 @@ def test_parity_with_hf_reference(engines, hf_model, arch, policy):
 BLOCK = 32
 
 
-def run_steps(llm, requests, abort_after: dict | None = None):
+def run_steps(llm, requests, abort_after: dict | None = None, preempt_at: tuple = ()):
     """Feed requests (id -> (prompt, params)) to the engine and step it to completion.
 
     Returns (token ids by finished request, max requests running at once, preemptions seen).
@@ -134,6 +134,11 @@ def run_steps(llm, requests, abort_after: dict | None = None):
         for request_id, step in (abort_after or {}).items():
             if steps == step:
                 engine.abort_request([request_id])
+        if steps in preempt_at and scheduler.running:  # as vLLM's own reset_prefix_cache does
+            import time
+
+            request = scheduler.running.pop()
+            scheduler._preempt_request(request, time.monotonic())
     return outputs, max_running, preemptions
 
 
@@ -197,13 +202,41 @@ def test_randomized_run_leaks_nothing_and_matches_solo_runs(tight_engine):
     pool = scheduler_of(tight_engine).kv_cache_manager.block_pool
     free_at_start = pool.get_num_free_blocks()
     aborted = {"r3": 3, "r8": 6}
-    outputs, _, preemptions = run_steps(tight_engine, requests, abort_after=aborted)
+    from madakv_vllm.vllm.protocol import plans_of
+
+    scheduler = scheduler_of(tight_engine)
+    preempt, schedule, decoded_with_full_cache = scheduler._preempt_request, scheduler.schedule, set()
+
+    def preempt_and_note(request, *args, **kwargs):
+        if request.request_id in scheduler.evicting_manager.evicted_tokens:
+            decoded_with_full_cache.add(request.request_id.rsplit("-", 1)[0])
+        return preempt(request, *args, **kwargs)
+
+    def schedule_and_note(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        for request_id, plan in plans_of(output).items():
+            if plan.computed > plan.prompt_len:  # compaction waited for blocks: decoded with the full cache
+                decoded_with_full_cache.add(request_id.rsplit("-", 1)[0])
+        return output
+
+    scheduler._preempt_request, scheduler.schedule = preempt_and_note, schedule_and_note
+    try:
+        outputs, _, preemptions = run_steps(tight_engine, requests, abort_after=aborted, preempt_at=(4, 9, 15, 22))
+    finally:
+        del scheduler._preempt_request, scheduler.schedule
+    print(f"decoded with the full cache first (preempted after compaction, or compaction waited): "
+          f"{sorted(decoded_with_full_cache)}")
     print(f"finished {len(outputs)}, max preemptions of one request {preemptions}")
     assert pool.get_num_free_blocks() == free_at_start
     assert not scheduler_of(tight_engine).evicting_manager.evicted_tokens
     assert preemptions > 0, "the run should force preemptions"
     finished = {rid: toks for rid, toks in outputs.items() if rid not in aborted}
     assert len(finished) >= 12
+    # A request preempted after compaction re-prefills its generated tokens with the full prompt
+    # before re-evicting, and one whose compaction waited for blocks decoded some tokens with the
+    # full cache: their continuations may differ from a solo run. Every other one must match.
+    finished = {rid: toks for rid, toks in finished.items() if rid not in decoded_with_full_cache}
+    assert len(finished) >= 6
     for request_id, tokens in finished.items():
         solo, _, _ = run_steps(tight_engine, {request_id + "-solo": requests[request_id]})
         assert solo[request_id + "-solo"] == tokens, request_id
@@ -283,3 +316,86 @@ def test_compaction_swaps_never_cause_preemption(engines):
     assert len(outputs) == len(requests) and pool.get_num_free_blocks() == free_at_start
     assert len(steps["with_plans"]) >= 4, steps
     assert not [p for p in steps["preempted"] if p[0] in steps["with_plans"]], steps
+
+
+def step_until(llm, done, limit=400):
+    for _ in range(limit):
+        if done():
+            return
+        llm.llm_engine.step()
+    raise AssertionError("the engine did not get there")
+
+
+def test_blocks_freed_counts_only_blocks_back_in_the_pool(engines):
+    """A second request reuses the first one's prompt prefix (12 full blocks): when the first
+    compacts, those blocks stay with the second and are not counted as freed; when the second
+    compacts they return and are counted once."""
+    llm = engines.get("qwen2vl")
+    scheduler = scheduler_of(llm)
+    engine, counters = llm.llm_engine, scheduler.eviction_counters
+    prefix = text_prompt(400, seed=5)["prompt_token_ids"]
+    a, b = text_prompt(600, seed=6, prefix=prefix), text_prompt(650, seed=7, prefix=prefix)
+    before = counters.values["blocks_freed"]
+    engine.add_request("share-a", a, sampling(max_tokens=4))
+    step_until(llm, lambda: any(r.num_computed_tokens >= 600 for r in scheduler.running))
+    engine.add_request("share-b", b, sampling(max_tokens=4))
+    step_until(llm, lambda: not engine.has_unfinished_requests())
+    compacted = lambda n: -(-make_policy("madakv", budget=0.3, window=8).kept_tokens(n) // BLOCK)  # noqa: E731
+    distinct_blocks = -(-600 // BLOCK) + -(-650 // BLOCK) - 400 // BLOCK  # 12 prefix blocks shared
+    freed = counters.values["blocks_freed"] - before
+    assert freed == distinct_blocks - compacted(600) - compacted(650), freed
+
+
+def test_reset_prefix_cache_with_running_requests_while_a_plan_is_in_flight(engines):
+    """vLLM's reset_prefix_cache(reset_running_requests=True) preempts everything and then needs
+    every block free; a plan's old blocks are only freed when its step's output is back."""
+    llm = engines.get("qwen2vl")
+    scheduler, engine = scheduler_of(llm), llm.llm_engine
+    pool = scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    update, resets = scheduler.update_from_output, []
+
+    def reset_before_the_plan_frees(scheduler_output, model_runner_output):
+        if scheduler.frees_after_step and not resets:
+            resets.append(scheduler.reset_prefix_cache(reset_running_requests=True))
+        return update(scheduler_output, model_runner_output)
+
+    scheduler.update_from_output = reset_before_the_plan_frees
+    try:
+        engine.add_request("reset-a", text_prompt(700, seed=8), sampling(max_tokens=6))
+        outputs = {}
+        for _ in range(100):
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = list(out.outputs[0].token_ids)
+            if not engine.has_unfinished_requests():
+                break
+    finally:
+        del scheduler.update_from_output
+    assert resets == [True] and len(outputs["reset-a"]) == 6
+    assert pool.get_num_free_blocks() == free_at_start and not scheduler.evicting_manager.evicted_tokens
+
+
+def test_window_never_cuts_an_image_when_chunked_mm_input_is_off(engines):
+    """The scheduler moves a prefill chunk's end back to the proxy window's start; with
+    disable_chunked_mm_input that would leave part of an image in the next chunk, so then the
+    chunk stays as vLLM cut it (the window is scored over two chunks)."""
+    from types import SimpleNamespace
+
+    from madakv_vllm.vllm.requests import EvictionTarget
+
+    llm = engines.get("qwen2vl", disable_chunked_mm_input=True)
+    scheduler = scheduler_of(llm)
+    image = SimpleNamespace(mm_position=SimpleNamespace(offset=440, length=68))  # tokens [440, 508)
+    request = SimpleNamespace(request_id="cut", num_tokens=514, mm_features=[image])
+    scheduler.eviction_targets["cut"] = EvictionTarget(prompt_len=514, kept=100, score_queries=32)  # window at 482
+    try:
+        assert scheduler._reserve_prefill_lookahead(request, 256, 256) == 256  # 482 is inside the image
+        scheduler.scheduler_config.disable_chunked_mm_input = False
+        assert scheduler._reserve_prefill_lookahead(request, 256, 256) == 482 - 256  # cut at the window
+        request.mm_features = []
+        scheduler.scheduler_config.disable_chunked_mm_input = True
+        assert scheduler._reserve_prefill_lookahead(request, 256, 256) == 482 - 256  # no image there
+    finally:
+        scheduler.scheduler_config.disable_chunked_mm_input = True
+        del scheduler.eviction_targets["cut"]

@@ -288,3 +288,15 @@ def test_streaming_input_sessions_with_eviction_are_a_validation_error(monkeypat
     for params, resumable in ((SamplingParams(extra_args={"kv_eviction": "none"}), True), (SamplingParams(), False)):
         with pytest.raises(AttributeError):
             InputProcessor.process_inputs(None, "r", {"prompt_token_ids": [1]}, params, (), resumable=resumable)
+
+
+def test_requests_whose_scores_would_not_fit_run_without_eviction(monkeypatch):
+    """Scores are fp32 [layers, kv_heads, prompt] outside vLLM's memory budget until the plan."""
+    from madakv_vllm.vllm import requests
+
+    policy = request_policy(EvictionConfig(policy="madakv", budget=0.2, window=8), None)
+    monkeypatch.setattr(requests, "MAX_SCORE_BYTES", 4 * 32 * 8 * 1000)
+    assert eviction_target(policy, 1000, scores_per_token=32 * 8).kept == 200  # exactly at the limit
+    assert eviction_target(policy, 1001, scores_per_token=32 * 8) is None
+    streaming = request_policy(EvictionConfig(policy="streamingllm", budget=0.2, window=8), None)
+    assert eviction_target(streaming, 10**6, scores_per_token=32 * 8) is not None  # needs no scores

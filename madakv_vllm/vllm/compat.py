@@ -25,6 +25,7 @@ HOOKED_SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
         "Scheduler.schedule": ("self", "throttle_prefills"),
         "Scheduler.update_from_output": ("self", "scheduler_output", "model_runner_output"),
         "Scheduler.add_request": ("self", "request"),
+        "Scheduler.reset_prefix_cache": ("self", "reset_running_requests"),
     },
     "vllm.v1.core.kv_cache_manager": {
         "KVCacheManager.get_computed_blocks": ("self", "request"),
@@ -49,6 +50,7 @@ HOOKED_SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
         "GPUModelRunner._update_states": ("self", "scheduler_output"),
         "GPUModelRunner._prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
         "GPUModelRunner.execute_model": ("self", "scheduler_output"),
+        "GPUModelRunner._make_buffer": ("self", "size", "dtype"),
         "GPUModelRunner._determine_batch_execution_and_padding": (
             "self", "num_tokens", "num_reqs", "num_scheduled_tokens_np", "max_num_scheduled_tokens",
             "use_cascade_attn", "allow_microbatching", "force_eager", "force_uniform_decode"),

@@ -4,6 +4,7 @@ OpenAI body's `vllm_xargs` (`{"kv_eviction": "none"}`, `{"kv_eviction_budget": 0
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +67,21 @@ class EvictionTarget:
         return self.prompt_len - self.kept
 
 
-def eviction_target(policy: EvictionPolicy | None, prompt_len: int) -> EvictionTarget | None:
-    """None when nothing will be evicted (no policy, or the budget covers the prompt)."""
+# Scores live outside vLLM's memory budget until the plan: fp32 [layers, kv_heads, prompt] per
+# request being prefilled (128K tokens x 32 layers x 8 KV heads = 134 MB). Above this a request
+# runs without eviction (a warning says so); MADAKV_MAX_SCORE_BYTES changes it.
+MAX_SCORE_BYTES = int(os.environ.get("MADAKV_MAX_SCORE_BYTES", 1 << 30))
+
+
+def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_token: int = 0) -> EvictionTarget | None:
+    """None when nothing will be evicted (no policy, the budget covers the prompt, or its scores,
+    `scores_per_token` fp32 values per prompt token, would exceed MAX_SCORE_BYTES)."""
     if policy is None:
+        return None
+    if policy.needs_scores and 4 * scores_per_token * prompt_len > MAX_SCORE_BYTES:
+        logger.warning("KV eviction skipped for a %d-token prompt: its scores would take %.0f MiB (limit "
+                       "MADAKV_MAX_SCORE_BYTES = %d)", prompt_len, 4 * scores_per_token * prompt_len / 2**20,
+                       MAX_SCORE_BYTES)
         return None
     kept = policy.kept_tokens(prompt_len)
     if kept >= prompt_len:

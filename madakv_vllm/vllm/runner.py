@@ -53,7 +53,8 @@ class RequestEviction:
     policy: EvictionPolicy
     target: EvictionTarget
     tags: torch.Tensor
-    scores: list[torch.Tensor | None] = field(default_factory=list)  # per layer [kv_heads, prompt_len]
+    scores: torch.Tensor | None = None  # [layers, kv_heads, prompt_len] fp32, allocated at the first score
+    scored_layers: set[int] = field(default_factory=set)
     evicted: int = 0
     seconds: float = 0.0  # scoring + compaction
 
@@ -88,8 +89,12 @@ class WorkerEviction:
         heads = {paged_dims(*key_value_views(layer.kv_cache, layer.impl)[::2])[1] for layer in self.layers}
         if len(heads) != 1:  # compat.check_vllm_config refuses such models from their config already
             raise RuntimeError(f"KV eviction needs the same KV-head count in every layer, found {sorted(heads)}")
+        self.scores_per_token = len(self.layers) * heads.pop()  # the scheduler computes the same
         self.requests: dict[str, RequestEviction] = {}
         self.step_rows: list[ScoringRows] = []
+        # per-step inputs staged in pinned host memory (the runner's own buffer type)
+        self.evicted_per_request = runner._make_buffer(runner.max_num_reqs, dtype=torch.int32)
+        self.evicted_per_token = runner._make_buffer(runner.max_num_tokens, dtype=torch.int64)
         self.device = runner.device
         self.counters = Counters("worker") if _is_first_rank() else None
         for index, layer in enumerate(self.layers):
@@ -125,12 +130,12 @@ class WorkerEviction:
     def _track(self, req_state) -> None:
         extra = req_state.sampling_params.extra_args if req_state.sampling_params is not None else None
         policy = request_policy(self.base_config, extra)
-        target = eviction_target(policy, req_state.num_prompt_tokens)
+        target = eviction_target(policy, req_state.num_prompt_tokens, self.scores_per_token)
         if target is None:
             self.requests.pop(req_state.req_id, None)
             return
         self.requests[req_state.req_id] = RequestEviction(
-            policy, target, modality_tags(req_state.mm_features, target.prompt_len), [None] * len(self.layers))
+            policy, target, modality_tags(req_state.mm_features, target.prompt_len))
 
     def after_update_states(self, scheduler_output, *args, **kwargs) -> None:
         runner = self.runner
@@ -151,11 +156,11 @@ class WorkerEviction:
         started = time.perf_counter()
         scores = None
         if state.policy.needs_scores:
-            missing = [i for i, s in enumerate(state.scores) if s is None]
+            missing = sorted(set(range(len(self.layers))) - state.scored_layers)
             if missing:
                 raise RuntimeError(f"KV eviction: request {req_id} reached compaction without scores for layers "
                                    f"{missing[:5]}")
-            scores = torch.stack(state.scores)
+            scores = state.scores
         first = self.layers[0]
         key_cache, _, layout = key_value_views(first.kv_cache, first.impl)
         num_kv_heads = paged_dims(key_cache, layout)[1]
@@ -172,7 +177,7 @@ class WorkerEviction:
         if row is not None:
             self.runner.input_batch.block_table.add_row(req_state.block_ids, row)
         state.evicted = plan.prompt_len - plan.kept
-        state.scores = []
+        state.scores, scores = None, None  # the largest per-request buffer: freed right after the plan
         state.seconds += time.perf_counter() - started
         if self.counters is not None:
             self.counters.add(**kept_and_evicted_by_modality(keep, state.tags.to(self.device)))
@@ -186,16 +191,18 @@ class WorkerEviction:
         req_ids = batch.req_ids[:num_reqs]
         computed = batch.num_computed_tokens_cpu[:num_reqs]
         starts = runner.query_start_loc.np[:num_reqs]
-        evicted = np.array([self.requests[r].evicted if r in self.requests else 0 for r in req_ids], dtype=np.int64)
+        evicted = self.evicted_per_request.np[:num_reqs]
+        evicted[:] = [self.requests[r].evicted if r in self.requests else 0 for r in req_ids]
         if evicted.any():
             # Attention sees the physical cache; the new tokens' slots follow the kept ones.
-            evicted_t = torch.from_numpy(evicted)
-            runner.seq_lens[:num_reqs] -= evicted_t.to(runner.seq_lens.device, runner.seq_lens.dtype)
-            runner.optimistic_seq_lens_cpu[:num_reqs] -= evicted_t.to(runner.optimistic_seq_lens_cpu.dtype)
+            # Pinned staging + non-blocking copies, as the runner's own inputs (no stream sync).
+            runner.seq_lens[:num_reqs] -= self.evicted_per_request.copy_to_gpu(num_reqs)
+            runner.optimistic_seq_lens_cpu[:num_reqs] -= self.evicted_per_request.cpu[:num_reqs]
             num_tokens = int(num_scheduled_tokens[:num_reqs].sum())
-            per_token = torch.from_numpy(np.repeat(evicted, num_scheduled_tokens[:num_reqs]))
-            physical = runner.positions[:num_tokens] - per_token.to(runner.positions.device, runner.positions.dtype)
+            self.evicted_per_token.np[:num_tokens] = np.repeat(evicted, num_scheduled_tokens[:num_reqs])
+            physical = runner.positions[:num_tokens] - self.evicted_per_token.copy_to_gpu(num_tokens)
             batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
+        block_tables = batch.block_table[0].get_device_tensor(num_reqs)  # committed for this step
         rows = []
         for i, req_id in enumerate(req_ids):
             state = self.requests.get(req_id)
@@ -206,8 +213,7 @@ class WorkerEviction:
             hi = min(int(computed[i]) + int(num_scheduled_tokens[i]), prompt_len)
             if lo < hi:
                 first_row = int(starts[i]) + lo - int(computed[i])
-                block_table = torch.tensor(runner.requests[req_id].block_ids[0], dtype=torch.int32, device=self.device)
-                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi, block_table))
+                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi, block_tables[i]))
         self.step_rows = rows
 
     def _scoring_forward(self, layer_index: int, forward, impl):
@@ -228,9 +234,10 @@ class WorkerEviction:
             queries = query[rows.start : rows.end].reshape(rows.end - rows.start, -1, head_dim)
             psi = window_scores(keys, rows.block_table, queries, rows.context_len, layout=layout, scale=impl.scale)
             state = rows.request
-            if state.scores[layer_index] is None:
-                state.scores[layer_index] = torch.zeros(psi.shape[0], state.target.prompt_len, device=psi.device)
-            state.scores[layer_index][:, : rows.context_len] += psi
+            if state.scores is None:  # one buffer for all layers: no per-layer tensors, no stack copy
+                state.scores = torch.zeros(len(self.layers), psi.shape[0], state.target.prompt_len, device=psi.device)
+            state.scores[layer_index, :, : rows.context_len] += psi
+            state.scored_layers.add(layer_index)
         elapsed = time.perf_counter() - started  # shared by this step's scored requests
         for rows in self.step_rows:
             rows.request.seconds += elapsed / len(self.step_rows)

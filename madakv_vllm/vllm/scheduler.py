@@ -28,6 +28,12 @@ from .requests import EvictionTarget, engine_config, eviction_target, request_po
 logger = logging.getLogger("madakv_vllm")
 
 
+def inside_multimodal_item(request, position: int) -> bool:
+    """Whether a chunk ending at `position` would cut one of the request's images or videos."""
+    return any(f.mm_position.offset < position < f.mm_position.offset + f.mm_position.length
+               for f in request.mm_features or ())
+
+
 class EvictingManager:
     """Wraps the one FullAttentionManager (in place, on the instance) so that a compacted
     request holds `logical - evicted` tokens: allocation counts physical tokens, compacted
@@ -92,6 +98,8 @@ class EvictingSchedulerMixin:
         if len(managers) != 1 or not isinstance(managers[0], FullAttentionManager):
             raise RuntimeError("KV eviction needs one full-attention KV-cache group; this model has "
                                f"{[type(m).__name__ for m in managers]}")
+        group = self.kv_cache_config.kv_cache_groups[0]
+        self.scores_per_token = len(group.layer_names) * group.kv_cache_spec.num_kv_heads  # as the workers do
         manager = EvictingManager(managers[0])
         self.evicting_manager = manager
         self.eviction_targets: dict[str, EvictionTarget | None] = {}
@@ -116,8 +124,8 @@ class EvictingSchedulerMixin:
                                 if request.sampling_params is not None else None)
         # Streaming-input sessions replace the prompt between chunks: never compacted (the API
         # server refuses them when eviction applies; this is the engine's own line of defence).
-        resumable = getattr(request, "resumable", False)
-        self.eviction_targets[request.request_id] = None if resumable else eviction_target(policy, request.num_prompt_tokens)
+        target = eviction_target(policy, request.num_prompt_tokens, self.scores_per_token)
+        self.eviction_targets[request.request_id] = None if getattr(request, "resumable", False) else target
         super().add_request(request)
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
@@ -129,6 +137,8 @@ class EvictingSchedulerMixin:
         start = target.prompt_len - target.score_queries
         end = num_computed_tokens + num_new_tokens
         if num_computed_tokens < start < end < target.prompt_len:
+            if self.scheduler_config.disable_chunked_mm_input and inside_multimodal_item(request, start):
+                return num_new_tokens  # the window is then scored over two chunks (scores accumulate)
             return start - num_computed_tokens
         return num_new_tokens
 
@@ -136,21 +146,20 @@ class EvictingSchedulerMixin:
         frees, plans = self._plan_compactions()
         output = super().schedule(*args, **kwargs)
         manager = self.evicting_manager
-        delivered = {}
+        delivered, taken = {}, 0
         for request_id, (plan, old_blocks) in plans.items():
             if request_id not in manager.evicted_tokens:  # preempted while scheduling: plan void
                 continue
             plan.block_ids = manager.block_ids(request_id)
             delivered[request_id] = plan
-            new_blocks = -(-(plan.kept + plan.computed - plan.prompt_len) // manager.block_size)
-            freed = max(0, old_blocks - new_blocks)
-            self.eviction_counters.add(requests=1, blocks_freed=freed)
-            logger.debug("kv eviction: request %s logical length %d physical length %d blocks %d -> %d (%d freed)",
-                         request_id, plan.computed, plan.computed - plan.prompt_len + plan.kept, old_blocks,
-                         new_blocks, freed)
+            new_blocks = len(plan.block_ids)
+            taken += new_blocks
+            self.eviction_counters.add(requests=1)
+            logger.debug("kv eviction: request %s logical length %d physical length %d blocks %d -> %d",
+                         request_id, plan.computed, plan.computed - plan.prompt_len + plan.kept, old_blocks, new_blocks)
         attach_plans(output, delivered)
         if frees:
-            self.frees_after_step[id(output)] = (output, frees)
+            self.frees_after_step[id(output)] = (output, frees, taken)
         return output
 
     def _plan_compactions(self):
@@ -198,12 +207,29 @@ class EvictingSchedulerMixin:
 
     def update_from_output(self, scheduler_output, model_runner_output):
         result = super().update_from_output(scheduler_output, model_runner_output)
-        _, frees = self.frees_after_step.pop(id(scheduler_output), (None, None))
+        _, frees, taken = self.frees_after_step.pop(id(scheduler_output), (None, None, 0))
         if frees:  # the step that read them is done
-            self.kv_cache_manager.block_pool.free_blocks(reversed(frees))
+            self._free_old_blocks(frees, taken)
         if plans_of(scheduler_output):
             self.eviction_counters.publish()
         return result
+
+    def _free_old_blocks(self, frees: list, taken: int) -> None:
+        """Return compacted requests' old blocks; count as freed only those that really went back
+        to the free pool (a prefix block another request still uses does not), net of the
+        blocks the compactions took."""
+        self.kv_cache_manager.block_pool.free_blocks(reversed(frees))
+        returned = sum(1 for block in frees if block.ref_cnt == 0)
+        self.eviction_counters.add(blocks_freed=max(0, returned - taken))
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False, *args, **kwargs):
+        # vLLM preempts every running request, then needs every block free: old blocks of plans
+        # whose step is still in flight must go back first (that step's outputs are dropped).
+        if reset_running_requests:
+            for _, frees, taken in self.frees_after_step.values():
+                self._free_old_blocks(frees, taken)
+            self.frees_after_step.clear()
+        return super().reset_prefix_cache(reset_running_requests, *args, **kwargs)
 
     def _free_request(self, request, *args, **kwargs):
         self.eviction_targets.pop(request.request_id, None)
