@@ -143,6 +143,10 @@ def test_madakv_pooling_keeps_a_span_within_its_modality():
 def test_h2o_scores_with_every_query_and_keeps_half_recent():
     policy = H2O(budget=0.2, window=8)
     assert policy.score_queries(300) == 300
+    assert policy.score_queries(10_000) == 4096  # bounded: scoring is quadratic in the scored queries
+    assert H2O(budget=0.2, window=8, max_queries=0).score_queries(10_000) == 10_000
+    with pytest.raises(ValueError, match="max_queries"):
+        H2O(max_queries=-1)
     scores, tags = scores_and_tags()
     keep = policy.select(scores, tags)[0]
     kept = policy.kept_tokens(300)
