@@ -399,3 +399,18 @@ def test_window_never_cuts_an_image_when_chunked_mm_input_is_off(engines):
     finally:
         scheduler.scheduler_config.disable_chunked_mm_input = True
         del scheduler.eviction_targets["cut"]
+
+
+def test_short_stress_run_leaks_nothing(engines):
+    """The short version of benchmarks/stress_engine.py (which runs 2000 requests)."""
+    from madakv_vllm.testing.stress import engine_settings, run
+
+    settings = engine_settings(block_size=BLOCK)
+    llm = engines.get("qwen2vl", **{k: v for k, v in settings.items() if k not in ("dtype", "enforce_eager",
+                                                                                    "distributed_executor_backend",
+                                                                                    "seed")})
+    report = run(llm, num_requests=60, seed=1, solo_sample=10)
+    print(report)
+    assert report.ok(), report.leaks
+    assert report.finished >= 40 and report.compactions >= 10 and report.forced_preemptions >= 1, report
+    assert report.solo_compared >= 5

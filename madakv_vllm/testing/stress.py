@@ -1,0 +1,193 @@
+"""A long randomized engine run: the reliability bar for the vLLM seam.
+
+Requests mix every policy, budgets from one token to the whole prompt, windows, prompt lengths,
+images, prefix-sharing pairs and max_tokens 1, under chunked prefill with a small token budget
+and a tight KV pool; some are aborted at random steps, some preempted by force (as vLLM's own
+reset_prefix_cache does). Afterwards the pool must be back where it started, no eviction state
+may be left on the scheduler or the worker, and a sample of finished requests must equal their
+solo reruns (except those that decoded with the full cache first: preempted after compaction, or
+compacted late because the pool was short).
+
+    python benchmarks/stress_engine.py --requests 2000     # the benchmark-style run
+    tests/test_vllm_engine.py runs a short version.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+POLICIES = ("none", "madakv", "snapkv", "pyramidkv", "h2o", "streamingllm", "lookm")
+IMAGE_PROMPT = "<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>picture of a cat " * 2
+WORDS = ("red", "cat", "river", "house", "dog", "green", "tree")
+
+
+@dataclass
+class StressReport:
+    requests: int = 0
+    finished: int = 0
+    aborted: int = 0
+    rejected: int = 0  # refused at add_request (the server's HTTP 400)
+    forced_preemptions: int = 0
+    compactions: int = 0
+    decoded_with_full_cache: int = 0
+    solo_compared: int = 0
+    solo_equal: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    leaks: list[str] = field(default_factory=list)
+
+    def ok(self) -> bool:
+        return not self.leaks and self.solo_equal == self.solo_compared
+
+
+def engine_settings(block_size: int = 32) -> dict:
+    """vllm.LLM settings for the stress run: a tight pool, small prefill chunks."""
+    return dict(dtype="float32", enforce_eager=True, distributed_executor_backend="uni", max_model_len=1536,
+                max_num_seqs=12, max_num_batched_tokens=256, num_gpu_blocks_override=96, block_size=block_size,
+                limit_mm_per_prompt={"image": 2}, seed=0,
+                additional_config={"kv_eviction": {"policy": "madakv", "budget": 0.2, "window": 16}})
+
+
+def random_request(rng: random.Random, shared_prefix: list[int], images):
+    """(prompt, extra_args, max_tokens) of one random request."""
+    xargs = {"kv_eviction": rng.choice(POLICIES)}
+    roll = rng.random()
+    if roll < 0.15:
+        xargs["kv_eviction_budget"] = rng.choice([1, 2, rng.randint(3, 600)])  # token counts
+    elif roll < 0.8:
+        xargs["kv_eviction_budget"] = rng.choice([0.01, 0.05, 0.1, 0.2, 0.5, 1.0, round(rng.random(), 3) or 0.5])
+    if rng.random() < 0.4:
+        xargs["kv_eviction_window"] = rng.choice([0, 1, 4, 16, 32, 64])
+    kind = rng.random()
+    if kind < 0.15:
+        filler = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 300)))
+        prompt = {"prompt": IMAGE_PROMPT + filler + "<|im_end|>\n<|im_start|>assistant\n",
+                  "multi_modal_data": {"image": images}}
+    else:
+        length = rng.choice([1, 2, 3, rng.randint(4, 64)] + [rng.randint(64, 600), rng.randint(600, 1300)] * 2)
+        ids = [rng.randrange(20, 400) for _ in range(length)]
+        if kind < 0.35 and length > 500:  # pairs of requests sharing a 400-token prefix
+            ids[:400] = shared_prefix
+        prompt = {"prompt_token_ids": ids}
+    max_tokens = rng.choice([1, 1, rng.randint(2, 8), rng.randint(8, 40)])
+    return prompt, xargs, max_tokens
+
+
+def _worker_leftovers(llm):
+    """Request ids the worker keeps eviction state for but vLLM's own runner has forgotten (the
+    runner learns of finished requests with the next scheduled step, so its own live requests
+    are the reference), or None when the worker is out of reach (not an in-process engine)."""
+    try:
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        return set(runner.kv_eviction.requests) - set(runner.requests)
+    except AttributeError:
+        return None
+
+
+def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample: int = 40,
+        progress=None) -> StressReport:
+    """Drive `num_requests` random requests through an in-process engine with eviction on."""
+    from PIL import Image
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+
+    from ..vllm.protocol import plans_of
+
+    rng = random.Random(seed)
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    images = [Image.new("RGB", (56, 56), color) for color in ("red", "green")]
+    shared_prefix = [rng.randrange(20, 400) for _ in range(400)]
+    report, requests, outputs = StressReport(), {}, {}
+    abort_at: dict[int, str] = {}
+    full_cache_first: set[str] = set()
+    schedule, preempt = scheduler.schedule, scheduler._preempt_request
+
+    def schedule_and_note(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        for request_id, plan in plans_of(output).items():
+            report.compactions += 1
+            if plan.computed > plan.prompt_len:
+                full_cache_first.add(request_id.rsplit("-", 1)[0])
+        return output
+
+    def preempt_and_note(request, *args, **kwargs):
+        if request.request_id in scheduler.evicting_manager.evicted_tokens:
+            full_cache_first.add(request.request_id.rsplit("-", 1)[0])
+        return preempt(request, *args, **kwargs)
+
+    def add(index: int) -> None:
+        prompt, xargs, max_tokens = random_request(rng, shared_prefix, images)
+        request_id = f"s{seed}-{index}"
+        try:
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=xargs)
+            engine.add_request(request_id, prompt, params)
+        except (ValueError, VLLMClientError):  # e.g. a token budget below the window: the server's HTTP 400
+            report.rejected += 1
+            return
+        requests[request_id] = (prompt, params)
+        if rng.random() < 0.03:
+            abort_at[report.steps + rng.randint(1, 12)] = request_id
+
+    scheduler.schedule, scheduler._preempt_request = schedule_and_note, preempt_and_note
+    started, added = time.perf_counter(), 0
+    try:
+        while added < num_requests or engine.has_unfinished_requests():
+            while added < num_requests and len(requests) - len(outputs) - report.aborted < in_flight:
+                add(added)
+                added += 1
+                if progress is not None:
+                    progress.update(1)
+            if not engine.has_unfinished_requests():
+                continue
+            for out in engine.step():
+                if out.finished and out.request_id in requests:
+                    outputs[out.request_id] = list(out.outputs[0].token_ids)
+            report.steps += 1
+            if (request_id := abort_at.pop(report.steps, None)) and request_id not in outputs:
+                engine.abort_request([request_id])
+                report.aborted += 1
+                outputs.pop(request_id, None)
+            if report.steps % 25 == 0 and scheduler.running:  # forced preemption
+                request = scheduler.running.pop()
+                scheduler._preempt_request(request, time.monotonic())
+                report.forced_preemptions += 1
+    finally:
+        del scheduler.schedule, scheduler._preempt_request
+    report.seconds = time.perf_counter() - started
+    report.requests = len(requests) + report.rejected
+    aborted_ids = {rid for rid in requests if rid not in outputs}
+    report.aborted = len(aborted_ids)
+    report.finished = len(outputs)
+    report.decoded_with_full_cache = len(full_cache_first & set(outputs))
+    _check_nothing_left(report, scheduler, pool, free_at_start, _worker_leftovers(llm))
+    comparable = sorted(rid for rid in outputs if rid not in full_cache_first)
+    for request_id in rng.sample(comparable, min(solo_sample, len(comparable))):
+        prompt, params = requests[request_id]
+        engine.add_request(request_id + "-solo", prompt, params)
+        solo = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    solo = list(out.outputs[0].token_ids)
+        report.solo_compared += 1
+        report.solo_equal += solo == outputs[request_id]
+        if solo != outputs[request_id]:
+            report.leaks.append(f"{request_id}: solo rerun differs")
+    _check_nothing_left(report, scheduler, pool, free_at_start, _worker_leftovers(llm))
+    return report
+
+
+def _check_nothing_left(report, scheduler, pool, free_at_start, worker_leftovers) -> None:
+    if pool.get_num_free_blocks() != free_at_start:
+        report.leaks.append(f"free blocks {pool.get_num_free_blocks()} != {free_at_start} at the start")
+    for name in ("eviction_targets", "frees_after_step"):
+        if getattr(scheduler, name):
+            report.leaks.append(f"scheduler.{name} not empty: {len(getattr(scheduler, name))}")
+    if scheduler.evicting_manager.evicted_tokens:
+        report.leaks.append(f"evicted_tokens not empty: {len(scheduler.evicting_manager.evicted_tokens)}")
+    if worker_leftovers:
+        report.leaks.append(f"worker keeps eviction state of finished requests: {sorted(worker_leftovers)[:5]}")
