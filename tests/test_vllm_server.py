@@ -168,7 +168,7 @@ def post(base: str, path: str, body: dict) -> int:
 
 def fuzz_body(rng: random.Random) -> tuple[str, dict]:
     """A random request: token-id completions of 1 token to past max_model_len, or chats with
-    0-3 images (the server allows 2), text-only or images-only, max_tokens 1-8, random vllm_xargs."""
+    0-8 images (the server allows 2), text-only or images-only, max_tokens 1-8, random vllm_xargs."""
     xargs = random_xargs(rng)
     max_tokens = rng.choice([1, 1, rng.randint(1, 8)])
     if rng.random() < 0.5:
@@ -176,7 +176,8 @@ def fuzz_body(rng: random.Random) -> tuple[str, dict]:
         prompt = [rng.randrange(20, 400) for _ in range(length)]
         return "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                    "vllm_xargs": xargs}
-    content = [{"type": "image_url", "image_url": {"url": image_url(img)}} for img in images(rng.randint(0, 3))]
+    num_images = rng.choice([0, 0, 1, 2, 2, rng.randint(3, 8)])
+    content = [{"type": "image_url", "image_url": {"url": image_url(img)}} for img in images(num_images)]
     if not content or rng.random() < 0.7:
         content.append({"type": "text", "text": "the dog sits by the river " * rng.randint(1, 60)})
     return "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": content}],
