@@ -62,11 +62,10 @@ class EvictionConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvictionConfig":
+        """A YAML file, or a bundled preset by name (`madakv-20`)."""
         import yaml
 
-        path = Path(path)
-        if not path.is_file():
-            raise EvictionConfigError(f"eviction config file {path} does not exist")
+        path = resolve_preset(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -93,4 +92,26 @@ class EvictionConfig:
             raise EvictionConfigError(str(exc)) from None
 
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _presets_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    bundled = here / "presets"  # where a wheel carries configs/ (setup.py)
+    return bundled if bundled.is_dir() else here.parent / "configs"  # source tree, editable install
+
+
+PRESETS_DIR = _presets_dir()
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_preset(value: str | Path) -> Path:
+    """A YAML file path, or the name of a bundled preset ("madakv-20")."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    bundled = PRESETS_DIR / f"{value}.yaml"
+    if bundled.is_file():
+        return bundled
+    raise EvictionConfigError(f"eviction config {value!s} is neither a file nor a preset; presets: "
+                              f"{', '.join(preset_names())}")

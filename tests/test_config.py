@@ -50,9 +50,14 @@ def test_bad_configs_fail_with_one_clear_line(data, message):
 
 
 def test_yaml_errors(tmp_path: Path):
-    with pytest.raises(EvictionConfigError, match="does not exist"):
+    with pytest.raises(EvictionConfigError, match="neither a file nor a preset; presets: h2o-20"):
         EvictionConfig.from_yaml(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("policy: [unclosed\n")
     with pytest.raises(EvictionConfigError, match="not valid YAML"):
         EvictionConfig.from_yaml(bad)
+
+
+def test_presets_load_by_name():
+    assert EvictionConfig.from_yaml("madakv-20") == EvictionConfig.from_yaml(PRESETS_DIR / "madakv-20.yaml")
+    assert EvictionConfig.from_yaml("snapkv-10").budget == 0.1

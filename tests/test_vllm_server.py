@@ -113,7 +113,7 @@ def test_chat_with_images_overrides_and_metrics(server):
     (["--kv-eviction", "fastkv"], "invalid choice"),
     (["--kv-eviction", "madakv", "--kv-eviction-budget", "1.5"], "ratio must be in"),
     (["--kv-eviction", "madakv", "--kv-eviction-budget", "16"], "smaller than the budget"),
-    (["--kv-eviction-config", "missing.yaml"], "does not exist"),
+    (["--kv-eviction-config", "missing.yaml"], "neither a file nor a preset"),
 ])
 def test_bad_flags_fail_with_one_line(tiny_model_dir, flags, message):
     result = subprocess.run(serve_command(tiny_model_dir("qwen2vl"), free_port(), *flags), env=server_env(),

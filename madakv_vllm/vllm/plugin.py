@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import Any
 
-from ..config import PRESETS_DIR, EvictionConfig, EvictionConfigError, parse_budget
+from ..config import EvictionConfig, EvictionConfigError, parse_budget, preset_names
 from ..policies import POLICY_NAMES
 from .compat import EvictionStartupError, check_engine_args, check_vllm_config, require_supported, unsupported_reason
 from .metrics import ENV_DIR as METRICS_ENV_DIR
@@ -40,8 +40,9 @@ def add_cli_flags(parser) -> None:
     group.add_argument("--kv-eviction-window", type=int, default=None,
                        help="Proxy window: last prompt tokens that score the others, kept and counted in "
                             "the budget; 32 when not given.")
-    group.add_argument("--kv-eviction-config", default=None, metavar="FILE.yaml",
-                       help=f"Eviction preset (YAML); flags override it. Presets: {PRESETS_DIR}.")
+    group.add_argument("--kv-eviction-config", default=None, metavar="PRESET|FILE.yaml",
+                       help=f"Eviction preset by name ({', '.join(preset_names())}) or a YAML file; flags "
+                            f"override it.")
 
 
 def config_from_args(args: argparse.Namespace) -> EvictionConfig | None:
