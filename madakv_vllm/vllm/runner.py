@@ -96,7 +96,10 @@ class WorkerEviction:
         self.evicted_per_request = runner._make_buffer(runner.max_num_reqs, dtype=torch.int32)
         self.evicted_per_token = runner._make_buffer(runner.max_num_tokens, dtype=torch.int64)
         self.device = runner.device
-        self.counters = Counters("worker") if _is_first_rank() else None
+        # Every tensor-parallel rank holds its share of the KV heads: each publishes its per-head
+        # averages divided by the TP size, so their sum is the average over all heads.
+        self.tp_rank, self.tp_size = _tensor_parallel_rank_and_size()
+        self.counters = Counters("worker")
         for index, layer in enumerate(self.layers):
             layer.impl.forward = self._scoring_forward(index, layer.impl.forward, layer.impl)
         runner._determine_batch_execution_and_padding = without_full_graphs_while_scoring(
@@ -179,10 +182,11 @@ class WorkerEviction:
         state.evicted = plan.prompt_len - plan.kept
         state.scores, scores = None, None  # the largest per-request buffer: freed right after the plan
         state.seconds += time.perf_counter() - started
-        if self.counters is not None:
-            self.counters.add(**kept_and_evicted_by_modality(keep, state.tags.to(self.device)))
+        counts = kept_and_evicted_by_modality(keep, state.tags.to(self.device))
+        self.counters.add(**{key: value / self.tp_size for key, value in counts.items()})
+        if self.tp_rank == 0:  # one observation per request
             self.counters.observe_seconds(state.seconds)
-            self.counters.publish()
+        self.counters.publish()
 
     # ---- per step ----------------------------------------------------------------------------
     def after_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs) -> None:
@@ -270,13 +274,13 @@ def kept_and_evicted_by_modality(keep: list[torch.Tensor], tags: torch.Tensor) -
     return counts
 
 
-def _is_first_rank() -> bool:
+def _tensor_parallel_rank_and_size() -> tuple[int, int]:
     try:
-        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-        return get_tensor_model_parallel_rank() == 0
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
     except (AssertionError, ImportError):
-        return True
+        return 0, 1
 
 
 def install(runner) -> None:
