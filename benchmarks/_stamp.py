@@ -115,12 +115,19 @@ def synthetic_suite(samples: int):
     return path
 
 
+PREFIX_CACHE_NOTE = "reset before every setting (no setting reuses another's cached prompt blocks)"
+
+
 def drive(llm, prompts, params) -> dict:
     """Add the prompts to a vLLM engine and step it until all finish. Returns wall seconds, the
     peak number of running requests and, per request, seconds to the first token, to the second
-    (eviction's compaction runs in the step that makes it), to the last, output and prompt tokens."""
+    (eviction's compaction runs in the step that makes it), to the last, output and prompt tokens.
+    The prefix cache is emptied first: settings run one after another on one engine, and a later
+    one must not reuse an earlier one's prompt blocks (PREFIX_CACHE_NOTE goes into every JSON)."""
     import time
 
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("could not reset the prefix cache between settings (requests still running?)")
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     start = time.perf_counter()

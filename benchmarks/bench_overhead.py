@@ -91,7 +91,8 @@ def main():
                    f"{row['blocks_before'] - row['blocks_freed']:.0f} | decode {row['decode_ms_full']:.1f} -> "
                    f"{row['decode_ms_evicted']:.1f} ms/token")
         rows.append(row)
-    result = dict(stamp=stamp(), model="random Llama, SmolLM2-135M shapes, bf16", policy="madakv",
+    result = dict(stamp=stamp(), prefix_cache="off (enable_prefix_caching=False)",
+                  model="random Llama, SmolLM2-135M shapes, bf16", policy="madakv",
                   budget=args.budget, block_size=block_size, rows=rows)
 
     def draw(plt):

@@ -2,12 +2,15 @@
 multi-image requests, stock (eviction off) vs each policy at one budget, in one engine.
 
     python benchmarks/bench_serving.py [--requests 8] [--blocks 48] [--budget 0.2] \
-        [--policies madakv snapkv streamingllm] [--sweep 0.05 0.1 0.5]
+        [--policies madakv snapkv streamingllm] [--sweep 0.05 0.1 0.5] [--decode-tokens 256]
 
 Model: the SmolLM2-LLaVA test model (built into benchmarks/.models/ when missing), bf16, block
-size 128, prompts of ~2K tokens with 8 images. Per setting: output tok/s, requests/s, peak running
-requests, TTFT p50/p95, decode ms/token, and each as a ratio to stock from the same run; then
-MadaKV at the `--sweep` budgets (the budget sweep).
+size 128, prompts of ~2K tokens with 8 images. Two scenarios: prefill-heavy (--max-tokens, 64
+output tokens) and decode-heavy (--decode-tokens, 256). Per setting: output tok/s, requests/s,
+peak running requests, TTFT p50/p95, decode ms/token, each as a ratio to stock from the same run,
+and output tok/s as a ratio to a reference row, stock with 5x the KV pool in a second engine
+(memory not binding): how close eviction comes to having the memory. MadaKV at the `--sweep`
+budgets in the prefill-heavy scenario. The prefix cache is reset before every setting.
 Writes benchmarks/results/serving.json (+ .png with matplotlib).
 """
 from __future__ import annotations
@@ -44,21 +47,26 @@ def main():
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--policies", nargs="+", default=["madakv", "snapkv", "streamingllm"])
     p.add_argument("--sweep", type=float, nargs="*", default=[0.05, 0.1, 0.5], help="more MadaKV budgets")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens, prefill-heavy scenario")
+    p.add_argument("--decode-tokens", type=int, default=256, help="output tokens, decode-heavy scenario (0: skip)")
+    p.add_argument("--reference-pool", type=int, default=5, help="KV pool multiple of the stock reference row")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from _stamp import bar_panels, in_process_vllm_env, smollm2_llava, stamp, write_results
+    from _stamp import PREFIX_CACHE_NOTE, bar_panels, in_process_vllm_env, smollm2_llava, stamp, write_results
 
     in_process_vllm_env()
     from PIL import Image
     from vllm import LLM, SamplingParams
 
     model = smollm2_llava()
-    llm = LLM(model=str(model), dtype="bfloat16", enforce_eager=True, distributed_executor_backend="uni",
-              max_model_len=4096, max_num_seqs=args.requests, num_gpu_blocks_override=args.blocks,
-              limit_mm_per_prompt={"image": 8}, seed=0,
-              additional_config={"kv_eviction": {"policy": "madakv", "budget": args.budget}})
+
+    def engine(blocks: int):
+        return LLM(model=str(model), dtype="bfloat16", enforce_eager=True, distributed_executor_backend="uni",
+                   max_model_len=4096, max_num_seqs=args.requests, num_gpu_blocks_override=blocks,
+                   limit_mm_per_prompt={"image": 8}, seed=0,
+                   additional_config={"kv_eviction": {"policy": "madakv", "budget": args.budget}})
+
     colors = ["red", "green", "blue", "yellow", "purple", "orange", "gray", "white"]
     sentence = "The weather was mild and the market in the old town was busy all day. "
     prompts = []
@@ -68,32 +76,51 @@ def main():
         text += "Which picture was taken first?<|im_end|>\n<|im_start|>assistant\n"
         images = [Image.new("RGB", (56, 56), colors[(i + k) % len(colors)]).rotate(i) for k in range(8)]
         prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
-    settings = [("stock", {"kv_eviction": "none"})] + [(f"{p} {args.budget:.0%}", {"kv_eviction": p})
-                                                       for p in args.policies]
-    settings += [(f"madakv {b:.0%}", {"kv_eviction": "madakv", "kv_eviction_budget": b})
-                 for b in sorted(args.sweep) if b != args.budget]
-    run(llm, prompts[:1], SamplingParams(max_tokens=2, extra_args={"kv_eviction": "none"}))  # warm-up
+    scenarios = [("prefill-heavy", args.max_tokens)] + ([("decode-heavy", args.decode_tokens)]
+                                                         if args.decode_tokens else [])
+    policies = [(f"{p} {args.budget:.0%}", {"kv_eviction": p}) for p in args.policies]
+    sweep = [(f"madakv {b:.0%}", {"kv_eviction": "madakv", "kv_eviction_budget": b})
+             for b in sorted(args.sweep) if b != args.budget]
+
+    def measure(llm, label, scenario, max_tokens, xargs):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=xargs)
+        row = dict(setting=label, scenario=scenario, max_tokens=max_tokens, **run(llm, prompts, params))
+        print(f"{scenario:>13s} {label:>22s}: {row['output_tok_s']:6.1f} tok/s, {row['requests_s']:.3f} req/s, "
+              f"peak running {row['peak_running']}, TTFT p50/p95 {row['ttft_p50_s']:.1f}/{row['ttft_p95_s']:.1f} s, "
+              f"decode {row['decode_ms_token']:.1f} ms/token", flush=True)
+        return row
+
     rows = []
-    for label, xargs in settings:
-        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, extra_args=xargs)
-        row = dict(setting=label, **run(llm, prompts, params))
-        rows.append(row)
-    stock = rows[0]
-    for row in rows:
-        for key in ("output_tok_s", "requests_s", "peak_running", "ttft_p50_s", "ttft_p95_s", "decode_ms_token"):
-            row[f"{key}_vs_stock"] = row[key] / stock[key] if stock[key] else None
-        print(f"{row['setting']:>16s}: {row['output_tok_s']:6.1f} tok/s ({row['output_tok_s_vs_stock']:.2f}x), "
-              f"{row['requests_s']:.3f} req/s, peak running {row['peak_running']}, TTFT p50/p95 "
-              f"{row['ttft_p50_s']:.1f}/{row['ttft_p95_s']:.1f} s, decode {row['decode_ms_token']:.1f} ms/token",
-              flush=True)
+    llm = engine(args.blocks)
+    run(llm, prompts[:1], SamplingParams(max_tokens=2, extra_args={"kv_eviction": "none"}))  # warm-up
+    for scenario, max_tokens in scenarios:
+        for label, xargs in [("stock", {"kv_eviction": "none"})] + policies + (sweep if scenario == "prefill-heavy"
+                                                                              else []):
+            rows.append(measure(llm, label, scenario, max_tokens, xargs))
     prompt_tokens = len(llm.llm_engine.tokenizer.encode(prompts[0]["prompt"])) if llm.llm_engine.tokenizer else None
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    reference = engine(args.blocks * args.reference_pool)  # stock with the memory eviction saves
+    run(reference, prompts[:1], SamplingParams(max_tokens=2, extra_args={"kv_eviction": "none"}))  # warm-up
+    for scenario, max_tokens in scenarios:
+        rows.append(measure(reference, f"stock, {args.reference_pool}x KV pool", scenario, max_tokens,
+                            {"kv_eviction": "none"}))
+    for scenario, _ in scenarios:
+        in_scenario = [r for r in rows if r["scenario"] == scenario]
+        stock, ref = in_scenario[0], in_scenario[-1]
+        for row in in_scenario:
+            for key in ("output_tok_s", "requests_s", "peak_running", "ttft_p50_s", "ttft_p95_s", "decode_ms_token"):
+                row[f"{key}_vs_stock"] = row[key] / stock[key] if stock[key] else None
+            row["output_tok_s_vs_big_pool"] = row["output_tok_s"] / ref["output_tok_s"]
     result = dict(stamp=stamp(), model="SmolLM2-LLaVA (bf16)", kv_blocks=args.blocks, block_size=128,
                   requests=args.requests, images_per_request=8, prompt_text_tokens=prompt_tokens,
-                  max_tokens=args.max_tokens, budget=args.budget, sweep=args.sweep, rows=rows)
+                  max_tokens=args.max_tokens, decode_tokens=args.decode_tokens, budget=args.budget, sweep=args.sweep,
+                  reference_pool=args.reference_pool, prefix_cache=PREFIX_CACHE_NOTE, rows=rows)
 
     def draw(plt):
-        return bar_panels(plt, rows, [("output_tok_s", "output tok/s"), ("peak_running", "peak running requests"),
-                                      ("ttft_p95_s", "TTFT p95 (s)")], width=14)
+        labelled = [dict(r, setting=f"{r['setting']} ({r['scenario'].split('-')[0]})") for r in rows]
+        return bar_panels(plt, labelled, [("output_tok_s", "output tok/s"), ("peak_running", "peak running requests"),
+                                          ("ttft_p95_s", "TTFT p95 (s)")], width=18)
 
     write_results(HERE / "results" / "serving", result, draw)
 

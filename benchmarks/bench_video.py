@@ -51,7 +51,7 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from _stamp import bar_panels, drive, in_process_vllm_env, stamp, write_results
+    from _stamp import PREFIX_CACHE_NOTE, bar_panels, drive, in_process_vllm_env, stamp, write_results
 
     in_process_vllm_env()
     from vllm import LLM, SamplingParams
@@ -107,7 +107,8 @@ def main():
         row["prompt_blocks_held"] = prompt_blocks - row["blocks_freed_per_request"]
         row["prompt_blocks_held_vs_stock"] = row["prompt_blocks_held"] / stock["prompt_blocks_held"]
         row["output_tok_s_vs_stock"] = row["output_tok_s"] / stock["output_tok_s"]
-    result = dict(stamp=stamp(), model="tiny random Qwen2.5-VL (bf16)", kv_blocks=args.blocks, block_size=BLOCK_SIZE,
+    result = dict(stamp=stamp(), prefix_cache=PREFIX_CACHE_NOTE,
+                  model="tiny random Qwen2.5-VL (bf16)", kv_blocks=args.blocks, block_size=BLOCK_SIZE,
                   requests=args.requests, frames=args.frames, frame_size=args.size, max_tokens=args.max_tokens,
                   evs_rate=args.rate, evs_skipped=skipped, rows=rows)
 

@@ -43,7 +43,8 @@ def main():
     vllm = Path(sys.executable).with_name("vllm")
     log = Path(args.out) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    # dev mode serves POST /reset_prefix_cache: madakv-eval empties the cache between settings
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_SERVER_DEV_MODE": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     server = subprocess.Popen([str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
                                "--served-model-name", "smollm2-llava", "--dtype", "bfloat16", "--max-model-len",

@@ -45,12 +45,18 @@ def overhead(r: dict) -> str:
 
 
 def serving(r: dict) -> str:
+    caption = (f"`python benchmarks/bench_serving.py` ({_where(r)}; {r['model']}, {r['kv_blocks']} KV blocks of "
+               f"{r['block_size']} tokens, {r['requests']} concurrent requests with {r['images_per_request']} images; "
+               f"prefill-heavy: {r['max_tokens']} output tokens, decode-heavy: {r.get('decode_tokens')}; the "
+               f"last row of each scenario is stock with {r.get('reference_pool')}x the KV pool; prefix cache "
+               f"{r.get('prefix_cache', 'not reset between settings')}):")
     return _markdown(
-        f"`python benchmarks/bench_serving.py` ({_where(r)}; {r['model']}, {r['kv_blocks']} KV blocks of "
-        f"{r['block_size']} tokens, {r['requests']} concurrent requests with {r['images_per_request']} images, "
-        f"{r['max_tokens']} output tokens):",
-        ["setting", "output tok/s", "requests/s", "peak running", "TTFT p50 / p95", "decode ms/token (per request)"],
-        [[row["setting"], f"{row['output_tok_s']:.1f} ({row['output_tok_s_vs_stock']:.2f}x)",
+        caption,
+        ["scenario", "setting", "output tok/s (vs stock, vs big pool)", "requests/s", "peak running",
+         "TTFT p50 / p95", "decode ms/token (per request)"],
+        [[row.get("scenario", "prefill-heavy"), row["setting"],
+          f"{row['output_tok_s']:.1f} ({row['output_tok_s_vs_stock']:.2f}x, "
+          f"{row.get('output_tok_s_vs_big_pool', float('nan')):.2f}x)",
           f"{row['requests_s']:.3f}", row["peak_running"], f"{row['ttft_p50_s']:.1f} / {row['ttft_p95_s']:.1f} s",
           f"{row['decode_ms_token']:.0f}"] for row in r["rows"]])
 

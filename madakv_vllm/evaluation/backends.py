@@ -96,6 +96,20 @@ class Endpoint:
                 progress.update()
         return rows
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the server's prefix cache, so no setting reuses an earlier one's prompt blocks.
+        vLLM serves POST /reset_prefix_cache only with VLLM_SERVER_DEV_MODE=1; False otherwise."""
+        import urllib.error
+        import urllib.request
+
+        root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{root}/reset_prefix_cache", method="POST"),
+                                        timeout=60) as response:
+                return response.status == 200
+        except OSError:  # HTTPError included (404 outside dev mode)
+            return False
+
     def eviction_totals(self) -> dict[str, float] | None:
         """The server's eviction counters ({} before its first stats tick, or when it is not our
         plugin), or None when it has no /metrics."""
@@ -158,6 +172,9 @@ class Engine:
         except self.rejected as exc:  # scored 0 with its error, as the endpoint does with an HTTP 400
             progress.update()
             return [dict(_row(sample, setting), prediction="", score=0.0, error=" ".join(str(exc).split()))]
+
+    def reset_prefix_cache(self) -> bool:
+        return self.llm.reset_prefix_cache()
 
     def eviction_totals(self) -> dict[str, float] | None:
         values, _ = read_totals(self.metrics_dir)

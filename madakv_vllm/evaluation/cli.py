@@ -8,7 +8,9 @@ policy and budget through `vllm_xargs` (the engine's `SamplingParams.extra_args`
     madakv-eval --data DATA_ROOT --engine MODEL --engine-args '{"max_model_len": 8192}' --out eval/run2
 
 Settings run one after the other (the samples of one setting concurrently), so the server's
-eviction counters (`/metrics`, or the engine's own) say how much KV each setting kept.
+eviction counters (`/metrics`, or the engine's own) say how much KV each setting kept. The
+prefix cache is emptied before each setting (a server needs VLLM_SERVER_DEV_MODE=1 for that; the
+summary's prefix_cache column says whether it was).
 Backends live in backends.py, the summary and plot in report.py.
 Writes OUT/samples.jsonl (one line per sample and setting), OUT/summary.csv (mean score per
 policy, budget and task; measured KV kept and blocks freed per setting) and OUT/scores.png
@@ -92,9 +94,13 @@ def main(argv=None) -> int:
     try:
         with open(out / "samples.jsonl", "w") as jsonl:
             for setting in sweep:
+                # a later setting must not reuse an earlier one's cached prompt blocks
+                reset = backend.reset_prefix_cache()
                 before = backend.eviction_totals()
                 done = backend.run(samples, setting, args.max_tokens, progress)
-                memory[(setting.policy, setting.budget)] = memory_of(before, backend.eviction_totals(), done)
+                memory[(setting.policy, setting.budget)] = dict(
+                    memory_of(before, backend.eviction_totals(), done),
+                    prefix_cache="reset" if reset else "not reset (start the server with VLLM_SERVER_DEV_MODE=1)")
                 for row in done:
                     jsonl.write(json.dumps(row) + "\n")
                 rows += done

@@ -4,20 +4,20 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-NOT_MEASURED = dict(kv_kept="", blocks_freed="", evicted_requests="")
+NOT_MEASURED = dict(kv_kept="", blocks_freed="", evicted_requests="", prefix_cache="")
 
 
 def memory_of(before: dict | None, after: dict | None, rows: list[dict]) -> dict:
     """What one setting kept, from the counters' difference: share of the prompt KV kept by the
     requests that evicted, and blocks freed per request. Blank when the server exports no counters."""
     if not after:  # the counters appear at the server's first stats tick
-        return NOT_MEASURED
+        return dict(NOT_MEASURED)
     before = before or {}
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("requests", "blocks_freed", "kept", "evicted")}
     moved = delta["kept"] + delta["evicted"]
     return dict(kv_kept=round(delta["kept"] / moved, 4) if moved else 1.0,
                 blocks_freed=round(delta["blocks_freed"] / max(1, len(rows)), 2),
-                evicted_requests=int(delta["requests"]))
+                evicted_requests=int(delta["requests"]), prefix_cache="")
 
 
 def summarize(rows: list[dict], memory: dict[tuple, dict]) -> list[dict]:
