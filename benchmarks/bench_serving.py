@@ -5,7 +5,7 @@ multi-image requests, stock (eviction off) vs each policy at one budget, in one 
         [--policies madakv snapkv streamingllm] [--sweep 0.05 0.1 0.5] [--decode-tokens 256]
 
 Model: the SmolLM2-LLaVA test model (built into benchmarks/.models/ when missing), bf16, block
-size 128, prompts of ~2K tokens with 8 images. Two scenarios: prefill-heavy (--max-tokens, 64
+size 128 (--block-size), prompts of ~2K tokens with 8 images. Two scenarios: prefill-heavy (--max-tokens, 64
 output tokens) and decode-heavy (--decode-tokens, 256). Per setting: output tok/s, requests/s,
 peak running requests, TTFT p50/p95, decode ms/token, each as a ratio to stock from the same run,
 and output tok/s as a ratio to a reference row, stock with 5x the KV pool in a second engine
@@ -43,7 +43,9 @@ def run(llm, prompts, params) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--blocks", type=int, default=48, help="KV blocks of 128 tokens for the whole engine")
+    p.add_argument("--blocks", type=int, default=48, help="KV blocks for the whole engine")
+    p.add_argument("--block-size", type=int, default=128,
+                   help="tokens per block (on CPUs with AMX, bf16 needs one that is not a multiple of 32, e.g. 16)")
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--policies", nargs="+", default=["madakv", "snapkv", "streamingllm"])
     p.add_argument("--sweep", type=float, nargs="*", default=[0.05, 0.1, 0.5], help="more MadaKV budgets")
@@ -64,6 +66,7 @@ def main():
     def engine(blocks: int):
         return LLM(model=str(model), dtype="bfloat16", enforce_eager=True, distributed_executor_backend="uni",
                    max_model_len=4096, max_num_seqs=args.requests, num_gpu_blocks_override=blocks,
+                   block_size=args.block_size,
                    limit_mm_per_prompt={"image": 8}, seed=0,
                    additional_config={"kv_eviction": {"policy": "madakv", "budget": args.budget}})
 
@@ -112,7 +115,7 @@ def main():
             for key in ("output_tok_s", "requests_s", "peak_running", "ttft_p50_s", "ttft_p95_s", "decode_ms_token"):
                 row[f"{key}_vs_stock"] = row[key] / stock[key] if stock[key] else None
             row["output_tok_s_vs_big_pool"] = row["output_tok_s"] / ref["output_tok_s"]
-    result = dict(stamp=stamp(), model="SmolLM2-LLaVA (bf16)", kv_blocks=args.blocks, block_size=128,
+    result = dict(stamp=stamp(), model="SmolLM2-LLaVA (bf16)", kv_blocks=args.blocks, block_size=args.block_size,
                   requests=args.requests, images_per_request=8, prompt_text_tokens=prompt_tokens,
                   max_tokens=args.max_tokens, decode_tokens=args.decode_tokens, budget=args.budget, sweep=args.sweep,
                   reference_pool=args.reference_pool, prefix_cache=PREFIX_CACHE_NOTE, rows=rows)

@@ -74,13 +74,14 @@ def fake_vllm_config(**model_overrides):
 
     text = SimpleNamespace(layer_types=None)
     model = dict(runner_type="generate", use_mla=False, is_hybrid=False, is_attention_free=False, model="m",
-                 hf_text_config=text, get_sliding_window=lambda: None)
+                 hf_text_config=text, get_sliding_window=lambda: None, dtype=torch.float32, get_head_size=lambda: 64)
+    cache = SimpleNamespace(block_size=model_overrides.pop("block_size", 32), cache_dtype="auto")
     parallel = dict(decode_context_parallel_size=1, prefill_context_parallel_size=1, enable_dbo=False)
     v2 = model_overrides.pop("use_v2_model_runner", False)
     parallel.update({k: model_overrides.pop(k) for k in list(model_overrides) if k in parallel})
     model.update(model_overrides)
     return SimpleNamespace(model_config=SimpleNamespace(**model), parallel_config=SimpleNamespace(**parallel),
-                           use_v2_model_runner=v2,
+                           use_v2_model_runner=v2, cache_config=cache,
                            compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
 
 
@@ -210,7 +211,7 @@ def test_each_engine_gets_its_own_metrics_folder(tiny_model_dir, monkeypatch, tm
 
     load_general_plugins()
     monkeypatch.setenv(ENV_DIR, str(tmp_path))
-    args = EngineArgs(model=str(tiny_model_dir("qwen2vl")), max_model_len=512, enforce_eager=True,
+    args = EngineArgs(model=str(tiny_model_dir("qwen2vl")), max_model_len=512, enforce_eager=True, dtype="float32",
                       additional_config={"kv_eviction": {"policy": "madakv"}})
     args.create_engine_config()
     first = os.environ[ENV_DIR]
@@ -259,6 +260,20 @@ def test_steps_with_scoring_rows_never_replay_full_cudagraphs(mode_name, while_s
     scoring["rows"] = True
     graph_mode, batch, *_ = determine(**step)
     assert graph_mode == CUDAGraphMode[while_scoring] and not batch.uniform
+
+
+@pytest.mark.parametrize("amx, dtype, block_size, refused", [
+    (True, torch.bfloat16, 128, True), (True, torch.bfloat16, 16, False), (True, torch.float32, 128, False),
+    (False, torch.bfloat16, 128, False)])
+def test_cpu_amx_kv_layout_is_refused_in_one_line(monkeypatch, amx, dtype, block_size, refused):
+    """vLLM's CPU backend keeps bf16 blocks of 32k tokens in AMX tiles on CPUs that have AMX."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    config = fake_vllm_config(dtype=dtype, block_size=block_size)
+    if refused:
+        with pytest.raises(compat.EvictionStartupError, match="AMX tiles"):
+            compat.check_vllm_config(config)
+    else:
+        compat.check_vllm_config(config)
 
 
 def test_model_runner_v2_forced_by_other_settings_is_refused(monkeypatch):

@@ -42,6 +42,9 @@ HOOKED_SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
         "GenerateBaseServing._with_kv_transfer_rejection_cleanup": ("self", "awaitable", "request", "raw_request"),
         "GenerateBaseServing.create_error_response": ("message", "err_type", "status_code", "param"),
     },
+    "vllm.v1.attention.backends.cpu_attn": {
+        "_get_attn_isa": ("dtype", "block_size", "head_size", "kv_cache_dtype"),
+    },
     "vllm.v1.engine.input_processor": {
         "InputProcessor.process_inputs": ("self", "request_id", "prompt", "params", "supported_tasks"),
     },
@@ -139,6 +142,28 @@ def check_vllm_config(vllm_config) -> None:
         raise EvictionStartupError("KV eviction cannot run with cudagraph mode FULL (prefill steps must run "
                                    "eagerly to be scored); use FULL_AND_PIECEWISE (the default) or PIECEWISE")
     check_parallel_and_runner(vllm_config)
+    check_cpu_kv_layout(vllm_config)
+
+
+def check_cpu_kv_layout(vllm_config) -> None:
+    """vLLM's CPU backend stores bf16 caches in AMX tiles (block sizes that are multiples of 32, on
+    CPUs with AMX): keys and values interleaved in pairs inside 16-token tiles, which the scoring
+    and compaction kernels cannot address. Refused here in one line rather than by the worker's
+    layout probe at start-up (a traceback deep in the engine)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    module = "vllm.v1.attention.backends.cpu_attn"
+    require_supported(module)
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    isa = _get_attn_isa(model.dtype, cache.block_size, model.get_head_size(), cache.cache_dtype)
+    if isa == "amx":
+        raise EvictionStartupError(f"this CPU stores {model.dtype} KV blocks of {cache.block_size} tokens in AMX "
+                                   f"tiles, a layout KV eviction does not support yet; use --dtype float32 or a "
+                                   f"--block-size that is not a multiple of 32 (e.g. 16)")
 
 
 def check_parallel_and_runner(vllm_config) -> None:
