@@ -44,8 +44,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--blocks", type=int, default=48, help="KV blocks for the whole engine")
-    p.add_argument("--block-size", type=int, default=128,
-                   help="tokens per block (on CPUs with AMX, bf16 needs one that is not a multiple of 32, e.g. 16)")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block")
+    p.add_argument("--dtype", default="bfloat16", help="float32 on CPUs with AMX (eviction refuses their bf16 layout)")
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--policies", nargs="+", default=["madakv", "snapkv", "streamingllm"])
     p.add_argument("--sweep", type=float, nargs="*", default=[0.05, 0.1, 0.5], help="more MadaKV budgets")
@@ -64,7 +64,7 @@ def main():
     model = smollm2_llava()
 
     def engine(blocks: int):
-        return LLM(model=str(model), dtype="bfloat16", enforce_eager=True, distributed_executor_backend="uni",
+        return LLM(model=str(model), dtype=args.dtype, enforce_eager=True, distributed_executor_backend="uni",
                    max_model_len=4096, max_num_seqs=args.requests, num_gpu_blocks_override=blocks,
                    block_size=args.block_size,
                    limit_mm_per_prompt={"image": 8}, seed=0,
@@ -115,7 +115,7 @@ def main():
             for key in ("output_tok_s", "requests_s", "peak_running", "ttft_p50_s", "ttft_p95_s", "decode_ms_token"):
                 row[f"{key}_vs_stock"] = row[key] / stock[key] if stock[key] else None
             row["output_tok_s_vs_big_pool"] = row["output_tok_s"] / ref["output_tok_s"]
-    result = dict(stamp=stamp(), model="SmolLM2-LLaVA (bf16)", kv_blocks=args.blocks, block_size=args.block_size,
+    result = dict(stamp=stamp(), model=f"SmolLM2-LLaVA ({args.dtype})", kv_blocks=args.blocks, block_size=args.block_size,
                   requests=args.requests, images_per_request=8, prompt_text_tokens=prompt_tokens,
                   max_tokens=args.max_tokens, decode_tokens=args.decode_tokens, budget=args.budget, sweep=args.sweep,
                   reference_pool=args.reference_pool, prefix_cache=PREFIX_CACHE_NOTE, rows=rows)

@@ -161,9 +161,8 @@ def check_cpu_kv_layout(vllm_config) -> None:
     model, cache = vllm_config.model_config, vllm_config.cache_config
     isa = _get_attn_isa(model.dtype, cache.block_size, model.get_head_size(), cache.cache_dtype)
     if isa == "amx":
-        raise EvictionStartupError(f"this CPU stores {model.dtype} KV blocks of {cache.block_size} tokens in AMX "
-                                   f"tiles, a layout KV eviction does not support yet; use --dtype float32 or a "
-                                   f"--block-size that is not a multiple of 32 (e.g. 16)")
+        raise EvictionStartupError(f"this CPU stores {model.dtype} KV blocks in AMX tiles, a layout KV eviction "
+                                   f"does not support yet; use --dtype float32 on this machine")
 
 
 def check_parallel_and_runner(vllm_config) -> None:
