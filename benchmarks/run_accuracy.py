@@ -31,6 +31,7 @@ def main():
     p.add_argument("--policies", nargs="+", default=["none", "madakv", "snapkv", "streamingllm"])
     p.add_argument("--budgets", nargs="+", default=["0.05", "0.1", "0.2", "0.5"])
     p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
+    p.add_argument("--dtype", default="bfloat16", help="float32 on CPUs with AMX (eviction refuses their bf16 layout)")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -47,7 +48,7 @@ def main():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_SERVER_DEV_MODE": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     server = subprocess.Popen([str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-                               "--served-model-name", "smollm2-llava", "--dtype", "bfloat16", "--max-model-len",
+                               "--served-model-name", "smollm2-llava", "--dtype", args.dtype, "--max-model-len",
                                "8192", "--limit-mm-per-prompt", '{"image": 16}', "--kv-eviction", "madakv"],
                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     try:

@@ -110,6 +110,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
     seen: list = []
     counters: dict = {}
+    resets = 0
 
     def log_message(self, *args):
         pass
@@ -142,6 +143,10 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         self._send({"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "me"}]})
 
     def do_POST(self):
+        if self.path == "/reset_prefix_cache":  # a server in dev mode
+            FakeOpenAI.resets += 1
+            self._send({})
+            return
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeOpenAI.seen.append(request)
         text = " ".join(p["text"] for p in request["messages"][0]["content"] if p["type"] == "text")
@@ -250,3 +255,39 @@ def test_eval_cli_bad_engine_args_fail_with_one_line(tiny_model_dir, tmp_path):
                   '{"no_such_arg": 1}', "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit):  # argparse: not a JSON object
         cli.main(["--data", str(data), "--engine", "m", "--engine-args", "[1]", "--out", str(tmp_path / "out")])
+
+
+def test_score_intervals_wilson_for_exact_match_bootstrap_otherwise():
+    from madakv_vllm.evaluation.report import interval
+
+    low, high = interval([1.0] * 80 + [0.0] * 20)  # Wilson, 80/100: the textbook 0.711 .. 0.867
+    assert (round(low, 3), round(high, 3)) == (0.711, 0.867)
+    assert interval([1.0] * 10) == (pytest.approx(0.722, abs=1e-3), pytest.approx(1.0))  # never past 1 at 10/10
+    fractional = [0.2, 0.9, 0.55, 0.7, 0.35, 0.8, 0.6, 0.4]
+    low, high = interval(fractional)
+    mean = sum(fractional) / len(fractional)
+    assert low < mean < high and 0.1 < high - low < 0.5 and interval(fractional) == (low, high)  # seeded
+    small, large = interval([1.0, 0.0] * 5), interval([1.0, 0.0] * 500)
+    assert (small[1] - small[0]) > 5 * (large[1] - large[0])  # ~1/sqrt(n)
+
+
+def test_eval_cli_writes_intervals_and_accuracy_json(tmp_path):
+    synthetic.generate(tmp_path / "data", samples=2, seed=0)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeOpenAI.seen, FakeOpenAI.counters, FakeOpenAI.resets = [], {}, 0
+    try:
+        assert cli.main(["--data", str(tmp_path / "data"), "--endpoint", f"http://127.0.0.1:{server.server_address[1]}/v1",
+                         "--policies", "none", "madakv", "--budgets", "0.2", "--max-tokens", "4",
+                         "--out", str(tmp_path / "out")]) == 0
+    finally:
+        server.shutdown()
+    assert FakeOpenAI.resets == 2  # before each of the two settings
+    with open(tmp_path / "out" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["ci_low"]) <= float(r["score"]) <= float(r["ci_high"]) for r in rows)
+    results = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert {tuple(sorted(r)) for r in results} == {("budget", "ci_high", "ci_low", "kv_kept", "n", "policy", "score",
+                                                    "setting", "task")}
+    assert {r["policy"] for r in results} == {"none", "madakv"} and all(r["setting"] == "endpoint" for r in results)
+    assert {r["prefix_cache"] for r in rows if r["task"] == "ALL"} == {"reset"}

@@ -13,8 +13,10 @@ prefix cache is emptied before each setting (a server needs VLLM_SERVER_DEV_MODE
 summary's prefix_cache column says whether it was).
 Backends live in backends.py, the summary and plot in report.py.
 Writes OUT/samples.jsonl (one line per sample and setting), OUT/summary.csv (mean score per
-policy, budget and task; measured KV kept and blocks freed per setting) and OUT/scores.png
-(score and KV kept vs budget per policy; needs matplotlib).
+policy, budget and task with its 95 % interval: Wilson for exact-match tasks, bootstrap for
+ROUGE; measured KV kept and blocks freed per setting), OUT/accuracy.json (the same as rows of
+{setting, policy, budget, task, score, n, ci_low, ci_high, kv_kept}) and OUT/scores.png (score
+with intervals and KV kept vs budget per policy; needs matplotlib).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pathlib import Path
 from ..policies import POLICY_NAMES
 from .backends import Endpoint, Engine, settings
 from .milebench import list_tasks, load_task
-from .report import memory_of, plot, summarize
+from .report import memory_of, plot, results_rows, summarize
 
 
 class Progress:
@@ -116,11 +118,14 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
+    (out / "accuracy.json").write_text(json.dumps(results_rows(summary, "engine" if args.engine else "endpoint"),
+                                                  indent=1))
     for r in summary:
         if r["task"] == "ALL":
             kept = f"  KV kept {r['kv_kept']:.3f}" if r["kv_kept"] != "" else ""
-            print(f"{r['policy']:>12s} {str(r['budget']):>5s}  score {r['score']:.3f}{kept}  ({r['samples']} samples)")
-    print(f"wrote {out / 'samples.jsonl'}, {out / 'summary.csv'}"
+            print(f"{r['policy']:>12s} {str(r['budget']):>5s}  score {r['score']:.3f} "
+                  f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]{kept}  ({r['samples']} samples)")
+    print(f"wrote {out / 'samples.jsonl'}, {out / 'summary.csv'}, {out / 'accuracy.json'}"
           + (f", {out / 'scores.png'}" if plot(summary, out / "scores.png") else " (no plot: matplotlib missing)"))
     return 0
 

@@ -1,6 +1,8 @@
 """madakv-eval's results: memory per setting from the counters, the summary table, the plot."""
 from __future__ import annotations
 
+import math
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,14 +22,42 @@ def memory_of(before: dict | None, after: dict | None, rows: list[dict]) -> dict
                 evicted_requests=int(delta["requests"]), prefix_cache="")
 
 
+def interval(scores: list[float], z: float = 1.959964, resamples: int = 2000) -> tuple[float, float]:
+    """95 % interval of a mean score: Wilson's for 0/1 scores (exact-match tasks), a seeded
+    percentile bootstrap for fractional ones (ROUGE-L)."""
+    n = len(scores)
+    if n == 0:
+        return 0.0, 1.0
+    mean = sum(scores) / n
+    if all(score in (0, 1) for score in scores):
+        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+    rng = random.Random(0)
+    means = sorted(sum(rng.choices(scores, k=n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
 def summarize(rows: list[dict], memory: dict[tuple, dict]) -> list[dict]:
+    """Mean score per policy, budget and task (and over all tasks) with its 95 % interval."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
         groups[(row["policy"], row["budget"], row["task"])].append(row["score"])
         groups[(row["policy"], row["budget"], "ALL")].append(row["score"])
-    return [dict(policy=p, budget="" if b is None else b, task=t, samples=len(s), score=sum(s) / len(s),
-                 **(memory.get((p, b), NOT_MEASURED) if t == "ALL" else NOT_MEASURED))
-            for (p, b, t), s in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2]))]
+    summary = []
+    for (p, b, t), s in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        low, high = interval(s)
+        summary.append(dict(policy=p, budget="" if b is None else b, task=t, samples=len(s), score=sum(s) / len(s),
+                            ci_low=round(low, 4), ci_high=round(high, 4),
+                            **(memory.get((p, b), NOT_MEASURED) if t == "ALL" else NOT_MEASURED)))
+    return summary
+
+
+def results_rows(summary: list[dict], setting: str) -> list[dict]:
+    """The summary as the rows of benchmarks/results/accuracy.json (full cache as policy "none")."""
+    return [dict(setting=setting, policy=r["policy"], budget=r["budget"] if r["budget"] != "" else None, task=r["task"],
+                 score=r["score"], n=r["samples"], ci_low=r["ci_low"], ci_high=r["ci_high"],
+                 kv_kept=r["kv_kept"] if r["kv_kept"] != "" else None) for r in summary]
 
 
 def plot(summary: list[dict], path: Path) -> bool:
@@ -43,13 +73,17 @@ def plot(summary: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(11 if measured else 6, 4), squeeze=False)
     for policy in sorted({r["policy"] for r in overall} - {"none"}):
         mine = sorted((r for r in overall if r["policy"] == policy), key=lambda r: r["budget"])
-        axes[0][0].plot([r["budget"] for r in mine], [r["score"] for r in mine], marker="o", label=policy)
+        scores = [r["score"] for r in mine]
+        errors = [[s - r["ci_low"] for s, r in zip(scores, mine)], [r["ci_high"] - s for s, r in zip(scores, mine)]]
+        axes[0][0].errorbar([r["budget"] for r in mine], scores, yerr=errors, marker="o", capsize=3, label=policy)
         if measured:
             axes[0][1].plot([r["budget"] for r in mine], [r["kv_kept"] or 1.0 for r in mine], marker="o", label=policy)
     for r in overall:
         if r["policy"] == "none":
             axes[0][0].axhline(r["score"], color="gray", linestyle="--", label="full cache")
-    axes[0][0].set(xscale="log", xlabel="KV budget (ratio of the prompt)", ylabel="mean score", title="score vs budget")
+            axes[0][0].axhspan(r["ci_low"], r["ci_high"], color="gray", alpha=0.15)
+    axes[0][0].set(xscale="log", xlabel="KV budget (ratio of the prompt)", ylabel="mean score (95 % interval)",
+                   title="score vs budget")
     axes[0][0].legend()
     if measured:
         axes[0][1].axhline(1.0, color="gray", linestyle="--", label="full cache")
