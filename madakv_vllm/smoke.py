@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .demo import chat_content, eviction_metrics, free_port, wait_ready
+from .vllm.requests import XARG_BUDGET, XARG_POLICY
 
 
 def parse_args(argv=None):
@@ -46,7 +47,7 @@ def post(base: str, path: str, body: dict) -> int:
 
 
 def random_body(rng: random.Random) -> tuple[str, dict]:
-    xargs = rng.choice([{}, {"kv_eviction_budget": 0.1}, {"kv_eviction": "snapkv"}, {"kv_eviction": "none"}])
+    xargs = rng.choice([{}, {XARG_BUDGET: 0.1}, {XARG_POLICY: "snapkv"}, {XARG_POLICY: "none"}])
     if rng.random() < 0.5:
         prompt = [rng.randrange(20, 400) for _ in range(rng.randint(50, 1500))]
         return "/v1/completions", {"model": "smoke", "prompt": prompt, "max_tokens": rng.randint(1, 32),

@@ -1,6 +1,8 @@
 """Prompts shared by the HF and vLLM tests: the same multimodal chat for both."""
 from PIL import Image
 
+from madakv_vllm.policies import POLICY_NAMES
+
 COLORS = ["red", "green", "blue", "yellow"]
 
 
@@ -52,7 +54,7 @@ def milebench_task(root, samples: int = 2, num_images: int = 2, filler_repeats: 
 
 
 XARG_KEYS = ["kv_eviction", "kv_eviction_budget", "kv_eviction_window", "some_other_key"]
-POLICIES = ["none", "madakv", "snapkv", "pyramidkv", "h2o", "streamingllm", "lookm"]
+POLICIES = list(POLICY_NAMES)
 
 
 def random_xarg_value(rng):

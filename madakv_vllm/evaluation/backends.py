@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..vllm.metrics import ENV_DIR, parse_metrics_page, read_totals, sum_modalities
-from ..vllm.requests import XARG_BUDGET, XARG_POLICY
+from ..vllm.requests import CONFIG_KEY, XARG_BUDGET, XARG_POLICY
 from .milebench import Sample, scorer_for
 
 
@@ -141,7 +141,7 @@ class Engine:
         self.rejected = (ValueError, VLLMClientError)  # what the server would answer with a 4xx
 
         args = dict(engine_args)
-        args.setdefault("additional_config", {}).setdefault("kv_eviction", {"policy": "madakv"})
+        args.setdefault("additional_config", {}).setdefault(CONFIG_KEY, {"policy": "madakv"})
         try:
             self.llm = LLM(model=model, **args)
         except (TypeError, ValueError) as exc:  # a bad --engine-args key or value

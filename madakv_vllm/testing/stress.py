@@ -17,7 +17,9 @@ import random
 import time
 from dataclasses import dataclass, field
 
-POLICIES = ("none", "madakv", "snapkv", "pyramidkv", "h2o", "streamingllm", "lookm")
+from ..policies import POLICY_NAMES
+from ..vllm.requests import CONFIG_KEY, XARG_BUDGET, XARG_POLICY, XARG_WINDOW
+
 IMAGE_PROMPT = "<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>picture of a cat " * 2
 WORDS = ("red", "cat", "river", "house", "dog", "green", "tree")
 
@@ -46,19 +48,19 @@ def engine_settings(block_size: int = 32) -> dict:
     return dict(dtype="float32", enforce_eager=True, distributed_executor_backend="uni", max_model_len=1536,
                 max_num_seqs=12, max_num_batched_tokens=256, num_gpu_blocks_override=96, block_size=block_size,
                 limit_mm_per_prompt={"image": 2}, seed=0,
-                additional_config={"kv_eviction": {"policy": "madakv", "budget": 0.2, "window": 16}})
+                additional_config={CONFIG_KEY: {"policy": "madakv", "budget": 0.2, "window": 16}})
 
 
 def random_request(rng: random.Random, shared_prefix: list[int], images):
     """(prompt, extra_args, max_tokens) of one random request."""
-    xargs = {"kv_eviction": rng.choice(POLICIES)}
+    xargs = {XARG_POLICY: rng.choice(POLICY_NAMES)}
     roll = rng.random()
     if roll < 0.15:
-        xargs["kv_eviction_budget"] = rng.choice([1, 2, rng.randint(3, 600)])  # token counts
+        xargs[XARG_BUDGET] = rng.choice([1, 2, rng.randint(3, 600)])  # token counts
     elif roll < 0.8:
-        xargs["kv_eviction_budget"] = rng.choice([0.01, 0.05, 0.1, 0.2, 0.5, 1.0, round(rng.random(), 3) or 0.5])
+        xargs[XARG_BUDGET] = rng.choice([0.01, 0.05, 0.1, 0.2, 0.5, 1.0, round(rng.random(), 3) or 0.5])
     if rng.random() < 0.4:
-        xargs["kv_eviction_window"] = rng.choice([0, 1, 4, 16, 32, 64])
+        xargs[XARG_WINDOW] = rng.choice([0, 1, 4, 16, 32, 64])
     kind = rng.random()
     if kind < 0.15:
         filler = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 300)))
