@@ -129,7 +129,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             body = "\n".join([
                 "# HELP vllm:kv_eviction_requests_total Requests whose KV cache was evicted",
                 f"vllm:kv_eviction_requests_total {c.get('requests', 0.0)}",
-                f"vllm:kv_eviction_requests_created 1.7e9",
+                "vllm:kv_eviction_requests_created 1.7e9",
                 f"vllm:kv_eviction_blocks_freed_total {c.get('blocks', 0.0)}",
                 f'vllm:kv_eviction_tokens_kept_total{{modality="text"}} {c.get("kept", 0.0) / 2}',
                 f'vllm:kv_eviction_tokens_kept_total{{modality="image"}} {c.get("kept", 0.0) / 2}',
