@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -72,6 +73,28 @@ def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 60
         if sys.stdout.isatty():
             print(f"\rstarting vllm serve ... {time.time() - started:4.0f} s", end="", flush=True)
         time.sleep(1)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def post_json(base: str, path: str, body: dict, timeout: float = 600) -> int:
+    """HTTP status of one JSON POST (NaN/inf go out as the non-standard literals Python writes)."""
+    import json
+
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def eviction_metrics(base: str) -> dict[str, float]:
@@ -139,11 +162,7 @@ def main(argv=None) -> None:
             print(f"  scoring + compaction {1000 * delta.get('seconds_sum', 0) / count:.1f} ms")
         print(f"\nserver log: {log}")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         print("server stopped")
 
 

@@ -12,19 +12,17 @@ empty again once idle. scripts/gpu_check.sh runs it after the test suite.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .demo import chat_content, eviction_metrics, free_port, wait_ready
+from .demo import chat_content, eviction_metrics, free_port, post_json, stop_server, wait_ready
 from .vllm.requests import XARG_BUDGET, XARG_POLICY
 
 
@@ -33,17 +31,6 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=120, help="how long to send requests")
     p.add_argument("--concurrency", type=int, default=8)
     return p.parse_args(argv)
-
-
-def post(base: str, path: str, body: dict) -> int:
-    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=600) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def random_body(rng: random.Random) -> tuple[str, dict]:
@@ -89,18 +76,14 @@ def main(argv=None) -> int:
         with ThreadPoolExecutor(args.concurrency) as pool:
             while time.time() < deadline:
                 bodies = [random_body(rng) for _ in range(args.concurrency)]
-                statuses += list(pool.map(lambda body: post(base, *body), bodies))
+                statuses += list(pool.map(lambda body: post_json(base, *body), bodies))
         time.sleep(2)  # counters reach /metrics on the next stats tick
         counters = eviction_metrics(base)
         usage_deadline = time.time() + 60
         while (usage := kv_cache_usage(base)) > 0 and time.time() < usage_deadline:
             time.sleep(1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     failures = [s for s in statuses if s != 200]
     ok = statuses and not failures and counters.get("requests", 0) > 0 and counters.get("blocks_freed", 0) > 0 \
         and usage == 0

@@ -2,7 +2,6 @@
 a bad override (HTTP 400, server keeps serving), Prometheus counters, and start-up refusals."""
 import base64
 import io
-import json
 import os
 import random
 import re
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from madakv_vllm.demo import free_port
+from madakv_vllm.demo import free_port, post_json
 from prompts import images, milebench_task, random_xargs
 
 pytestmark = pytest.mark.slow  # starts vLLM engines or servers (minutes); `-m "not slow"` skips them
@@ -154,18 +153,6 @@ def test_madakv_eval_measures_memory_from_the_server(server, tmp_path):
     assert float(evicted["kv_kept"]) == pytest.approx(0.2, abs=0.01)
 
 
-def post(base: str, path: str, body: dict) -> int:
-    """HTTP status of one JSON POST (NaN/inf go out as the non-standard literals Python writes)."""
-    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def fuzz_body(rng: random.Random) -> tuple[str, dict]:
     """A random request: token-id completions of 1 token to past max_model_len, or chats with
     0-8 images (the server allows 2), text-only or images-only, max_tokens 1-8, random vllm_xargs."""
@@ -192,11 +179,11 @@ def test_fuzzed_requests_get_200_or_400_and_leave_nothing_behind(server):
     rng = random.Random(1)
     bodies = [fuzz_body(rng) for _ in range(48)]
     with ThreadPoolExecutor(4) as pool:
-        statuses = list(pool.map(lambda pb: post(server, *pb), bodies))
+        statuses = list(pool.map(lambda pb: post_json(server, *pb), bodies))
     unexpected = [(s, b) for s, (_, b) in zip(statuses, bodies) if s not in (200, 400)]
     assert not unexpected, unexpected[:3]
     assert statuses.count(200) >= 10 and statuses.count(400) >= 5, statuses
-    assert post(server, "/v1/completions", {"model": "tiny", "prompt": [30, 40], "max_tokens": 2,
+    assert post_json(server, "/v1/completions", {"model": "tiny", "prompt": [30, 40], "max_tokens": 2,
                                             "vllm_xargs": {"kv_eviction_window": 0, "kv_eviction_budget": 0.2}}) == 200
     deadline = time.time() + 60
     while (usage := gauge(server, "vllm:kv_cache_usage_perc")) > 0:
