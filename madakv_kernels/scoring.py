@@ -11,6 +11,7 @@ Two implementations with one signature: `window_scores_torch` (CPU path and test
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -172,6 +173,12 @@ if HAS_TRITON:
             tl.store(out + offs_n, tl.sum(tl.exp2(s - lse[None, :]), 1), mask=offs_n < hi)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of a GPU, asked once (this runs for every layer of every scored step)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _uses_native_dot(key_cache: torch.Tensor, queries: torch.Tensor) -> bool:
     """Tensor-core dots on 16-bit inputs on a GPU; fp32 "ieee" dots otherwise (the interpreter
     computes 16-bit dots wrongly, and tl.dot needs both operands in one dtype)."""
@@ -206,7 +213,7 @@ def window_scores_triton(
     block_r = max(16, min(block_r, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_r)
     if key_chunks is None:
-        programs = 4 * torch.cuda.get_device_properties(key_cache.device).multi_processor_count if key_cache.is_cuda else 1
+        programs = 4 * _num_sms(key_cache.device) if key_cache.is_cuda else 1
         key_chunks = triton.cdiv(programs, num_kv_heads * row_blocks)
     chunks = max(1, min(triton.cdiv(n, block_n), key_chunks))
     chunk_n = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n

@@ -97,6 +97,16 @@ def post_json(base: str, path: str, body: dict, timeout: float = 600) -> int:
         return exc.code
 
 
+def kv_cache_usage(base: str) -> float:
+    """vLLM's own vllm:kv_cache_usage_perc from the server's /metrics (0 when the pool is empty)."""
+    text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("vllm:kv_cache_usage_perc{")]
+    if not values:
+        raise RuntimeError("the server does not export vllm:kv_cache_usage_perc")
+    return sum(values)
+
+
 def eviction_metrics(base: str) -> dict[str, float]:
     from .vllm.metrics import parse_metrics_page
 

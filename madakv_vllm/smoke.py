@@ -18,11 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .demo import chat_content, eviction_metrics, free_port, post_json, stop_server, wait_ready
+from .demo import chat_content, eviction_metrics, free_port, kv_cache_usage, post_json, stop_server, wait_ready
 from .vllm.requests import XARG_BUDGET, XARG_POLICY
 
 
@@ -42,12 +41,6 @@ def random_body(rng: random.Random) -> tuple[str, dict]:
     content = chat_content(rng.randint(0, 2))
     return "/v1/chat/completions", {"model": "smoke", "messages": [{"role": "user", "content": content}],
                                     "max_tokens": rng.randint(1, 32), "temperature": 0, "vllm_xargs": xargs}
-
-
-def kv_cache_usage(base: str) -> float:
-    text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:kv_cache_usage_perc{"))
 
 
 def main(argv=None) -> int:

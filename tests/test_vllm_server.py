@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from madakv_vllm.demo import free_port, post_json
+from madakv_vllm.demo import free_port, kv_cache_usage, post_json
 from prompts import images, milebench_task, random_xargs
 
 pytestmark = pytest.mark.slow  # starts vLLM engines or servers (minutes); `-m "not slow"` skips them
@@ -186,13 +186,6 @@ def test_fuzzed_requests_get_200_or_400_and_leave_nothing_behind(server):
     assert post_json(server, "/v1/completions", {"model": "tiny", "prompt": [30, 40], "max_tokens": 2,
                                             "vllm_xargs": {"kv_eviction_window": 0, "kv_eviction_budget": 0.2}}) == 200
     deadline = time.time() + 60
-    while (usage := gauge(server, "vllm:kv_cache_usage_perc")) > 0:
+    while (usage := kv_cache_usage(server)) > 0:
         assert time.time() < deadline, f"KV cache usage stays at {usage} when idle"
         time.sleep(1)
-
-
-def gauge(base: str, name: str) -> float:
-    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
-    assert values, f"{name} not exported"
-    return sum(values)

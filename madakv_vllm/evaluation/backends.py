@@ -68,6 +68,7 @@ class Endpoint:
         import openai
 
         self.url, self.concurrency = url.rstrip("/"), concurrency
+        self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url  # /metrics etc.
         self.client = openai.OpenAI(base_url=self.url, api_key="EMPTY")
         try:
             self.model = model or self.client.models.list().data[0].id
@@ -102,9 +103,8 @@ class Endpoint:
         import urllib.error
         import urllib.request
 
-        root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
         try:
-            with urllib.request.urlopen(urllib.request.Request(f"{root}/reset_prefix_cache", method="POST"),
+            with urllib.request.urlopen(urllib.request.Request(f"{self.root}/reset_prefix_cache", method="POST"),
                                         timeout=60) as response:
                 return response.status == 200
         except OSError:  # HTTPError included (404 outside dev mode)
@@ -116,10 +116,9 @@ class Endpoint:
         import urllib.error
         import urllib.request
 
-        root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
         for attempt in range(3):  # a busy server can be slow to answer
             try:
-                with urllib.request.urlopen(f"{root}/metrics", timeout=60) as response:
+                with urllib.request.urlopen(f"{self.root}/metrics", timeout=60) as response:
                     return sum_modalities(parse_metrics_page(response.read().decode()))
             except urllib.error.HTTPError:
                 return None  # it answers, but has no /metrics

@@ -135,6 +135,18 @@ def _hook_engine_args() -> None:
     EngineArgs.create_engine_config = create_engine_config_with_eviction
 
 
+def xargs_error(extra_args) -> str | None:
+    """Why this server cannot honour a request's eviction overrides, or None (also when off)."""
+    base = _state["server_config"]
+    if base is None:
+        return None
+    try:
+        request_config(base, extra_args)
+    except EvictionConfigError as exc:
+        return str(exc)
+    return None
+
+
 def _hook_request_validation() -> None:
     """Bad per-request overrides become a VLLMValidationError (HTTP 400) in the API server."""
     from vllm.exceptions import VLLMValidationError
@@ -145,12 +157,8 @@ def _hook_request_validation() -> None:
     @functools.wraps(verify)
     def verify_with_eviction(self):
         verify(self)
-        base = _state["server_config"]
-        if base is not None:
-            try:
-                request_config(base, self.extra_args)
-            except EvictionConfigError as exc:
-                raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
+        if (error := xargs_error(self.extra_args)) is not None:
+            raise VLLMValidationError(error, parameter="vllm_xargs")
 
     SamplingParams._verify_extra_args = verify_with_eviction
 
@@ -166,13 +174,9 @@ def _hook_openai_serving(module) -> None:
 
     @functools.wraps(run_create)
     async def validate_then_create(self, awaitable, request, raw_request, *args, **kwargs):
-        base = _state["server_config"]
-        if base is not None:
-            try:
-                request_config(base, getattr(request, "vllm_xargs", None))
-            except EvictionConfigError as exc:
-                getattr(awaitable, "close", lambda: None)()  # never started: no "never awaited" warning
-                return self.create_error_response(str(exc), param="vllm_xargs")
+        if (error := xargs_error(getattr(request, "vllm_xargs", None))) is not None:
+            getattr(awaitable, "close", lambda: None)()  # never started: no "never awaited" warning
+            return self.create_error_response(error, param="vllm_xargs")
         return await run_create(self, awaitable, request, raw_request, *args, **kwargs)
 
     serving_cls._with_kv_transfer_rejection_cleanup = validate_then_create

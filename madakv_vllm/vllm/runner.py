@@ -86,7 +86,10 @@ class WorkerEviction:
         context = runner.compilation_config.static_forward_context
         self.layers = [context[name] for name in groups[0].layer_names]
         check_layout(self.layers[0], self.layers[0].impl, self.layers[0].kv_cache)
-        heads = {paged_dims(*key_value_views(layer.kv_cache, layer.impl)[::2])[1] for layer in self.layers}
+        heads = set()
+        for layer in self.layers:
+            keys, _, layout = key_value_views(layer.kv_cache, layer.impl)
+            heads.add(paged_dims(keys, layout)[1])
         if len(heads) != 1:  # compat.check_vllm_config refuses such models from their config already
             raise RuntimeError(f"KV eviction needs the same KV-head count in every layer, found {sorted(heads)}")
         self.scores_per_token = len(self.layers) * heads.pop()  # the scheduler computes the same

@@ -168,13 +168,13 @@ class EvictingSchedulerMixin:
         to running requests: taking them would make vLLM preempt, often the request just compacted."""
         frees, plans = [], {}
         manager = self.evicting_manager
+        due = [request for request in self.running if self._compaction_due(request)]
+        if not due:  # the common step: no pass over the running requests' block needs
+            return frees, plans
         needs = self._blocks_this_step()
-        for request in self.running:
+        for request in due:
             request_id = request.request_id
-            target = self.eviction_targets.get(request_id)
-            if (target is None or request_id in manager.evicted_tokens
-                    or request.num_computed_tokens < target.prompt_len):
-                continue
+            target = self.eviction_targets[request_id]
             computed = request.num_computed_tokens
             physical = target.kept + computed - target.prompt_len
             new_blocks = -(-physical // manager.block_size)
@@ -188,6 +188,12 @@ class EvictingSchedulerMixin:
             frees.extend(old_blocks)
             plans[request_id] = (CompactionPlan([], target.prompt_len, target.kept, computed), len(old_blocks))
         return frees, plans
+
+    def _compaction_due(self, request) -> bool:
+        """The prompt was fully computed in an earlier step and the request is not compacted yet."""
+        target = self.eviction_targets.get(request.request_id)
+        return (target is not None and request.request_id not in self.evicting_manager.evicted_tokens
+                and request.num_computed_tokens >= target.prompt_len)
 
     def _blocks_this_step(self) -> dict[str, int]:
         """Blocks each running request will take in this step's schedule(), as vLLM schedules
