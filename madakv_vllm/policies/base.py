@@ -78,7 +78,8 @@ class EvictionPolicy:
     per head and layer on average, window included. `window`: the proxy window (last prompt
     tokens), always kept and counted inside the budget. A budget that covers the prompt evicts
     nothing. `uniform_layers`: ignore per-layer budgets (PyramidKV, MadaKV's HCC) and keep the
-    same count in every layer, as vLLM needs while all layers share one block table."""
+    same count in every layer, as vLLM needs while all layers share one block table (one
+    KV-cache group); with several groups vLLM keeps per-bucket counts (`bucket_budgets`)."""
 
     budget: float | int = 0.2
     window: int = 32
@@ -115,8 +116,24 @@ class EvictionPolicy:
         return psi
 
     def layer_budgets(self, scores: torch.Tensor, modality_tags: torch.Tensor, per_layer: int) -> list[int]:
-        """Selectable tokens per head for each layer (beyond the protected tail)."""
-        return [per_layer] * scores.shape[0]
+        """Selectable tokens per head for each layer (beyond the protected tail), from the
+        selectable part of the scores [L, H, n_select]."""
+        num_layers, _, n_select = scores.shape
+        return self.budgets_from_demands(self.layer_demands(scores, modality_tags), per_layer, num_layers, n_select)
+
+    def varies_by_layer(self) -> bool:
+        """Whether this policy gives layers different budgets (then vLLM needs several groups)."""
+        return False
+
+    def layer_demands(self, scores: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor | None:
+        """The per-layer statistic the budgets depend on, [L] fp32, or None. It is a mean over
+        heads, so tensor-parallel ranks (each with some heads) agree after averaging theirs."""
+        return None
+
+    def budgets_from_demands(self, demands: torch.Tensor | None, per_layer: int, num_layers: int,
+                             n_select: int) -> list[int]:
+        """Selectable tokens per head for each layer, summing to per_layer * num_layers."""
+        return [per_layer] * num_layers
 
     def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
         """Bool [H, n_select]: exactly `count` tokens per head."""
@@ -126,12 +143,32 @@ class EvictionPolicy:
         return topk_mask(self.rank_scores(psi, modality_tags), everyone, counts)
 
     # ---- the one entry point -------------------------------------------------------------------
+    def plan_budgets(self, scores: torch.Tensor | None, modality_tags: torch.Tensor, num_layers: int,
+                     buckets: int | None = None, average=None) -> list[int]:
+        """Selectable tokens per head for each layer (beyond the protected tail) for this prompt.
+        `buckets`: layers in that many contiguous equal buckets keep one count each (vLLM's KV-cache
+        groups, `bucket_budgets`). `average`: makes [L] demands agree across tensor-parallel ranks."""
+        n = modality_tags.numel()
+        kept = self.kept_tokens(n)
+        tail = self.protected_tail(kept)
+        n_select = n - tail
+        if self.uniform_layers or not self.varies_by_layer():
+            return [kept - tail] * num_layers
+        demands = None
+        if scores is not None:
+            demands = self.layer_demands(scores[..., :n_select].float(), modality_tags[:n_select])
+        if demands is not None and average is not None:
+            demands = average(demands)
+        budgets = self.budgets_from_demands(demands, kept - tail, num_layers, n_select)
+        return budgets if buckets is None else bucket_budgets(budgets, buckets, n_select)
+
     def select(self, scores: torch.Tensor | None, modality_tags: torch.Tensor, num_layers: int | None = None,
-               num_kv_heads: int | None = None) -> list[torch.Tensor] | None:
+               num_kv_heads: int | None = None, budgets: list[int] | None = None) -> list[torch.Tensor] | None:
         """Keep indices per layer ([H, K_l], sorted), or None when nothing is evicted.
 
         scores: [L, H, N] float (None for policies with needs_scores False, then pass
-        num_layers and num_kv_heads); modality_tags: [N] (0 text, 1 image, 2 video).
+        num_layers and num_kv_heads); modality_tags: [N] (0 text, 1 image, 2 video);
+        budgets: selectable tokens per layer when already planned (`plan_budgets`).
         """
         n = modality_tags.numel()
         if scores is None:
@@ -143,13 +180,21 @@ class EvictionPolicy:
         kept = self.kept_tokens(n)
         if kept >= n:
             return None
-        tail = self.protected_tail(kept)
-        n_select = n - tail
+        n_select = n - self.protected_tail(kept)
         selectable = scores[..., :n_select].float()
         tags = modality_tags[:n_select]
-        if self.uniform_layers:
-            budgets = [kept - tail] * selectable.shape[0]
-        else:
-            budgets = self.layer_budgets(selectable, tags, kept - tail)
+        if budgets is None:
+            budgets = self.plan_budgets(scores, modality_tags, selectable.shape[0])
         return [keep_indices(self.choose(selectable[layer], tags, count), n, n_select)
                 for layer, count in enumerate(budgets)]
+
+
+def bucket_budgets(budgets: list[int], buckets: int, cap: int) -> list[int]:
+    """Per-layer budgets made equal inside `buckets` contiguous equal runs of layers: each run
+    keeps its layers' mean (largest remainder), so the total stays at most the original one."""
+    size = len(budgets) // buckets
+    if size * buckets != len(budgets):
+        raise ValueError(f"{len(budgets)} layers cannot be split into {buckets} equal buckets")
+    means = [sum(budgets[b * size:(b + 1) * size]) / size for b in range(buckets)]
+    per_bucket = distribute(means, sum(budgets) // size, cap)
+    return [count for count in per_bucket for _ in range(size)]

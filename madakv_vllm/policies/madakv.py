@@ -68,13 +68,21 @@ class MadaKV(EvictionPolicy):
         demand = coverage_demand(psi, ~text, self.theta) + coverage_demand(psi, text, self.theta)
         return float(demand.float().mean())
 
-    def layer_budgets(self, scores: torch.Tensor, modality_tags: torch.Tensor, per_layer: int) -> list[int]:
-        num_layers, _, n_select = scores.shape
+    def varies_by_layer(self) -> bool:
+        return self.hcc
+
+    def layer_demands(self, scores: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor | None:
         if not self.hcc:
+            return None
+        return torch.tensor([self.layer_demand(scores[layer], modality_tags) for layer in range(scores.shape[0])])
+
+    def budgets_from_demands(self, demands, per_layer: int, num_layers: int, n_select: int) -> list[int]:
+        if demands is None:
             return [per_layer] * num_layers
+        demands = demands.tolist()
         floor = min(per_layer, max(1, int(self.min_layer_ratio * n_select + 0.5)))
         if self.hcc_variant == "balanced":
-            return self._balanced_budgets(scores, modality_tags, per_layer, floor)
+            return self._balanced_budgets(demands, per_layer, floor, n_select)
         phi = float(per_layer)  # running per-head share of the layers not yet budgeted
         budgets: list[int] = []
         for layer in range(num_layers):
@@ -84,15 +92,13 @@ class MadaKV(EvictionPolicy):
                 break
             # highest spend that still leaves every later layer at least the floor
             ceiling = min(n_select, int(phi + remaining * (phi - floor)))
-            demand = self.layer_demand(scores[layer], modality_tags)
-            spend = max(floor, min(ceiling, int(demand + 0.5)))
+            spend = max(floor, min(ceiling, int(demands[layer] + 0.5)))
             budgets.append(spend)
             phi -= (spend - phi) / remaining
         return budgets
 
-    def _balanced_budgets(self, scores, modality_tags, per_layer: int, floor: int) -> list[int]:
-        num_layers, _, n_select = scores.shape
-        demands = [self.layer_demand(scores[layer], modality_tags) for layer in range(num_layers)]
+    def _balanced_budgets(self, demands: list[float], per_layer: int, floor: int, n_select: int) -> list[int]:
+        num_layers = len(demands)
         total_demand = sum(demands)
         shares = [d / total_demand if total_demand > 0 else 1.0 / num_layers for d in demands]
         total = per_layer * num_layers

@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from .base import distribute
 from .snapkv import SnapKV
 
@@ -26,8 +24,10 @@ class PyramidKV(SnapKV):
         if self.beta < 1:
             raise ValueError(f"{self.name}: beta must be >= 1, got {self.beta}")
 
-    def layer_budgets(self, scores: torch.Tensor, modality_tags: torch.Tensor, per_layer: int) -> list[int]:
-        num_layers, n_select = scores.shape[0], scores.shape[2]
+    def varies_by_layer(self) -> bool:
+        return True
+
+    def budgets_from_demands(self, demands, per_layer: int, num_layers: int, n_select: int) -> list[int]:
         if num_layers == 1:
             return [per_layer]
         low = per_layer / self.beta

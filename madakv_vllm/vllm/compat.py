@@ -48,8 +48,14 @@ HOOKED_SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
     "vllm.v1.engine.input_processor": {
         "InputProcessor.process_inputs": ("self", "request_id", "prompt", "params", "supported_tasks"),
     },
+    "vllm.v1.core.kv_cache_utils": {"get_kv_cache_groups": ("vllm_config", "kv_cache_spec")},
+    "vllm.v1.worker.utils": {
+        "AttentionGroup.build_metadata": ("self", "common_attn_metadata", "ubatch_idx"),
+        "AttentionGroup.build_metadata_for_cudagraph_capture": ("self", "common_attn_metadata", "ubatch_idx"),
+    },
     "vllm.v1.worker.gpu_model_runner": {
         "GPUModelRunner.initialize_kv_cache": ("self", "kv_cache_config", "is_profiling"),
+        "GPUModelRunner.sample_tokens": ("self", "grammar_output"),
         "GPUModelRunner._update_states": ("self", "scheduler_output"),
         "GPUModelRunner._prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
         "GPUModelRunner.execute_model": ("self", "scheduler_output"),
@@ -181,6 +187,37 @@ def check_parallel_and_runner(vllm_config) -> None:
         raise EvictionStartupError("KV eviction hooks vLLM's V1 model runner, but this configuration forces Model "
                                    "Runner V2 (e.g. --watermark-config or HiSparse); drop that setting or use "
                                    "--kv-eviction none")
+
+
+# `--kv-eviction-layer-groups auto`: one KV-cache group per bucket of layers, at most this many
+# buckets (the largest divisor of the layer count not above it). See README "Layer groups".
+AUTO_LAYER_GROUPS_MAX = 4
+
+
+def resolve_layer_groups(requested, vllm_config) -> int:
+    """The number of KV-cache groups (equal buckets of consecutive layers) for `requested`: an
+    integer, "auto" or None (= 1: every layer keeps the same count)."""
+    if requested is None:
+        return 1
+    num_layers = vllm_config.model_config.get_total_num_hidden_layers()
+    divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+    if requested == "auto":
+        groups = max(d for d in divisors if d <= AUTO_LAYER_GROUPS_MAX)
+    else:
+        try:
+            groups = int(requested)
+        except (TypeError, ValueError):
+            groups = 0
+        if isinstance(requested, bool) or groups < 1 or str(groups) != str(requested).strip():
+            raise EvictionStartupError(f"--kv-eviction-layer-groups must be a positive integer or auto, got "
+                                       f"{requested!r}")
+        if groups not in divisors:
+            raise EvictionStartupError(f"--kv-eviction-layer-groups {groups}: the {num_layers} layers must split into "
+                                       f"equal buckets; choose one of {', '.join(map(str, divisors))} or auto")
+    if groups > 1 and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        raise EvictionStartupError("--kv-eviction-layer-groups > 1 needs vLLM's hybrid KV-cache manager (one block "
+                                   "pool for several groups); drop --disable-hybrid-kv-cache-manager")
+    return groups
 
 
 ALIBI_MODEL_TYPES = ("bloom", "mpt", "step1")

@@ -1,5 +1,6 @@
 """Where one layer's keys and values live inside vLLM's paged KV cache, per attention backend,
-and a start-up probe that checks it against the backend's own cache writer."""
+a start-up probe that checks it against the backend's own cache writer, and the split of the
+layers into KV-cache groups (buckets)."""
 from __future__ import annotations
 
 import torch
@@ -47,3 +48,23 @@ def check_layout(layer, impl, kv_cache: torch.Tensor) -> None:
             and torch.equal(gather_tokens(values, table, positions, layout), value)):
         raise RuntimeError(f"KV eviction does not support the KV-cache layout of {type(impl).__name__} here "
                            f"(ISA {getattr(layer, 'isa', '?')}, dtype {kv_cache.dtype}); run with --kv-eviction none")
+
+
+def split_into_buckets(groups: list, count: int) -> list:
+    """vLLM's one full-attention KV-cache group as `count` groups of consecutive layers (equal
+    sizes: a block costs the largest group's layers, vLLM would pad smaller ones)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
+
+    from .compat import EvictionStartupError
+
+    if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:
+        raise EvictionStartupError(f"--kv-eviction-layer-groups {count} needs one full-attention KV-cache group, this "
+                                   f"model has {[type(g.kv_cache_spec).__name__ for g in groups]}")
+    names = sorted(groups[0].layer_names, key=extract_layer_index)
+    size, rest = divmod(len(names), count)
+    if rest:
+        raise EvictionStartupError(f"--kv-eviction-layer-groups {count}: {len(names)} attention layers do not split "
+                                   f"into equal buckets")
+    spec = groups[0].kv_cache_spec
+    return [KVCacheGroupSpec(names[i * size:(i + 1) * size], spec) for i in range(count)]

@@ -18,10 +18,12 @@ from madakv_kernels import MODALITY_TAGS
 
 ENV_DIR = "MADAKV_METRICS_DIR"
 # Prometheus names (counters are exported with a "_total" suffix). The same short keys name the
-# published counters ("requests", "blocks_freed", "kept_<modality>", "evicted_<modality>").
+# published counters ("requests", "blocks_freed", "kept_<modality>", "evicted_<modality>",
+# "layer_kept_<layer index>").
 METRIC_REQUESTS = "vllm:kv_eviction_requests"
 METRIC_KEPT = "vllm:kv_eviction_tokens_kept"
 METRIC_EVICTED = "vllm:kv_eviction_tokens_evicted"
+METRIC_LAYER_KEPT = "vllm:kv_eviction_layer_tokens_kept"
 METRIC_BLOCKS_FREED = "vllm:kv_eviction_blocks_freed"
 METRIC_SECONDS = "vllm:kv_eviction_seconds"
 MAX_RECENT = 1000  # observations kept for a reader that fell behind
@@ -42,6 +44,10 @@ class Counters:
         with self._lock:
             for key, amount in amounts.items():
                 self.values[key] += amount
+
+    def add_layer_kept(self, kept_per_layer: list[int]) -> None:
+        """Prompt tokens each KV head of each layer kept for one request (the per-layer shape)."""
+        self.add(**{f"layer_kept_{layer}": kept for layer, kept in enumerate(kept_per_layer)})
 
     def observe_seconds(self, seconds: float) -> None:
         with self._lock:
@@ -77,9 +83,11 @@ def read_totals(directory: str) -> tuple[dict[str, float], dict[str, tuple[int, 
 
 def parse_metrics_page(text: str) -> dict[str, float]:
     """Our counters from a Prometheus text page (the server's /metrics), by short key:
-    requests, blocks_freed, kept_<modality>, evicted_<modality>, seconds_sum, seconds_count."""
+    requests, blocks_freed, kept_<modality>, evicted_<modality>, layer_kept_<layer>, seconds_sum,
+    seconds_count."""
     names = {f"{METRIC_REQUESTS}_total": "requests", f"{METRIC_BLOCKS_FREED}_total": "blocks_freed",
              f"{METRIC_KEPT}_total": "kept_", f"{METRIC_EVICTED}_total": "evicted_",
+             f"{METRIC_LAYER_KEPT}_total": "layer_kept_",
              f"{METRIC_SECONDS}_sum": "seconds_sum", f"{METRIC_SECONDS}_count": "seconds_count"}
     values: dict[str, float] = defaultdict(float)
     for line in text.splitlines():
@@ -91,7 +99,8 @@ def parse_metrics_page(text: str) -> dict[str, float]:
             continue
         key = names[name]
         if key.endswith("_"):
-            key += labels.split('modality="', 1)[1].split('"', 1)[0] if 'modality="' in labels else "unknown"
+            label = "layer" if key == "layer_kept_" else "modality"
+            key += labels.split(f'{label}="', 1)[1].split('"', 1)[0] if f'{label}="' in labels else "unknown"
         values[key] += float(value)
     return dict(values)
 
@@ -133,6 +142,8 @@ def _make_stat_logger_class():
                                 registry=registry)
             self.evicted = Counter(METRIC_EVICTED, "Prompt tokens evicted (per KV head and layer)", ["modality"],
                                    registry=registry)
+            self.layer_kept = Counter(METRIC_LAYER_KEPT, "Prompt tokens kept per KV head, by layer", ["layer"],
+                                      registry=registry)
             self.blocks = Counter(METRIC_BLOCKS_FREED, "KV-cache blocks returned to the pool", registry=registry)
             self.seconds = Histogram(METRIC_SECONDS, "Scoring + compaction time per request",
                                      buckets=SECONDS_BUCKETS, registry=registry)
@@ -158,6 +169,8 @@ def _make_stat_logger_class():
                     self.requests.inc(delta)
                 elif key == "blocks_freed":
                     self.blocks.inc(delta)
+                elif key.startswith("layer_kept_"):
+                    self.layer_kept.labels(layer=key[len("layer_kept_"):]).inc(delta)
                 elif key.startswith("kept_"):
                     self.kept.labels(modality=key[5:]).inc(delta)
                 elif key.startswith("evicted_"):

@@ -18,9 +18,10 @@ from typing import Any
 
 from ..config import EvictionConfig, EvictionConfigError, parse_budget, preset_names
 from ..policies import POLICY_NAMES
-from .compat import EvictionStartupError, check_engine_args, check_vllm_config, require_supported, unsupported_reason
+from .compat import (EvictionStartupError, check_engine_args, check_vllm_config, require_supported,
+                     resolve_layer_groups, unsupported_reason)
 from .metrics import ENV_DIR as METRICS_ENV_DIR
-from .requests import CONFIG_KEY, engine_config, request_config, request_policy
+from .requests import CONFIG_KEY, LAYER_GROUPS_KEY, engine_config, layer_groups, request_config, request_policy
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -40,6 +41,10 @@ def add_cli_flags(parser) -> None:
     group.add_argument("--kv-eviction-window", type=int, default=None,
                        help="Proxy window: last prompt tokens that score the others, kept and counted in "
                             "the budget; 32 when not given.")
+    group.add_argument("--kv-eviction-layer-groups", default=None, metavar="N|auto",
+                       help="KV-cache groups: consecutive layers in N equal buckets, each keeping its own "
+                            "token count (HCC, PyramidKV) in its own blocks; 1 = every layer keeps the same "
+                            "count; auto = at most 4. 1 when not given.")
     group.add_argument("--kv-eviction-config", default=None, metavar="PRESET|FILE.yaml",
                        help=f"Eviction preset by name ({', '.join(preset_names())}) or a YAML file; flags "
                             f"override it.")
@@ -92,9 +97,14 @@ def _hook_engine_args() -> None:
             config = config_from_args(args)
         except EvictionConfigError as exc:
             _fail(engine_args, exc)
+        groups = getattr(args, "kv_eviction_layer_groups", None)
+        if groups is not None and config is None:
+            _fail(engine_args, EvictionConfigError("--kv-eviction-layer-groups needs --kv-eviction"))
         if config is not None:
             engine_args.additional_config = {**(engine_args.additional_config or {}),
                                              CONFIG_KEY: config_as_dict(config)}
+            if groups is not None:
+                engine_args.additional_config[LAYER_GROUPS_KEY] = groups
         return engine_args
 
     @functools.wraps(create_engine_config)
@@ -116,8 +126,10 @@ def _hook_engine_args() -> None:
             return vllm_config
         try:
             check_vllm_config(vllm_config)
+            groups = resolve_layer_groups(vllm_config.additional_config.get(LAYER_GROUPS_KEY), vllm_config)
         except EvictionConfigError as exc:
             _fail(self, exc)
+        vllm_config.additional_config[LAYER_GROUPS_KEY] = groups
         scheduler_config = vllm_config.scheduler_config
         if scheduler_config.scheduler_cls not in (None, "vllm.v1.core.sched.scheduler.Scheduler",
                                                   "vllm.v1.core.sched.async_scheduler.AsyncScheduler"):
@@ -127,7 +139,8 @@ def _hook_engine_args() -> None:
         scheduler_config.scheduler_cls = f"madakv_vllm.vllm.scheduler.{name}"
         vllm_config.additional_config[CONFIG_KEY] = config_as_dict(config)
         _state["server_config"] = config
-        logger.info("KV eviction: %s (budget %s, window %d)", config.policy, config.budget, config.window)
+        logger.info("KV eviction: %s (budget %s, window %d, %d KV-cache group(s))", config.policy, config.budget,
+                    config.window, groups)
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args_with_eviction)
@@ -203,6 +216,27 @@ def _hook_streaming_inputs(module) -> None:
     processor_cls.process_inputs = process_inputs_refusing_evicted_sessions
 
 
+def _hook_kv_cache_groups(module) -> None:
+    """With --kv-eviction-layer-groups N > 1, vLLM's one full-attention group becomes N groups of
+    consecutive layers over the same block pool (its hybrid allocator: per-group block tables,
+    one page size), so a bucket that keeps fewer tokens holds fewer blocks. Runs wherever vLLM
+    groups layers (engine core; workers when profiling), always with the same answer."""
+    require_supported(module.__name__)
+    get_kv_cache_groups = module.get_kv_cache_groups
+
+    @functools.wraps(get_kv_cache_groups)
+    def get_kv_cache_groups_in_buckets(vllm_config, kv_cache_spec, *args, **kwargs):
+        groups = get_kv_cache_groups(vllm_config, kv_cache_spec, *args, **kwargs)
+        count = layer_groups(vllm_config.additional_config)
+        if count == 1 or engine_config(vllm_config.additional_config) is None:
+            return groups
+        from .kv_layout import split_into_buckets
+
+        return split_into_buckets(groups, count)
+
+    module.get_kv_cache_groups = get_kv_cache_groups_in_buckets
+
+
 def _hook_model_runner(module) -> None:
     """Install the worker hooks on each V1 runner once its KV cache exists (runner.py)."""
     runner_cls = module.GPUModelRunner
@@ -261,6 +295,7 @@ def register() -> None:
     _hook_request_validation()
     later = {}
     for module_name, hook in (("vllm.v1.worker.gpu_model_runner", _hook_model_runner),
+                              ("vllm.v1.core.kv_cache_utils", _hook_kv_cache_groups),
                               ("vllm.entrypoints.generate.base.serving", _hook_openai_serving),
                               ("vllm.v1.engine.input_processor", _hook_streaming_inputs)):
         if module_name in sys.modules:

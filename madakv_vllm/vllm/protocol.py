@@ -1,24 +1,29 @@
-"""The one message from the scheduler (engine core) to the workers, and where it travels.
+"""The messages between the scheduler (engine core) and the workers, and where they travel.
 
-The scheduler attaches a {request id: CompactionPlan} dict to each SchedulerOutput under
-PLANS_ATTR; vLLM pickles the whole object to the workers, attribute included. Everything else
-both sides need (policy, target) they compute from the request itself (requests.py).
+Scheduler -> workers: a {request id: CompactionPlan} dict on each SchedulerOutput under
+PLANS_ATTR; vLLM pickles the whole object to the workers, attribute included.
+Workers -> scheduler (several KV-cache groups and layer budgets that depend on the scores only):
+{request id: kept tokens per group} on the ModelRunnerOutput of the step that finished scoring
+the prompt, under REPORT_ATTR (pickled back the same way). Everything else both sides need
+(policy, target) they compute from the request itself (requests.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 PLANS_ATTR = "kv_eviction_plans"
+REPORT_ATTR = "kv_eviction_kept_per_group"
 
 
 @dataclass
 class CompactionPlan:
-    """Sent one step after the prompt's last chunk: move the kept prompt tokens (per head) and
-    every token computed after the prompt into `block_ids`, in order."""
+    """Sent once the prompt is computed and every KV-cache group's kept count is known: in group
+    g, move the kept prompt tokens (per head, `kept[g]` of them) and every token computed after
+    the prompt into `block_ids[g]`, in order."""
 
-    block_ids: list[int]
+    block_ids: list[list[int]]
     prompt_len: int
-    kept: int
+    kept: list[int]
     computed: int  # tokens [prompt_len, computed) are copied after the kept ones
 
 
@@ -28,3 +33,19 @@ def attach_plans(scheduler_output, plans: dict[str, CompactionPlan]) -> None:
 
 def plans_of(scheduler_output) -> dict[str, CompactionPlan]:
     return getattr(scheduler_output, PLANS_ATTR, None) or {}
+
+
+def attach_report(model_runner_output, kept: dict[str, list[int]]) -> bool:
+    """Put the workers' per-group kept counts on a step's output; False when this output cannot
+    carry them (vLLM's shared empty output), so the caller keeps them for the next one."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+    output = getattr(model_runner_output, "_model_runner_output", model_runner_output)  # async output
+    if not isinstance(output, ModelRunnerOutput) or output is EMPTY_MODEL_RUNNER_OUTPUT:
+        return False
+    setattr(output, REPORT_ATTR, {**getattr(output, REPORT_ATTR, {}), **kept})
+    return True
+
+
+def report_of(model_runner_output) -> dict[str, list[int]]:
+    return getattr(model_runner_output, REPORT_ATTR, None) or {}

@@ -15,6 +15,7 @@ from ..policies import EvictionPolicy
 logger = logging.getLogger("madakv_vllm")
 
 CONFIG_KEY = "kv_eviction"  # in VllmConfig.additional_config
+LAYER_GROUPS_KEY = "kv_eviction_layer_groups"  # in VllmConfig.additional_config: KV-cache groups (buckets)
 XARG_POLICY = "kv_eviction"  # in SamplingParams.extra_args (vllm_xargs)
 XARG_BUDGET = "kv_eviction_budget"
 XARG_WINDOW = "kv_eviction_window"
@@ -41,26 +42,37 @@ def request_config(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -
         raise EvictionConfigError(f"bad vllm_xargs for KV eviction: {exc}") from None
 
 
-def request_policy(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -> EvictionPolicy | None:
-    """The policy for one request. All layers keep the same count: they share one block table."""
+def layer_groups(additional_config: Mapping[str, Any] | None) -> int:
+    """How many KV-cache groups (contiguous equal buckets of layers) the engine runs with: 1 keeps
+    every layer at the same count (regime A); more let layer budgets differ per bucket (regime B)."""
+    return int((additional_config or {}).get(LAYER_GROUPS_KEY) or 1)
+
+
+def request_policy(base: EvictionConfig, extra_args: Mapping[str, Any] | None,
+                   groups: int = 1) -> EvictionPolicy | None:
+    """The policy for one request. With one KV-cache group all layers keep the same count (they
+    share one block table); with several, each bucket of layers keeps its own."""
     try:
         config = request_config(base, extra_args)
     except EvictionConfigError:
         config = base  # validated at the API server; never fail a step over it
     policy = config.build_policy()
     if policy is not None:
-        policy.uniform_layers = True
+        policy.uniform_layers = groups == 1
     return policy
 
 
 @dataclass(frozen=True)
 class EvictionTarget:
     """What eviction will do to a request's prompt: keep `kept` of `prompt_len` tokens per
-    head and layer, scored by the attention of the last `score_queries` prompt tokens."""
+    head and layer on average, scored by the attention of the last `score_queries` prompt
+    tokens. `reported_counts`: the KV-cache groups keep different counts that only the workers
+    can compute (from the scores, after the prompt); they report them to the scheduler."""
 
     prompt_len: int
     kept: int
     score_queries: int
+    reported_counts: bool = False
 
     @property
     def evicted(self) -> int:
@@ -73,7 +85,8 @@ class EvictionTarget:
 MAX_SCORE_BYTES = int(os.environ.get("MADAKV_MAX_SCORE_BYTES", 1 << 30))
 
 
-def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_token: int = 0) -> EvictionTarget | None:
+def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_token: int = 0,
+                    groups: int = 1) -> EvictionTarget | None:
     """None when nothing will be evicted (no policy, the budget covers the prompt, or its scores,
     `scores_per_token` fp32 values per prompt token, would exceed MAX_SCORE_BYTES)."""
     if policy is None:
@@ -93,4 +106,4 @@ def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_t
         logger.warning("KV eviction skipped for a %d-token prompt: %s keeps %d tokens scored by %d queries",
                        prompt_len, policy.name, kept, score_queries)
         return None
-    return EvictionTarget(prompt_len, kept, score_queries)
+    return EvictionTarget(prompt_len, kept, score_queries, reported_counts=groups > 1 and policy.varies_by_layer())

@@ -3,16 +3,22 @@ CPU runner subclasses), installed once its KV cache exists.
 
 - `_update_states` (after): track new requests; reset resumed ones; apply compaction plans:
   select keep indices from the accumulated scores, `compact_kv` every layer into the plan's
-  blocks, swap the block-table row, remember E = evicted tokens.
+  blocks of its KV-cache group, swap the block-table rows, remember E_g = evicted tokens per group.
 - `_prepare_inputs` (after): for compacted requests give attention physical `seq_lens` and
-  write slots at `position - E`; positions (RoPE, M-RoPE) stay logical. List the rows of this
+  write slots at `position - E_g`; positions (RoPE, M-RoPE) stay logical. List the rows of this
   step's queries that score a prompt (the last `score_queries` prompt tokens).
+- `execute_model` (after): for prompts whose scoring finished in this step and whose groups keep
+  counts that depend on the scores, plan the per-group counts (tensor-parallel ranks agree by
+  averaging their layer demands); `sample_tokens` (after) reports them on the step's output.
+- each group g > 0's attention-metadata build: `seq_lens` of that group (logical - E_g); group 0
+  uses the runner's own `seq_lens`, corrected in place.
 - `_determine_batch_execution_and_padding`: a step with scoring rows never replays a FULL
   cudagraph (attention must run its Python for the scoring hook).
 - each decoder layer's `impl.forward` (after): score those rows against the layer's paged keys.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -26,8 +32,8 @@ from madakv_kernels import MODALITY_TAGS, TEXT, compact_kv, paged_dims, window_s
 from ..policies import EvictionPolicy
 from .kv_layout import check_layout, key_value_views
 from .metrics import Counters
-from .requests import EvictionTarget, engine_config, eviction_target, request_policy
-from .protocol import plans_of
+from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, request_policy
+from .protocol import attach_report, plans_of
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -55,7 +61,7 @@ class RequestEviction:
     tags: torch.Tensor
     scores: torch.Tensor | None = None  # [layers, kv_heads, prompt_len] fp32, allocated at the first score
     scored_layers: set[int] = field(default_factory=set)
-    evicted: int = 0
+    evicted: list[int] | None = None  # per KV-cache group, once compacted
     seconds: float = 0.0  # scoring + compaction
 
 
@@ -68,7 +74,7 @@ class ScoringRows:
     start: int
     end: int
     context_len: int
-    block_table: torch.Tensor
+    block_tables: list[torch.Tensor]  # the request's row, per KV-cache group
 
 
 class WorkerEviction:
@@ -76,15 +82,18 @@ class WorkerEviction:
         self.runner = runner
         self.base_config = engine_config(runner.vllm_config.additional_config)
         groups = runner.kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise RuntimeError(f"KV eviction needs one KV-cache group, this model has {len(groups)}")
+        self.num_groups = layer_groups(runner.vllm_config.additional_config)
+        if len(groups) != self.num_groups:
+            raise RuntimeError(f"KV eviction expected {self.num_groups} KV-cache group(s), this model has {len(groups)}")
         self.block_size = groups[0].kv_cache_spec.block_size
-        if list(getattr(runner, "_kernel_block_sizes", [self.block_size])) != [self.block_size]:
+        sizes = [g.kv_cache_spec.block_size for g in groups] + list(getattr(runner, "_kernel_block_sizes", []))
+        if set(sizes) != {self.block_size}:
             raise RuntimeError(f"KV eviction needs the attention kernel block size to equal the cache block size "
-                               f"({runner._kernel_block_sizes} vs {self.block_size}); pass a --block-size the "
-                               f"backend supports natively")
+                               f"({sizes}); pass a --block-size the backend supports natively")
         context = runner.compilation_config.static_forward_context
-        self.layers = [context[name] for name in groups[0].layer_names]
+        # layers in model order (groups are contiguous buckets of layers), and each one's group
+        self.layers = [context[name] for group in groups for name in group.layer_names]
+        self.layer_group = [g for g, group in enumerate(groups) for _ in group.layer_names]
         check_layout(self.layers[0], self.layers[0].impl, self.layers[0].kv_cache)
         heads = set()
         for layer in self.layers:
@@ -96,8 +105,12 @@ class WorkerEviction:
         self.requests: dict[str, RequestEviction] = {}
         self.step_rows: list[ScoringRows] = []
         # per-step inputs staged in pinned host memory (the runner's own buffer type)
-        self.evicted_per_request = runner._make_buffer(runner.max_num_reqs, dtype=torch.int32)
-        self.evicted_per_token = runner._make_buffer(runner.max_num_tokens, dtype=torch.int64)
+        self.evicted_per_request = [runner._make_buffer(runner.max_num_reqs, dtype=torch.int32)
+                                    for _ in range(self.num_groups)]
+        self.evicted_per_token = [runner._make_buffer(runner.max_num_tokens, dtype=torch.int64)
+                                  for _ in range(self.num_groups)]
+        self.completing: list[str] = []  # prompts whose scoring finishes in this step
+        self.pending_reports: dict[str, list[int]] = {}  # per-group kept counts not yet on an output
         self.device = runner.device
         # Every tensor-parallel rank holds its share of the KV heads: each publishes its per-head
         # averages divided by the TP size, so their sum is the average over all heads.
@@ -109,18 +122,33 @@ class WorkerEviction:
             runner._determine_batch_execution_and_padding, lambda: bool(self.step_rows))
         runner._update_states = self._after(runner._update_states, self.after_update_states)
         runner._prepare_inputs = self._after(runner._prepare_inputs, self.after_prepare_inputs)
-        execute_model = runner.execute_model
+        execute_model, sample_tokens = runner.execute_model, runner.sample_tokens
 
         @functools.wraps(execute_model)
-        def execute_model_then_forget_rows(*args, **kwargs):
+        def execute_model_then_plan_counts(*args, **kwargs):
             try:
-                return execute_model(*args, **kwargs)
+                output = execute_model(*args, **kwargs)
+                self.plan_group_counts()
+                return self.with_reports(output)
             finally:
-                self.step_rows = []
+                self.step_rows, self.completing = [], []
 
-        runner.execute_model = execute_model_then_forget_rows
-        logger.info("KV eviction hooks installed on %s (%d layers, block size %d)", type(runner).__name__,
-                    len(self.layers), self.block_size)
+        @functools.wraps(sample_tokens)
+        def sample_tokens_with_reports(*args, **kwargs):
+            return self.with_reports(sample_tokens(*args, **kwargs))
+
+        runner.execute_model = execute_model_then_plan_counts
+        runner.sample_tokens = sample_tokens_with_reports
+        if self.num_groups > 1:
+            # persistent per group (FULL cudagraphs read them at the address they were captured with)
+            self.group_seq_lens = [torch.zeros_like(runner.seq_lens) for _ in range(self.num_groups)]
+            self.seq_len_offsets = [runner._make_buffer(runner.max_num_reqs, dtype=torch.int32)
+                                    for _ in range(self.num_groups)]
+            for g in range(1, self.num_groups):
+                for attn_group in runner.attn_groups[g]:
+                    self._use_group_seq_lens(attn_group, g)
+        logger.info("KV eviction hooks installed on %s (%d layers in %d KV-cache group(s), block size %d)",
+                    type(runner).__name__, len(self.layers), self.num_groups, self.block_size)
 
     @staticmethod
     def _after(method, hook):
@@ -132,11 +160,34 @@ class WorkerEviction:
 
         return wrapped
 
+    def _use_group_seq_lens(self, attn_group, g: int) -> None:
+        """Group g > 0 attends over its own physical lengths: runner seq_lens (group 0's) + offset
+        E_0 - E_g, written in place into a persistent tensor. vLLM would otherwise reuse group
+        0's metadata with another block table (`update_block_table`), so that shortcut is off."""
+        for builder in attn_group.metadata_builders:
+            builder.supports_update_block_table = False
+
+        def with_group_seq_lens(build):
+            @functools.wraps(build)
+            def build_for_group(common_attn_metadata, *args, **kwargs):
+                n = common_attn_metadata.seq_lens.shape[0]
+                seq_lens = self.group_seq_lens[g][:n]
+                torch.add(common_attn_metadata.seq_lens, self.seq_len_offsets[g].gpu[:n], out=seq_lens)
+                metadata = copy.copy(common_attn_metadata)
+                metadata.seq_lens = seq_lens
+                return build(metadata, *args, **kwargs)
+
+            return build_for_group
+
+        attn_group.build_metadata = with_group_seq_lens(attn_group.build_metadata)
+        attn_group.build_metadata_for_cudagraph_capture = with_group_seq_lens(
+            attn_group.build_metadata_for_cudagraph_capture)
+
     # ---- request state -----------------------------------------------------------------------
     def _track(self, req_state) -> None:
         extra = req_state.sampling_params.extra_args if req_state.sampling_params is not None else None
-        policy = request_policy(self.base_config, extra)
-        target = eviction_target(policy, req_state.num_prompt_tokens, self.scores_per_token)
+        policy = request_policy(self.base_config, extra, self.num_groups)
+        target = eviction_target(policy, req_state.num_prompt_tokens, self.scores_per_token, self.num_groups)
         if target is None:
             self.requests.pop(req_state.req_id, None)
             return
@@ -155,41 +206,82 @@ class WorkerEviction:
         for req_id, plan in plans_of(scheduler_output).items():
             self.apply_plan(req_id, plan)
 
+    def _scores_for_plan(self, req_id: str, state: RequestEviction) -> torch.Tensor | None:
+        if not state.policy.needs_scores:
+            return None
+        missing = sorted(set(range(len(self.layers))) - state.scored_layers)
+        if missing:
+            raise RuntimeError(f"KV eviction: request {req_id} reached compaction without scores for layers "
+                               f"{missing[:5]}")
+        return state.scores
+
+    def _num_kv_heads(self) -> int:
+        first = self.layers[0]
+        key_cache, _, layout = key_value_views(first.kv_cache, first.impl)
+        return paged_dims(key_cache, layout)[1]
+
     def apply_plan(self, req_id: str, plan) -> None:
         state, req_state = self.requests.get(req_id), self.runner.requests.get(req_id)
         if state is None or req_state is None:
             return
         started = time.perf_counter()
-        scores = None
-        if state.policy.needs_scores:
-            missing = sorted(set(range(len(self.layers))) - state.scored_layers)
-            if missing:
-                raise RuntimeError(f"KV eviction: request {req_id} reached compaction without scores for layers "
-                                   f"{missing[:5]}")
-            scores = state.scores
-        first = self.layers[0]
-        key_cache, _, layout = key_value_views(first.kv_cache, first.impl)
-        num_kv_heads = paged_dims(key_cache, layout)[1]
+        scores = self._scores_for_plan(req_id, state)
+        num_kv_heads = self._num_kv_heads()
+        # the plan's per-group counts are what the scheduler allocated: select exactly those
+        tail = state.policy.protected_tail(state.target.kept)
+        budgets = [plan.kept[g] - tail for g in self.layer_group]
         keep = state.policy.select(scores, state.tags.to(self.device), num_layers=len(self.layers),
-                                   num_kv_heads=num_kv_heads)
-        tail = torch.arange(plan.prompt_len, plan.computed, device=self.device).expand(num_kv_heads, -1)
-        src = torch.tensor(req_state.block_ids[0], dtype=torch.int32, device=self.device)
-        dst = torch.tensor(plan.block_ids, dtype=torch.int32, device=self.device)
-        for layer, layer_keep in zip(self.layers, keep):
+                                   num_kv_heads=num_kv_heads, budgets=budgets)
+        tail_tokens = torch.arange(plan.prompt_len, plan.computed, device=self.device).expand(num_kv_heads, -1)
+        src = [torch.tensor(ids, dtype=torch.int32, device=self.device) for ids in req_state.block_ids]
+        dst = [torch.tensor(ids, dtype=torch.int32, device=self.device) for ids in plan.block_ids]
+        for layer, g, layer_keep in zip(self.layers, self.layer_group, keep):
             keys, values, layout = key_value_views(layer.kv_cache, layer.impl)
-            compact_kv(keys, values, src, dst, torch.cat([layer_keep.to(self.device), tail], dim=1), layout)
-        req_state.block_ids = (list(plan.block_ids),)
+            compact_kv(keys, values, src[g], dst[g], torch.cat([layer_keep.to(self.device), tail_tokens], dim=1), layout)
+        req_state.block_ids = tuple(list(ids) for ids in plan.block_ids)
         row = self.runner.input_batch.req_id_to_index.get(req_id)
         if row is not None:
             self.runner.input_batch.block_table.add_row(req_state.block_ids, row)
-        state.evicted = plan.prompt_len - plan.kept
+        state.evicted = [plan.prompt_len - kept for kept in plan.kept]
         state.scores, scores = None, None  # the largest per-request buffer: freed right after the plan
         state.seconds += time.perf_counter() - started
-        counts = kept_and_evicted_by_modality(keep, state.tags.to(self.device))
+        tags = state.tags.to(self.device)
+        counts = kept_and_evicted_by_modality(keep, tags)
         self.counters.add(**{key: value / self.tp_size for key, value in counts.items()})
-        if self.tp_rank == 0:  # one observation per request
+        if self.tp_rank == 0:  # one observation per request; per-layer counts are per head, the same on every rank
             self.counters.observe_seconds(state.seconds)
+            self.counters.add_layer_kept([int(layer_keep.shape[1]) for layer_keep in keep])
         self.counters.publish()
+
+    def plan_group_counts(self) -> None:
+        """After the forward: the per-group kept counts of prompts whose scoring just finished,
+        when they depend on the scores (reported to the scheduler, which allocates for them)."""
+        for req_id in self.completing:
+            state = self.requests.get(req_id)
+            if state is None or not state.target.reported_counts:
+                continue
+            started = time.perf_counter()
+            tags = state.tags.to(self.device)
+            budgets = state.policy.plan_budgets(self._scores_for_plan(req_id, state), tags, len(self.layers),
+                                                buckets=self.num_groups, average=self._average_over_ranks)
+            tail = state.policy.protected_tail(state.target.kept)
+            first_layer = [self.layer_group.index(g) for g in range(self.num_groups)]
+            self.pending_reports[req_id] = [budgets[layer] + tail for layer in first_layer]
+            state.seconds += time.perf_counter() - started
+
+    def _average_over_ranks(self, demands: torch.Tensor) -> torch.Tensor:
+        """Each tensor-parallel rank holds the same number of KV heads: the mean of the ranks'
+        per-head means is the mean over all heads, identical on every rank."""
+        if self.tp_size == 1:
+            return demands
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        return tensor_model_parallel_all_reduce(demands.to(self.device)).cpu() / self.tp_size
+
+    def with_reports(self, output):
+        if self.pending_reports and attach_report(output, self.pending_reports):
+            self.pending_reports = {}
+        return output
 
     # ---- per step ----------------------------------------------------------------------------
     def after_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs) -> None:
@@ -198,30 +290,48 @@ class WorkerEviction:
         req_ids = batch.req_ids[:num_reqs]
         computed = batch.num_computed_tokens_cpu[:num_reqs]
         starts = runner.query_start_loc.np[:num_reqs]
-        evicted = self.evicted_per_request.np[:num_reqs]
-        evicted[:] = [self.requests[r].evicted if r in self.requests else 0 for r in req_ids]
-        if evicted.any():
-            # Attention sees the physical cache; the new tokens' slots follow the kept ones.
-            # Pinned staging + non-blocking copies, as the runner's own inputs (no stream sync).
-            runner.seq_lens[:num_reqs] -= self.evicted_per_request.copy_to_gpu(num_reqs)
-            runner.optimistic_seq_lens_cpu[:num_reqs] -= self.evicted_per_request.cpu[:num_reqs]
-            num_tokens = int(num_scheduled_tokens[:num_reqs].sum())
-            self.evicted_per_token.np[:num_tokens] = np.repeat(evicted, num_scheduled_tokens[:num_reqs])
-            physical = runner.positions[:num_tokens] - self.evicted_per_token.copy_to_gpu(num_tokens)
-            batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
-        block_tables = batch.block_table[0].get_device_tensor(num_reqs)  # committed for this step
-        rows = []
+        scheduled = num_scheduled_tokens[:num_reqs]
+        evicted = np.zeros((self.num_groups, num_reqs), dtype=np.int64)
         for i, req_id in enumerate(req_ids):
             state = self.requests.get(req_id)
-            if state is None or state.evicted or not state.target.score_queries:
+            if state is not None and state.evicted is not None:
+                evicted[:, i] = state.evicted
+        if evicted.any():
+            # Attention sees each group's physical cache; the new tokens' slots follow the kept
+            # ones. Pinned staging + non-blocking copies, as the runner's own inputs (no stream sync).
+            stage = self.evicted_per_request[0]
+            stage.np[:num_reqs] = evicted[0]
+            runner.seq_lens[:num_reqs] -= stage.copy_to_gpu(num_reqs)
+            runner.optimistic_seq_lens_cpu[:num_reqs] -= torch.from_numpy(evicted.min(axis=0))  # upper bound
+            num_tokens = int(scheduled.sum())
+            for g in range(self.num_groups):
+                per_token = self.evicted_per_token[g]
+                per_token.np[:num_tokens] = np.repeat(evicted[g], scheduled)
+                physical = runner.positions[:num_tokens] - per_token.copy_to_gpu(num_tokens)
+                batch.block_table[g].compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
+        for g in range(1, self.num_groups):  # every step: zeros clear the last step's offsets
+            offsets = self.seq_len_offsets[g]
+            offsets.np[:] = 0
+            offsets.np[:num_reqs] = evicted[0] - evicted[g]
+            offsets.copy_to_gpu()
+        block_tables = [batch.block_table[g].get_device_tensor(num_reqs) for g in range(self.num_groups)]
+        rows, completing = [], []
+        for i, req_id in enumerate(req_ids):
+            state = self.requests.get(req_id)
+            if state is None or state.evicted is not None:
                 continue
             prompt_len = state.target.prompt_len
+            done = int(computed[i]) + int(scheduled[i])
+            if int(computed[i]) < prompt_len <= done:
+                completing.append(req_id)
+            if not state.target.score_queries:
+                continue
             lo = max(int(computed[i]), prompt_len - state.target.score_queries)
-            hi = min(int(computed[i]) + int(num_scheduled_tokens[i]), prompt_len)
+            hi = min(done, prompt_len)
             if lo < hi:
                 first_row = int(starts[i]) + lo - int(computed[i])
-                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi, block_tables[i]))
-        self.step_rows = rows
+                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi, [table[i] for table in block_tables]))
+        self.step_rows, self.completing = rows, completing
 
     def _scoring_forward(self, layer_index: int, forward, impl):
         @functools.wraps(forward)
@@ -237,9 +347,11 @@ class WorkerEviction:
         started = time.perf_counter()
         keys, _, layout = key_value_views(kv_cache, impl)
         head_dim = keys.shape[-1]
+        group = self.layer_group[layer_index]
         for rows in self.step_rows:
             queries = query[rows.start : rows.end].reshape(rows.end - rows.start, -1, head_dim)
-            psi = window_scores(keys, rows.block_table, queries, rows.context_len, layout=layout, scale=impl.scale)
+            psi = window_scores(keys, rows.block_tables[group], queries, rows.context_len, layout=layout,
+                                scale=impl.scale)
             state = rows.request
             if state.scores is None:  # one buffer for all layers: no per-layer tensors, no stack copy
                 state.scores = torch.zeros(len(self.layers), psi.shape[0], state.target.prompt_len, device=psi.device)
@@ -266,9 +378,9 @@ def without_full_graphs_while_scoring(determine_batch_execution, has_scoring_row
 
 
 def kept_and_evicted_by_modality(keep: list[torch.Tensor], tags: torch.Tensor) -> dict[str, float]:
-    """Prompt tokens kept and evicted per modality, averaged over layers and KV heads."""
-    slots = sum(layer_keep.numel() for layer_keep in keep)
-    heads_and_layers = slots / keep[0].shape[1]
+    """Prompt tokens kept and evicted per modality, averaged over layers and KV heads (layers
+    may keep different counts)."""
+    heads_and_layers = sum(layer_keep.shape[0] for layer_keep in keep)
     counts = {}
     for name, tag in MODALITY_TAGS.items():
         kept = sum(int((tags[layer_keep] == tag).sum()) for layer_keep in keep) / heads_and_layers

@@ -7,6 +7,10 @@ Timeline of one request (step numbers are scheduler steps):
        records E = prompt_len - kept, and sends a CompactionPlan; the worker copies the kept
        tokens in before its forward. From now on block accounting uses physical lengths
        (logical - E); compacted blocks are never hashed.
+       With several KV-cache groups (buckets of layers, `--kv-eviction-layer-groups`) all of
+       this is per group, E_g = prompt_len - kept_g. When the kept counts depend on the scores
+       (HCC, PyramidKV) the workers report them with the output of step s, so the swap happens
+       in the first schedule() after that output came back (s+1, or s+2 with async scheduling).
   ack: when the output of step s+1 comes back, the old blocks are freed (prefix-cached ones
        stay cached, with their hashes, for other requests).
 Preemption frees everything and resets E (re-prefill re-evicts); aborts free the plan's blocks
@@ -22,8 +26,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from .compat import check_parallel_and_runner, require_supported
 from .metrics import Counters
-from .protocol import CompactionPlan, attach_plans, plans_of
-from .requests import EvictionTarget, engine_config, eviction_target, request_policy
+from .protocol import CompactionPlan, attach_plans, plans_of, report_of
+from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, request_policy
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -35,9 +39,9 @@ def inside_multimodal_item(request, position: int) -> bool:
 
 
 class EvictingManager:
-    """Wraps the one FullAttentionManager (in place, on the instance) so that a compacted
-    request holds `logical - evicted` tokens: allocation counts physical tokens, compacted
-    blocks are never hashed, freeing forgets the request."""
+    """Wraps one KV-cache group's FullAttentionManager (in place, on the instance) so that a
+    compacted request holds `logical - evicted` tokens: allocation counts physical tokens,
+    compacted blocks are never hashed, freeing forgets the request."""
 
     def __init__(self, manager):
         self.manager = manager
@@ -95,13 +99,17 @@ class EvictingSchedulerMixin:
         self.eviction_config = engine_config(self.vllm_config.additional_config)
         check_parallel_and_runner(self.vllm_config)  # the engine core's final config, not the front end's
         managers = self.kv_cache_manager.coordinator.single_type_managers
-        if len(managers) != 1 or not isinstance(managers[0], FullAttentionManager):
-            raise RuntimeError("KV eviction needs one full-attention KV-cache group; this model has "
-                               f"{[type(m).__name__ for m in managers]}")
-        group = self.kv_cache_config.kv_cache_groups[0]
-        self.scores_per_token = len(group.layer_names) * group.kv_cache_spec.num_kv_heads  # as the workers do
-        manager = EvictingManager(managers[0])
+        self.num_groups = layer_groups(self.vllm_config.additional_config)
+        if len(managers) != self.num_groups or not all(isinstance(m, FullAttentionManager) for m in managers):
+            raise RuntimeError(f"KV eviction needs {self.num_groups} full-attention KV-cache group(s); this model "
+                               f"has {[type(m).__name__ for m in managers]}")
+        groups = self.kv_cache_config.kv_cache_groups
+        self.scores_per_token = sum(len(g.layer_names) for g in groups) * groups[0].kv_cache_spec.num_kv_heads
+        self.evicting_managers = [EvictingManager(m) for m in managers]
+        manager = self.evicting_managers[0]  # compaction state is per group; the first one answers "compacted?"
         self.evicting_manager = manager
+        # kept prompt tokens per group, as the workers reported them (targets with reported_counts)
+        self.reported_kept: dict[str, list[int]] = {}
         self.eviction_targets: dict[str, EvictionTarget | None] = {}
         self.eviction_counters = Counters("scheduler")
         # old blocks of each step's plans, freed when that step's output comes back
@@ -121,10 +129,10 @@ class EvictingSchedulerMixin:
 
     def add_request(self, request) -> None:
         policy = request_policy(self.eviction_config, request.sampling_params.extra_args
-                                if request.sampling_params is not None else None)
+                                if request.sampling_params is not None else None, self.num_groups)
         # Streaming-input sessions replace the prompt between chunks: never compacted (the API
         # server refuses them when eviction applies; this is the engine's own line of defence).
-        target = eviction_target(policy, request.num_prompt_tokens, self.scores_per_token)
+        target = eviction_target(policy, request.num_prompt_tokens, self.scores_per_token, self.num_groups)
         self.eviction_targets[request.request_id] = None if getattr(request, "resumable", False) else target
         super().add_request(request)
 
@@ -145,60 +153,72 @@ class EvictingSchedulerMixin:
     def schedule(self, *args, **kwargs):
         frees, plans = self._plan_compactions()
         output = super().schedule(*args, **kwargs)
-        manager = self.evicting_manager
         delivered, taken = {}, 0
         for request_id, (plan, old_blocks) in plans.items():
-            if request_id not in manager.evicted_tokens:  # preempted while scheduling: plan void
+            if request_id not in self.evicting_manager.evicted_tokens:  # preempted while scheduling: plan void
                 continue
-            plan.block_ids = manager.block_ids(request_id)
+            plan.block_ids = [manager.block_ids(request_id) for manager in self.evicting_managers]
             delivered[request_id] = plan
-            new_blocks = len(plan.block_ids)
+            new_blocks = sum(len(ids) for ids in plan.block_ids)
             taken += new_blocks
             self.eviction_counters.add(requests=1)
-            logger.debug("kv eviction: request %s logical length %d physical length %d blocks %d -> %d",
-                         request_id, plan.computed, plan.computed - plan.prompt_len + plan.kept, old_blocks, new_blocks)
+            logger.debug("kv eviction: request %s logical length %d kept per group %s blocks %d -> %d",
+                         request_id, plan.computed, plan.kept, old_blocks, new_blocks)
         attach_plans(output, delivered)
         if frees:
             self.frees_after_step[id(output)] = (output, frees, taken)
         return output
 
     def _plan_compactions(self):
-        """Requests whose prompt was fully scheduled in an earlier step get private blocks now,
-        but only when the pool keeps enough blocks for what this step's schedule() will allocate
-        to running requests: taking them would make vLLM preempt, often the request just compacted."""
+        """Requests whose prompt was fully scheduled in an earlier step (and whose kept counts are
+        known) get private blocks now, but only when the pool keeps enough blocks for what this
+        step's schedule() will allocate to running requests: taking them would make vLLM
+        preempt, often the request just compacted."""
         frees, plans = [], {}
-        manager = self.evicting_manager
+        managers = self.evicting_managers
         due = [request for request in self.running if self._compaction_due(request)]
         if not due:  # the common step: no pass over the running requests' block needs
             return frees, plans
         needs = self._blocks_this_step()
+        block_size = self.evicting_manager.block_size
+        pool = self.evicting_manager.manager.block_pool  # one pool for every group
         for request in due:
             request_id = request.request_id
             target = self.eviction_targets[request_id]
+            kept = self._kept_per_group(request_id, target)
             computed = request.num_computed_tokens
-            physical = target.kept + computed - target.prompt_len
-            new_blocks = -(-physical // manager.block_size)
+            physical = [k + computed - target.prompt_len for k in kept]
+            new_blocks = sum(-(-p // block_size) for p in physical)
             # after the swap this request needs blocks for its step token in the new layout
-            need_after = -(-(physical + 1) // manager.block_size) - new_blocks
+            need_after = sum(-(-(p + 1) // block_size) for p in physical) - new_blocks
             headroom = sum(needs.values()) - needs.get(request_id, 0) + need_after
-            if manager.manager.block_pool.get_num_free_blocks() < new_blocks + headroom:
+            if pool.get_num_free_blocks() < new_blocks + headroom:
                 continue  # pool too short this step; tokens decoded meanwhile are carried over later
-            old_blocks = manager.swap_in_private_blocks(request_id, physical, target.evicted)
+            old_blocks = []
+            for manager, group_physical, group_kept in zip(managers, physical, kept):
+                old_blocks += manager.swap_in_private_blocks(request_id, group_physical, target.prompt_len - group_kept)
             needs[request_id] = need_after
             frees.extend(old_blocks)
-            plans[request_id] = (CompactionPlan([], target.prompt_len, target.kept, computed), len(old_blocks))
+            plans[request_id] = (CompactionPlan([], target.prompt_len, kept, computed), len(old_blocks))
         return frees, plans
 
+    def _kept_per_group(self, request_id: str, target: EvictionTarget) -> list[int] | None:
+        if target.reported_counts:
+            return self.reported_kept.get(request_id)
+        return [target.kept] * self.num_groups
+
     def _compaction_due(self, request) -> bool:
-        """The prompt was fully computed in an earlier step and the request is not compacted yet."""
+        """The prompt was fully computed in an earlier step, the kept counts are known and the
+        request is not compacted yet."""
         target = self.eviction_targets.get(request.request_id)
         return (target is not None and request.request_id not in self.evicting_manager.evicted_tokens
-                and request.num_computed_tokens >= target.prompt_len)
+                and request.num_computed_tokens >= target.prompt_len
+                and self._kept_per_group(request.request_id, target) is not None)
 
     def _blocks_this_step(self) -> dict[str, int]:
         """Blocks each running request will take in this step's schedule(), as vLLM schedules
         them: in order, each its remaining tokens (at least its next one) within the token budget."""
-        manager, budget, needs = self.evicting_manager, self.max_num_scheduled_tokens, {}
+        budget, needs = self.max_num_scheduled_tokens, {}
         for request in self.running:
             if budget <= 0:
                 break
@@ -206,19 +226,36 @@ class EvictingSchedulerMixin:
             tokens = min(max(pending, 1), budget)
             budget -= tokens
             request_id = request.request_id
-            physical = request.num_computed_tokens - manager.evicted_tokens.get(request_id, 0) + tokens
-            held = len(manager.manager.req_to_blocks.get(request_id, ()))
-            needs[request_id] = max(0, -(-physical // manager.block_size) - held)
+            needs[request_id] = 0
+            for manager in self.evicting_managers:
+                physical = request.num_computed_tokens - manager.evicted_tokens.get(request_id, 0) + tokens
+                held = len(manager.manager.req_to_blocks.get(request_id, ()))
+                needs[request_id] += max(0, -(-physical // manager.block_size) - held)
         return needs
 
     def update_from_output(self, scheduler_output, model_runner_output):
         result = super().update_from_output(scheduler_output, model_runner_output)
+        for request_id, kept in report_of(model_runner_output).items():
+            self._take_report(request_id, kept)
         _, frees, taken = self.frees_after_step.pop(id(scheduler_output), (None, None, 0))
         if frees:  # the step that read them is done
             self._free_old_blocks(frees, taken)
         if plans_of(scheduler_output):
             self.eviction_counters.publish()
         return result
+
+    def _take_report(self, request_id: str, kept) -> None:
+        """Per-group kept counts from the workers, for a request still waiting for them."""
+        target = self.eviction_targets.get(request_id)
+        if target is None or not target.reported_counts or request_id in self.evicting_manager.evicted_tokens:
+            return  # finished, or already compacted (a late report after a preemption)
+        kept = [int(k) for k in kept]
+        if len(kept) != self.num_groups or not all(1 <= k <= target.prompt_len for k in kept) \
+                or sum(kept) > target.kept * self.num_groups:
+            logger.warning("KV eviction: request %s got impossible per-group counts %s; keeping %d everywhere",
+                           request_id, kept, target.kept)
+            kept = [target.kept] * self.num_groups
+        self.reported_kept[request_id] = kept
 
     def _free_old_blocks(self, frees: list, taken: int) -> None:
         """Return compacted requests' old blocks; count as freed only those that really went back
@@ -239,6 +276,7 @@ class EvictingSchedulerMixin:
 
     def _free_request(self, request, *args, **kwargs):
         self.eviction_targets.pop(request.request_id, None)
+        self.reported_kept.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
 
 
