@@ -24,6 +24,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--solo-sample", type=int, default=60, help="finished requests rerun alone and compared")
+    p.add_argument("--layer-groups", type=int, default=1, help="KV-cache groups (the tiny model has 2 layers)")
     p.add_argument("--out", default=str(Path(HERE) / "results" / "stress"))
     args = p.parse_args()
     in_process_vllm_env()
@@ -36,12 +37,12 @@ def main() -> int:
     model = Path(HERE) / ".models" / "qwen2vl-tiny"
     if not (model / "config.json").is_file():
         build("qwen2vl", model)
-    settings = engine_settings()
+    settings = engine_settings(layer_groups=args.layer_groups)
     llm = LLM(model=str(model), **settings)
     with tqdm(total=args.requests, desc="stress", unit="req") as bar:
         report = run(llm, args.requests, seed=args.seed, solo_sample=args.solo_sample, progress=bar)
     result = dict(stamp=stamp(), engine={k: v for k, v in settings.items() if k != "additional_config"},
-                  eviction=settings["additional_config"]["kv_eviction"], seed=args.seed,
+                  eviction=settings["additional_config"]["kv_eviction"], layer_groups=args.layer_groups, seed=args.seed,
                   report=dataclasses.asdict(report), ok=report.ok())
     for key, value in dataclasses.asdict(report).items():
         print(f"{key:24s} {value}")

@@ -315,3 +315,58 @@ def test_requests_whose_scores_would_not_fit_run_without_eviction(monkeypatch):
     assert eviction_target(policy, 1001, scores_per_token=32 * 8) is None
     streaming = request_policy(EvictionConfig(policy="streamingllm", budget=0.2, window=8), None)
     assert eviction_target(streaming, 10**6, scores_per_token=32 * 8) is not None  # needs no scores
+
+
+# ---- layer groups (regime B) ---------------------------------------------------------------------
+def groups_config(num_layers: int, disable_hybrid: bool = False):
+    return SimpleNamespace(model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: num_layers),
+                           scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=disable_hybrid))
+
+
+@pytest.mark.parametrize("requested, layers, groups", [(None, 30, 1), ("1", 30, 1), (5, 30, 5), ("30", 30, 30),
+                                                       ("auto", 30, 3), ("auto", 28, 4), ("auto", 2, 2),
+                                                       ("auto", 7, 1)])
+def test_layer_groups_resolve_to_equal_buckets(requested, layers, groups):
+    assert compat.resolve_layer_groups(requested, groups_config(layers)) == groups
+
+
+@pytest.mark.parametrize("requested, disable_hybrid, message", [
+    ("4", False, "choose one of 1, 2, 3, 5, 6, 10, 15, 30 or auto"),
+    ("0", False, "positive integer or auto"), ("two", False, "positive integer or auto"),
+    ("2.5", False, "positive integer or auto"), (True, False, "positive integer or auto"),
+    ("2", True, "--disable-hybrid-kv-cache-manager"),
+])
+def test_bad_layer_groups_are_one_line(requested, disable_hybrid, message):
+    with pytest.raises(compat.EvictionStartupError, match=message):
+        compat.resolve_layer_groups(requested, groups_config(30, disable_hybrid))
+
+
+def test_layer_groups_flag_reaches_the_engine_config(tiny_model_dir, capsys):
+    """From the CLI to VllmConfig.additional_config (resolved), and refused without --kv-eviction."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from madakv_vllm.vllm.requests import LAYER_GROUPS_KEY, layer_groups
+
+    plugin.register()
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    model = ["--model", str(tiny_model_dir("qwen2vl")), "--max-model-len", "512", "--dtype", "float32"]
+    args = parser.parse_args(model + ["--kv-eviction", "pyramidkv", "--kv-eviction-layer-groups", "auto"])
+    config = EngineArgs.from_cli_args(args).create_engine_config()
+    assert layer_groups(config.additional_config) == 2  # the tiny model has 2 layers
+    with pytest.raises(SystemExit):
+        EngineArgs.from_cli_args(parser.parse_args(model + ["--kv-eviction-layer-groups", "2"]))
+    assert "needs --kv-eviction" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        EngineArgs.from_cli_args(parser.parse_args(model + ["--kv-eviction", "madakv", "--kv-eviction-layer-groups",
+                                                            "3"])).create_engine_config()
+    assert "choose one of 1, 2 or auto" in capsys.readouterr().err
+    assert LAYER_GROUPS_KEY not in (EngineArgs.from_cli_args(parser.parse_args(model)).additional_config or {})
+
+
+def test_per_layer_counter_is_parsed_from_the_metrics_page():
+    from madakv_vllm.vllm.metrics import METRIC_LAYER_KEPT, parse_metrics_page
+
+    page = (f'# TYPE {METRIC_LAYER_KEPT}_total counter\n{METRIC_LAYER_KEPT}_total{{layer="0"}} 120.0\n'
+            f'{METRIC_LAYER_KEPT}_total{{layer="1"}} 40.0\n')
+    assert parse_metrics_page(page) == {"layer_kept_0": 120.0, "layer_kept_1": 40.0}

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..policies import POLICY_NAMES
-from ..vllm.requests import CONFIG_KEY, XARG_BUDGET, XARG_POLICY, XARG_WINDOW
+from ..vllm.requests import CONFIG_KEY, LAYER_GROUPS_KEY, XARG_BUDGET, XARG_POLICY, XARG_WINDOW
 
 IMAGE_PROMPT = "<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>picture of a cat " * 2
 WORDS = ("red", "cat", "river", "house", "dog", "green", "tree")
@@ -43,12 +43,29 @@ class StressReport:
         return not self.leaks and self.solo_equal == self.solo_compared
 
 
-def engine_settings(block_size: int = 32) -> dict:
-    """vllm.LLM settings for the stress run: a tight pool, small prefill chunks."""
+def engine_settings(block_size: int = 32, layer_groups: int = 1) -> dict:
+    """vllm.LLM settings for the stress run: a tight pool (per KV-cache group), small prefill chunks."""
     return dict(dtype="float32", enforce_eager=True, distributed_executor_backend="uni", max_model_len=1536,
-                max_num_seqs=12, max_num_batched_tokens=256, num_gpu_blocks_override=96, block_size=block_size,
-                limit_mm_per_prompt={"image": 2}, seed=0,
-                additional_config={CONFIG_KEY: {"policy": "madakv", "budget": 0.2, "window": 16}})
+                max_num_seqs=12, max_num_batched_tokens=256, num_gpu_blocks_override=96 * layer_groups,
+                block_size=block_size, limit_mm_per_prompt={"image": 2}, seed=0,
+                additional_config={CONFIG_KEY: {"policy": "madakv", "budget": 0.2, "window": 16},
+                                   LAYER_GROUPS_KEY: layer_groups})
+
+
+def blocks_held_mismatches(scheduler) -> list[str]:
+    """Compacted running requests whose blocks in some KV-cache group are not exactly those of
+    that group's physical length (logical - evicted tokens of the group)."""
+    problems = []
+    for request in scheduler.running:
+        for g, manager in enumerate(scheduler.evicting_managers):
+            evicted = manager.evicted_tokens.get(request.request_id)
+            if evicted is None:
+                continue
+            held = len(manager.block_ids(request.request_id))
+            expected = -(-(request.num_computed_tokens - evicted) // manager.block_size)
+            if held != expected:
+                problems.append(f"{request.request_id} group {g}: {held} blocks for {expected}")
+    return problems
 
 
 def random_request(rng: random.Random, shared_prefix: list[int], images):
@@ -149,6 +166,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
                 if out.finished and out.request_id in requests:
                     outputs[out.request_id] = list(out.outputs[0].token_ids)
             report.steps += 1
+            report.leaks += blocks_held_mismatches(scheduler)
             if (request_id := abort_at.pop(report.steps, None)) and request_id not in outputs:
                 engine.abort_request([request_id])
                 report.aborted += 1
@@ -186,10 +204,11 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
 def _check_nothing_left(report, scheduler, pool, free_at_start, worker_leftovers) -> None:
     if pool.get_num_free_blocks() != free_at_start:
         report.leaks.append(f"free blocks {pool.get_num_free_blocks()} != {free_at_start} at the start")
-    for name in ("eviction_targets", "frees_after_step"):
+    for name in ("eviction_targets", "frees_after_step", "reported_kept"):
         if getattr(scheduler, name):
             report.leaks.append(f"scheduler.{name} not empty: {len(getattr(scheduler, name))}")
-    if scheduler.evicting_manager.evicted_tokens:
-        report.leaks.append(f"evicted_tokens not empty: {len(scheduler.evicting_manager.evicted_tokens)}")
+    for g, manager in enumerate(scheduler.evicting_managers):
+        if manager.evicted_tokens:
+            report.leaks.append(f"group {g} evicted_tokens not empty: {len(manager.evicted_tokens)}")
     if worker_leftovers:
         report.leaks.append(f"worker keeps eviction state of finished requests: {sorted(worker_leftovers)[:5]}")

