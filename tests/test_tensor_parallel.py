@@ -17,10 +17,11 @@ SCRIPT = textwrap.dedent('''
     def main():
         from vllm import LLM, SamplingParams
         from madakv_vllm.vllm.metrics import read_totals
-        model, tp = sys.argv[1], int(sys.argv[2])
+        model, tp, groups = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
         llm = LLM(model=model, dtype="float32", enforce_eager=True, tensor_parallel_size=tp, max_model_len=2048,
                   block_size=32, max_num_seqs=4, seed=0,
-                  additional_config={"kv_eviction": {"policy": "madakv", "budget": 0.3, "window": 8}})
+                  additional_config={"kv_eviction": {"policy": "madakv", "budget": 0.3, "window": 8},
+                                     "kv_eviction_layer_groups": groups})
         rng = random.Random(0)
         prompts = [{"prompt_token_ids": [rng.randrange(20, 400) for _ in range(n)]} for n in (300, 700, 1000)]
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
@@ -33,25 +34,31 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run_engine(tmp_path, model, tp: int) -> dict:
+def run_engine(tmp_path, model, tp: int, groups: int = 1) -> dict:
     script = tmp_path / "engine.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TRITON_INTERPRET",
                                                             "MADAKV_METRICS_DIR")}
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == 2 else "auto")
-    result = subprocess.run([sys.executable, str(script), str(model), str(tp)], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, str(script), str(model), str(tp), str(groups)], env=env, capture_output=True,
                             text=True, timeout=900)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stdout[-2000:] + result.stderr[-4000:]
     return json.loads(lines[0][len("RESULT "):])
 
 
-def test_tp2_matches_tp1_and_counts_once(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_tp2_matches_tp1_and_counts_once(tiny_model_dir, tmp_path, groups):
+    """groups = 2 (one KV-cache group per layer): HCC's layer budgets come from the demands of
+    all heads, averaged across the ranks, so both ranks keep the counts TP=1 keeps."""
     from madakv_vllm.policies import make_policy
 
-    model = tiny_model_dir("qwen2vl")  # 2 KV heads: one per rank
-    one, two = run_engine(tmp_path, model, 1), run_engine(tmp_path, model, 2)
+    model = tiny_model_dir("qwen2vl")  # 2 KV heads: one per rank; 2 layers
+    one, two = run_engine(tmp_path, model, 1, groups), run_engine(tmp_path, model, 2, groups)
     assert two["tokens"] == one["tokens"]
+    layers = [{k: v for k, v in result["values"].items() if k.startswith("layer_kept_")} for result in (one, two)]
+    assert layers[0] == layers[1] and len(layers[0]) == 2
+    assert (len(set(layers[0].values())) > 1) == (groups == 2)  # unequal layers only with several groups
     kept = [make_policy("madakv", budget=0.3, window=8).kept_tokens(n) for n in (300, 700, 1000)]
     for result in (one, two):
         values = result["values"]
