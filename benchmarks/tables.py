@@ -1,6 +1,6 @@
 """The README's result tables, rendered from what the benchmark commands wrote:
 
-    python benchmarks/tables.py [overhead serving video accuracy ablation]   # print them
+    python benchmarks/tables.py [overhead serving video accuracy ablation layer_groups]   # print them
     python benchmarks/tables.py --readme                                     # refresh README.md
 
 Each table comes with the command that regenerates its numbers and the machine they ran on.
@@ -82,7 +82,32 @@ def ablation(r: dict) -> str:
     return f"`python benchmarks/run_ablation.py` ({_where(r)}, {r['seconds'] // 60} min):\n\n{r['markdown']}"
 
 
-TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "ablation": ablation}
+def layer_groups(r: dict) -> str:
+    groups = sorted({row["groups"] for row in r["decode"]})
+    batches = sorted({row["batch"] for row in r["decode"]})
+
+    def decode(g, batch):
+        (row,) = [row for row in r["decode"] if row["groups"] == g and row["batch"] == batch]
+        return f"{row['decode_ms_per_step']:.0f} ms ({row['vs_one_group']:.2f}x)"
+
+    def pressure(g, policy):
+        (row,) = [row for row in r["pressure"] if row["groups"] == g and row["policy"] == policy]
+        return f"{row['output_tok_s']:.1f} / {row['peak_running']} / {row['model_blocks_per_request']:.2f}"
+
+    blocks_before = r["memory"][0]["blocks_before"] if r["memory"] else "?"
+    return _markdown(
+        f"`python benchmarks/bench_layer_groups.py` ({_where(r)}; {r['model']}, block size {r['block_size']}; "
+        f"decode: SnapKV {r['budget']:.0%} on {r['prompt_tokens']}-token prompts, ms per step once all are "
+        f"compacted; under pressure: {r['pressure_requests']} requests of 2048 tokens ({blocks_before} blocks "
+        f"each before eviction) at {r['budget']:.0%} in {r['pool_model_blocks']} model-wide blocks: output tok/s / "
+        f"peak running / model-wide blocks per request after compaction; prefix cache {r['prefix_cache']}):",
+        ["KV-cache groups"] + [f"decode, batch {b}" for b in batches] + ["MadaKV under pressure",
+                                                                         "PyramidKV under pressure"],
+        [[g] + [decode(g, b) for b in batches] + [pressure(g, "madakv"), pressure(g, "pyramidkv")] for g in groups])
+
+
+TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "ablation": ablation,
+          "layer_groups": layer_groups}
 
 
 def render(name: str) -> str:

@@ -283,3 +283,48 @@ def test_ablation_switches_change_the_selection():
     assert len(set(uniform)) == 1
     assert [k.shape[1] for k in variants[(True, True)]] != uniform
     assert any(not torch.equal(a, b) for a, b in zip(variants[(True, False)], variants[(False, False)]))
+
+
+# ---- layer buckets (vLLM's KV-cache groups) -----------------------------------------------------
+@pytest.mark.parametrize("budgets, buckets", [([50, 40, 30, 20, 10, 0], 3), ([7, 9, 11, 3], 2), ([5, 5, 6], 3),
+                                              ([100, 1, 1, 1, 1, 1], 2), ([13, 2, 8, 30, 4, 9], 1)])
+def test_bucket_budgets_are_equal_inside_a_bucket_and_keep_the_total(budgets, buckets):
+    from madakv_vllm.policies.base import bucket_budgets
+
+    out = bucket_budgets(budgets, buckets, cap=1000)
+    size = len(budgets) // buckets
+    runs = [out[b * size:(b + 1) * size] for b in range(buckets)]
+    assert all(len(set(run)) == 1 for run in runs)
+    assert sum(budgets) - size < sum(out) <= sum(budgets)  # never more memory, less only by rounding
+    for b, run in enumerate(runs):  # each bucket keeps its layers' mean, rounded
+        assert abs(run[0] - sum(budgets[b * size:(b + 1) * size]) / size) < 1
+    if buckets == len(budgets):
+        assert out == budgets
+    with pytest.raises(ValueError, match="equal buckets"):
+        bucket_budgets([1, 2, 3], 2, cap=10)
+
+
+@pytest.mark.parametrize("policy", [MadaKV(budget=0.2, window=16), PyramidKV(budget=0.2, window=16)])
+def test_layer_buckets_shape_the_selection(policy):
+    scores, tags = scores_and_tags(num_layers=6)
+    scores = scores ** torch.arange(1, 7).view(6, 1, 1)  # later layers focus: HCC demands differ
+    per_layer = policy.plan_budgets(scores, tags, 6)
+    assert len(set(per_layer)) > 1
+    policy.layer_buckets = 3
+    bucketed = policy.plan_budgets(scores, tags, 6)
+    assert bucketed == [bucketed[0]] * 2 + [bucketed[2]] * 2 + [bucketed[4]] * 2 and len(set(bucketed)) > 1
+    keep = policy.select(scores, tags)
+    tail = policy.protected_tail(policy.kept_tokens(300))
+    assert [k.shape[1] - tail for k in keep] == bucketed
+    policy.layer_buckets = 1
+    assert len({k.shape[1] for k in policy.select(scores, tags)}) == 1
+
+
+def test_demands_averaged_across_ranks_decide_the_budgets():
+    """Tensor parallelism: the `average` hook replaces a rank's own layer demands."""
+    scores, tags = scores_and_tags(num_layers=4)
+    policy = MadaKV(budget=0.2, window=16)
+    own = policy.plan_budgets(scores, tags, 4)
+    flat = policy.plan_budgets(scores, tags, 4, average=lambda demands: torch.ones_like(demands))
+    assert own != flat and len(set(flat)) == 1
+    assert policy.plan_budgets(scores, tags, 4, average=lambda demands: demands) == own

@@ -93,7 +93,7 @@ def test_parity_with_hf_reference(engines, hf_model, arch, policy):
     model, processor = hf_model(arch)
     inputs = hf_inputs(processor, 3)
     n = inputs["input_ids"].shape[1]
-    reference_policy = make_policy(policy, budget=0.3, window=8, uniform_layers=True)
+    reference_policy = make_policy(policy, budget=0.3, window=8, layer_buckets=1)
     reference, report = generate_with_eviction(model, inputs, reference_policy, max_new_tokens=MAX_TOKENS,
                                                do_sample=False)
     stock = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)

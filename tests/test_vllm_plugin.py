@@ -124,7 +124,7 @@ def test_request_overrides_and_targets():
     assert request_config(base, {"kv_eviction_budget": 0.5}).budget == 0.5
     assert request_policy(base, {"kv_eviction": "none"}) is None
     policy = request_policy(base, {"kv_eviction": "snapkv"})
-    assert policy.name == "snapkv" and policy.uniform_layers
+    assert policy.name == "snapkv" and policy.layer_buckets == 1
     with pytest.raises(EvictionConfigError, match="bad vllm_xargs"):
         request_config(base, {"kv_eviction_budget": "lots"})
     assert request_policy(base, {"kv_eviction_budget": "lots"}).budget == 0.2  # workers never fail on it
@@ -370,3 +370,26 @@ def test_per_layer_counter_is_parsed_from_the_metrics_page():
     page = (f'# TYPE {METRIC_LAYER_KEPT}_total counter\n{METRIC_LAYER_KEPT}_total{{layer="0"}} 120.0\n'
             f'{METRIC_LAYER_KEPT}_total{{layer="1"}} 40.0\n')
     assert parse_metrics_page(page) == {"layer_kept_0": 120.0, "layer_kept_1": 40.0}
+
+
+def test_groups_after_the_first_attend_over_their_own_lengths():
+    """Group g > 0's metadata builds (eager and cudagraph capture) get seq_lens + (E_0 - E_g) in a
+    persistent tensor, written in place (a captured graph reads it at one address), and vLLM's
+    reuse of group 0's metadata (`update_block_table`) is off for them."""
+    from madakv_vllm.vllm.runner import WorkerEviction
+
+    worker = object.__new__(WorkerEviction)
+    worker.group_seq_lens = [None, torch.zeros(8, dtype=torch.int32)]
+    worker.seq_len_offsets = [None, SimpleNamespace(gpu=torch.tensor([3, 0, -2, 0, 0, 0, 0, 0], dtype=torch.int32))]
+    builder = SimpleNamespace(supports_update_block_table=True)
+    group = SimpleNamespace(metadata_builders=[builder], build_metadata=lambda cm, *a, **k: cm,
+                            build_metadata_for_cudagraph_capture=lambda cm, *a, **k: cm)
+    worker._use_group_seq_lens(group, 1)
+    assert builder.supports_update_block_table is False
+    shared = torch.tensor([10, 20, 30, 0], dtype=torch.int32)
+    common = SimpleNamespace(seq_lens=shared, num_reqs=4)
+    for build in (group.build_metadata, group.build_metadata_for_cudagraph_capture):
+        built = build(common, 0)
+        assert built.seq_lens.tolist() == [13, 20, 28, 0] and built.num_reqs == 4
+        assert built.seq_lens.data_ptr() == worker.group_seq_lens[1].data_ptr()
+    assert common.seq_lens is shared and shared.tolist() == [10, 20, 30, 0]  # group 0's untouched

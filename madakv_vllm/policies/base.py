@@ -77,13 +77,14 @@ class EvictionPolicy:
     """Base policy. `budget`: ratio of the prompt length in (0, 1] or an absolute token count,
     per head and layer on average, window included. `window`: the proxy window (last prompt
     tokens), always kept and counted inside the budget. A budget that covers the prompt evicts
-    nothing. `uniform_layers`: ignore per-layer budgets (PyramidKV, MadaKV's HCC) and keep the
-    same count in every layer, as vLLM needs while all layers share one block table (one
-    KV-cache group); with several groups vLLM keeps per-bucket counts (`bucket_budgets`)."""
+    nothing. `layer_buckets`: None = every layer keeps its own budget (PyramidKV, MadaKV's HCC);
+    1 = every layer keeps the same count (vLLM with one KV-cache group: all layers share one
+    block table); N = N equal buckets of consecutive layers, one count each (vLLM with N
+    groups, `bucket_budgets`)."""
 
     budget: float | int = 0.2
     window: int = 32
-    uniform_layers: bool = False  # every layer keeps the same count (vLLM with one KV-cache group)
+    layer_buckets: int | None = None  # vLLM sets it to its KV-cache group count
     name: ClassVar[str] = "base"
     needs_scores: ClassVar[bool] = True  # StreamingLLM ranks by position only
 
@@ -92,6 +93,9 @@ class EvictionPolicy:
             raise ValueError(f"{self.name}: {err}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or not 0 <= self.window <= MAX_TOKEN_COUNT:
             raise ValueError(f"{self.name}: window must be an integer in [0, {MAX_TOKEN_COUNT}], got {self.window!r}")
+        if self.layer_buckets is not None and (isinstance(self.layer_buckets, bool) or
+                                               not isinstance(self.layer_buckets, int) or self.layer_buckets < 1):
+            raise ValueError(f"{self.name}: layer_buckets must be a positive integer or None, got {self.layer_buckets!r}")
         if isinstance(self.budget, int) and self.window >= self.budget:
             raise ValueError(f"{self.name}: window ({self.window}) must be smaller than the budget ({self.budget} tokens)")
 
@@ -144,15 +148,15 @@ class EvictionPolicy:
 
     # ---- the one entry point -------------------------------------------------------------------
     def plan_budgets(self, scores: torch.Tensor | None, modality_tags: torch.Tensor, num_layers: int,
-                     buckets: int | None = None, average=None) -> list[int]:
-        """Selectable tokens per head for each layer (beyond the protected tail) for this prompt.
-        `buckets`: layers in that many contiguous equal buckets keep one count each (vLLM's KV-cache
-        groups, `bucket_budgets`). `average`: makes [L] demands agree across tensor-parallel ranks."""
+                     average=None) -> list[int]:
+        """Selectable tokens per head for each layer (beyond the protected tail) for this prompt,
+        equal inside each of `layer_buckets` buckets. `average`: makes the [L] layer demands agree
+        across tensor-parallel ranks."""
         n = modality_tags.numel()
         kept = self.kept_tokens(n)
         tail = self.protected_tail(kept)
         n_select = n - tail
-        if self.uniform_layers or not self.varies_by_layer():
+        if self.layer_buckets == 1 or not self.varies_by_layer():
             return [kept - tail] * num_layers
         demands = None
         if scores is not None:
@@ -160,7 +164,7 @@ class EvictionPolicy:
         if demands is not None and average is not None:
             demands = average(demands)
         budgets = self.budgets_from_demands(demands, kept - tail, num_layers, n_select)
-        return budgets if buckets is None else bucket_budgets(budgets, buckets, n_select)
+        return budgets if self.layer_buckets is None else bucket_budgets(budgets, self.layer_buckets, n_select)
 
     def select(self, scores: torch.Tensor | None, modality_tags: torch.Tensor, num_layers: int | None = None,
                num_kv_heads: int | None = None, budgets: list[int] | None = None) -> list[torch.Tensor] | None:

@@ -58,7 +58,7 @@ def request_policy(base: EvictionConfig, extra_args: Mapping[str, Any] | None,
         config = base  # validated at the API server; never fail a step over it
     policy = config.build_policy()
     if policy is not None:
-        policy.uniform_layers = groups == 1
+        policy.layer_buckets = groups
     return policy
 
 

@@ -105,8 +105,7 @@ class WorkerEviction:
         self.requests: dict[str, RequestEviction] = {}
         self.step_rows: list[ScoringRows] = []
         # per-step inputs staged in pinned host memory (the runner's own buffer type)
-        self.evicted_per_request = [runner._make_buffer(runner.max_num_reqs, dtype=torch.int32)
-                                    for _ in range(self.num_groups)]
+        self.evicted_per_request = runner._make_buffer(runner.max_num_reqs, dtype=torch.int32)  # group 0's
         self.evicted_per_token = [runner._make_buffer(runner.max_num_tokens, dtype=torch.int64)
                                   for _ in range(self.num_groups)]
         self.completing: list[str] = []  # prompts whose scoring finishes in this step
@@ -263,7 +262,7 @@ class WorkerEviction:
             started = time.perf_counter()
             tags = state.tags.to(self.device)
             budgets = state.policy.plan_budgets(self._scores_for_plan(req_id, state), tags, len(self.layers),
-                                                buckets=self.num_groups, average=self._average_over_ranks)
+                                                average=self._average_over_ranks)
             tail = state.policy.protected_tail(state.target.kept)
             first_layer = [self.layer_group.index(g) for g in range(self.num_groups)]
             self.pending_reports[req_id] = [budgets[layer] + tail for layer in first_layer]
@@ -299,7 +298,7 @@ class WorkerEviction:
         if evicted.any():
             # Attention sees each group's physical cache; the new tokens' slots follow the kept
             # ones. Pinned staging + non-blocking copies, as the runner's own inputs (no stream sync).
-            stage = self.evicted_per_request[0]
+            stage = self.evicted_per_request
             stage.np[:num_reqs] = evicted[0]
             runner.seq_lens[:num_reqs] -= stage.copy_to_gpu(num_reqs)
             runner.optimistic_seq_lens_cpu[:num_reqs] -= torch.from_numpy(evicted.min(axis=0))  # upper bound
