@@ -10,7 +10,10 @@ this machine.
 
 - decode: `batch` requests of `--prompt` tokens with SnapKV 20 % (the same kept tokens in every
   layer, so only the grouping differs), ms per decode step from the step after the last
-  compaction to the end (32 tokens).
+  compaction to the end (32 tokens); the median of `--repeats` runs in the same engine. "host"
+  is the part of a step spent in the work that grows with the group count (scheduling, the
+  runner's input preparation and its per-group attention-metadata builds), timed around those
+  calls: on a GPU it adds to the step's CPU time, not to the kernels.
 - under KV pressure: 16 requests of 2048 tokens per policy (MadaKV with HCC, PyramidKV) at 20 %,
   32 output tokens each, in a pool of `--pool` model-wide blocks (the same bytes for every group
   count): output tokens/s, peak running requests, and the blocks each request holds right after
@@ -34,6 +37,7 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[8, 16])
     p.add_argument("--pool", type=int, default=48, help="KV pool in model-wide blocks of 128 tokens")
     p.add_argument("--pressure-requests", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="decode runs per batch size (the median is kept)")
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--budget", type=float, default=0.2)
@@ -73,11 +77,28 @@ def main():
                 return output
 
             self.scheduler.schedule = schedule_and_keep
+            # host work per step that grows with the group count: scheduling (per-group
+            # allocation) and the runner's input preparation + per-group metadata builds
+            runner = self.engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+            self.host_seconds = 0.0
+            for owner, name in ((self.scheduler, "schedule"), (runner, "_prepare_inputs"),
+                                (runner, "_build_attention_metadata")):
+                setattr(owner, name, self._timed(getattr(owner, name)))
             self.run(2, 256, 4)  # warm-up
 
-        def run(self, batch: int, length: int, max_tokens: int, **xargs) -> tuple[float, float, int]:
+        def _timed(self, method):
+            def timed(*a, **k):
+                started = time.perf_counter()
+                try:
+                    return method(*a, **k)
+                finally:
+                    self.host_seconds += time.perf_counter() - started
+
+            return timed
+
+        def run(self, batch: int, length: int, max_tokens: int, **xargs) -> tuple[float, float, int, float]:
             """(ms per decode step once every request of the batch is compacted, seconds in all,
-            peak running requests)."""
+            peak running requests, host ms per decode step)."""
             params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
                                     extra_args=xargs or None)
             for i in range(batch):
@@ -89,10 +110,13 @@ def main():
                 peak = max(peak, len(self.scheduler.running))
                 if started is None and len(self.plans) - plans_before == batch:
                     started = time.perf_counter()  # every request compacted: pure decode from here
+                    host_before = self.host_seconds
                 elif started is not None:
                     steps += 1
-            decode_ms = 1000 * (time.perf_counter() - started) / max(1, steps) if started else float("nan")
-            return decode_ms, time.perf_counter() - first, peak
+            if started is None:
+                return float("nan"), time.perf_counter() - first, peak, float("nan")
+            decode_ms = 1000 * (time.perf_counter() - started) / max(1, steps)
+            return decode_ms, time.perf_counter() - first, peak, 1000 * (self.host_seconds - host_before) / max(1, steps)
 
         def stop(self):
             self.engine.engine_core.shutdown()
@@ -100,15 +124,18 @@ def main():
     for groups in tqdm(args.groups, desc="group counts", unit="group count"):
         roomy = Engine(groups, None, max(args.batches))
         for batch in args.batches:
-            ms, _, _ = roomy.run(batch, args.prompt, args.decode_tokens + 2)
-            rows.append(dict(groups=groups, batch=batch, decode_ms_per_step=ms))
-            tqdm.write(f"groups {groups:2d} batch {batch:2d}: {ms:7.1f} ms per decode step")
+            runs = sorted(roomy.run(batch, args.prompt, args.decode_tokens + 2) for _ in range(args.repeats))
+            ms, _, _, host = runs[len(runs) // 2]
+            rows.append(dict(groups=groups, batch=batch, decode_ms_per_step=ms, host_ms_per_step=host,
+                             runs_ms=[r[0] for r in runs], runs_host_ms=[r[3] for r in runs]))
+            tqdm.write(f"groups {groups:2d} batch {batch:2d}: {ms:7.1f} ms per decode step, host {host:.2f} ms "
+                       f"(median of {', '.join(f'{r[0]:.1f}' for r in runs)})")
         roomy.stop()
         tight = Engine(groups, args.pool, args.pressure_requests)
         block_size = tight.scheduler.evicting_manager.block_size
         for policy in ("madakv", "pyramidkv"):
             first = len(tight.plans)
-            _, seconds, peak = tight.run(args.pressure_requests, 2048, 32, kv_eviction=policy)
+            _, seconds, peak, _ = tight.run(args.pressure_requests, 2048, 32, kv_eviction=policy)
             held = []
             for plan in tight.plans[first:]:
                 held.append(sum(len(ids) for ids in plan.block_ids) * (num_layers // groups) / num_layers)

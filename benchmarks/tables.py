@@ -88,7 +88,8 @@ def layer_groups(r: dict) -> str:
 
     def decode(g, batch):
         (row,) = [row for row in r["decode"] if row["groups"] == g and row["batch"] == batch]
-        return f"{row['decode_ms_per_step']:.0f} ms ({row['vs_one_group']:.2f}x)"
+        return (f"{row['decode_ms_per_step']:.0f} ms ({row['vs_one_group']:.2f}x), host "
+                f"{row['host_ms_per_step']:.1f} ms")
 
     def pressure(g, policy):
         (row,) = [row for row in r["pressure"] if row["groups"] == g and row["policy"] == policy]
@@ -98,7 +99,8 @@ def layer_groups(r: dict) -> str:
     return _markdown(
         f"`python benchmarks/bench_layer_groups.py` ({_where(r)}; {r['model']}, block size {r['block_size']}; "
         f"decode: SnapKV {r['budget']:.0%} on {r['prompt_tokens']}-token prompts, ms per step once all are "
-        f"compacted; under pressure: {r['pressure_requests']} requests of 2048 tokens ({blocks_before} blocks "
+        f"compacted, and its host part that grows with the groups (scheduling, input preparation, metadata "
+        f"builds); under pressure: {r['pressure_requests']} requests of 2048 tokens ({blocks_before} blocks "
         f"each before eviction) at {r['budget']:.0%} in {r['pool_model_blocks']} model-wide blocks: output tok/s / "
         f"peak running / model-wide blocks per request after compaction; prefix cache {r['prefix_cache']}):",
         ["KV-cache groups"] + [f"decode, batch {b}" for b in batches] + ["MadaKV under pressure",
