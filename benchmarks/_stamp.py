@@ -103,15 +103,17 @@ def smollm2_llava():
     return path
 
 
-def synthetic_suite(samples: int):
-    """The synthetic MileBench-layout suite (seed 0), generated into benchmarks/.data/ on first use."""
+def synthetic_suite(samples: int, lengths=None):
+    """The synthetic MileBench-layout suite (seed 0; default lengths unless given), generated into
+    benchmarks/.data/ on first use."""
     from pathlib import Path
 
     from madakv_vllm.evaluation import synthetic
 
-    path = Path(HERE) / ".data" / f"synthetic-{samples}"
+    lengths = tuple(lengths or synthetic.DEFAULT_LENGTHS)
+    path = Path(HERE) / ".data" / f"synthetic-{samples}-{'-'.join(lengths)}"
     if not all((path / task / f"{task}.json").is_file() for task in synthetic.TASKS):  # new tasks too
-        synthetic.generate(path, samples=samples, seed=0)
+        synthetic.generate(path, samples=samples, seed=0, lengths=lengths)
     return path
 
 
@@ -148,3 +150,25 @@ def drive(llm, prompts, params) -> dict:
     return dict(wall_s=time.perf_counter() - start, peak_running=peak,
                 requests=[dict(ttft_s=first[r], second_s=second.get(r, done), done_s=done, tokens=tokens,
                                prompt_tokens=prompt) for r, (done, tokens, prompt) in finished.items()])
+
+
+def hf_judge():
+    """SmolLM2-LLaVA on the HF reference path (fp32, sdpa) and its processor."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = smollm2_llava()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def hf_inputs(processor, sample):
+    """A MileBench sample as the chat prompt the server would build: the model inputs."""
+    from PIL import Image
+
+    parts = sample.parts()
+    content = [{"type": "text", "text": v} if k == "text" else {"type": "image"} for k, v in parts]
+    images = [Image.open(v).convert("RGB") for k, v in parts if k == "image"]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                           tokenize=False)
+    return processor(text=[prompt], images=images or None, return_tensors="pt")

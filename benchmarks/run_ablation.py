@@ -47,25 +47,21 @@ def variants(budget: float) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=12, help="samples per task (spread over the 4 lengths)")
+    p.add_argument("--samples", type=int, default=12, help="samples per task (default lengths: see synthetic.py)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--max-new-tokens", type=int, default=16)
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     import torch
-    from _stamp import smollm2_llava, stamp, synthetic_suite, write_results
-    from PIL import Image
+    from _stamp import hf_inputs, hf_judge, stamp, synthetic_suite, write_results
     from tqdm import tqdm
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from madakv_vllm.evaluation.milebench import list_tasks, load_task, scorer_for
     from madakv_vllm.hf import generate_sweep
 
-    model_dir, data = smollm2_llava(), synthetic_suite(args.samples)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32,
-                                                        attn_implementation="sdpa").eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    data = synthetic_suite(args.samples)
+    model, processor = hf_judge()
     policies = {("full cache", None): None}
     for budget in args.budgets:
         policies.update({(name, budget): policy for name, policy in variants(budget).items()})
@@ -73,12 +69,7 @@ def main():
     samples = [s for task in list_tasks(data) for s in load_task(data, task)]
     started = time.time()
     for sample in tqdm(samples, desc="ablation", unit="sample"):
-        parts = sample.parts()
-        content = [{"type": "text", "text": v} if k == "text" else {"type": "image"} for k, v in parts]
-        images = [Image.open(v).convert("RGB") for k, v in parts if k == "image"]
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                               tokenize=False)
-        inputs = processor(text=[prompt], images=images, return_tensors="pt")
+        inputs = hf_inputs(processor, sample)
         n = inputs["input_ids"].shape[1]
         with torch.inference_mode():
             outputs = generate_sweep(model, inputs, policies, max_new_tokens=args.max_new_tokens)

@@ -1,7 +1,14 @@
 """Accuracy vs KV budget on the synthetic MileBench-layout suite with the SmolLM2-LLaVA test
 model, served by `vllm serve --kv-eviction` and scored by `madakv-eval`, in one command:
 
-    python benchmarks/run_accuracy.py [--samples 8] [--policies none madakv snapkv ...] [--budgets 0.05 0.1 0.2 0.5]
+    python benchmarks/run_accuracy.py [--samples 100] [--policies none madakv snapkv ...] [--budgets 0.05 0.1 0.2 0.5]
+    python benchmarks/run_accuracy.py --hf [...]   # the same sweep on the HF reference path
+
+`--hf` prefills each sample once and decodes every setting from its own evicted copy of that
+cache (`madakv_vllm.hf.generate_sweep`, token-equal to evicting alone): an order of magnitude
+cheaper than vLLM's prefill per setting on a CPU, and layers may keep unequal counts there
+(real PyramidKV and MadaKV's HCC; vLLM runs both with uniform layers). "KV kept" is then the
+policy's own kept ratio.
 
 Builds the model (benchmarks/.models/) and the data (seed 0) when missing, starts the server
 (prefix caching on, so settings after the first reuse most of each prompt's prefill), runs the
@@ -15,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,20 +35,86 @@ HERE = Path(__file__).resolve().parent
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=8, help="per task; lengths cycle 1K, 2K, 4K, 8K tokens")
+    p.add_argument("--samples", type=int, default=100, help="per task (default lengths: see synthetic.py)")
     # H2O and LOOK-M score with every prompt query (quadratic): minutes per 8K prompt on 2 CPU cores
     p.add_argument("--policies", nargs="+", default=["none", "madakv", "snapkv", "streamingllm"])
     p.add_argument("--budgets", nargs="+", default=["0.05", "0.1", "0.2", "0.5"])
     p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
     p.add_argument("--dtype", default="bfloat16", help="float32 on CPUs with AMX (eviction refuses their bf16 layout)")
+    p.add_argument("--hf", action="store_true", help="run on the HF reference path instead of vllm serve")
+    p.add_argument("--max-tokens", type=int, default=12)
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     from _stamp import smollm2_llava, synthetic_suite
 
+    started = time.time()
+    if args.hf:
+        run_hf(args, synthetic_suite(args.samples))
+    else:
+        run_vllm(args, smollm2_llava(), synthetic_suite(args.samples))
+    table = markdown_table(Path(args.out) / "summary.csv")
+    note = (f"{'HF reference path' if args.hf else 'vllm serve, dtype ' + args.dtype}, {_machine()}, "
+            f"{round((time.time() - started) / 60)} min")
+    command = " ".join(["python benchmarks/run_accuracy.py", *sys.argv[1:]])
+    (Path(args.out) / "table.md").write_text(f"`{command}` ({note}; score with its 95 % interval):\n\n{table}")
+    print(table)
+
+
+def _machine() -> str:
+    from _stamp import stamp
+
+    s = stamp()
+    return f"{s.get('gpu') or s['machine']}, commit {s['commit']}, {s['date'][:10]}"
+
+
+def run_hf(args, data: Path) -> None:
+    """The sweep on the HF reference path: the same files as madakv-eval writes."""
+    import torch
+    from _stamp import hf_inputs, hf_judge
+    from tqdm import tqdm
+
+    from madakv_vllm.evaluation.backends import settings
+    from madakv_vllm.evaluation.milebench import list_tasks, load_task, scorer_for
+    from madakv_vllm.evaluation.report import plot, results_rows, summarize
+    from madakv_vllm.hf import generate_sweep
+    from madakv_vllm.policies import make_policy
+
+    model, processor = hf_judge()
+    sweep = settings(args.policies, [float(b) for b in args.budgets])
+    policies = {s: make_policy(s.policy, **({} if s.budget is None else {"budget": s.budget})) for s in sweep}
+    samples = [s for task in list_tasks(data) for s in load_task(data, task)]
+    rows, kept = [], {s: [] for s in sweep}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as jsonl:
+        for sample in tqdm(samples, desc="accuracy (HF)", unit="sample"):
+            inputs = hf_inputs(processor, sample)
+            n = inputs["input_ids"].shape[1]
+            with torch.inference_mode():
+                outputs = generate_sweep(model, inputs, policies, max_new_tokens=args.max_tokens)
+            for setting, (ids, report) in outputs.items():
+                prediction = processor.decode(ids[0, n:], skip_special_tokens=True)
+                row = dict(task=sample.task, sample_id=sample.sample_id, policy=setting.policy, budget=setting.budget,
+                           answer=sample.answer, prediction=prediction, prompt_tokens=n,
+                           score=scorer_for(sample)(prediction, sample.answer, sample.choices))
+                kept[setting].append(report.kept_ratio)
+                jsonl.write(json.dumps(row) + "\n")
+                rows.append(row)
+    memory = {(s.policy, s.budget): dict(kv_kept=round(sum(k) / len(k), 4), blocks_freed="", evicted_requests="",
+                                         prefix_cache="not used") for s, k in kept.items()}
+    summary = summarize(rows, memory)
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    (out / "accuracy.json").write_text(json.dumps(results_rows(summary, "hf"), indent=1))
+    plot(summary, out / "scores.png")
+
+
+def run_vllm(args, model: Path, data: Path) -> None:
     from madakv_vllm.demo import free_port, wait_ready
 
-    model, data = smollm2_llava(), synthetic_suite(args.samples)
     port = free_port()
     vllm = Path(sys.executable).with_name("vllm")
     log = Path(args.out) / "server.log"
@@ -55,30 +130,29 @@ def main():
         wait_ready(f"http://127.0.0.1:{port}", server, log)
         subprocess.run([str(Path(sys.executable).with_name("madakv-eval")), "--data", str(data), "--endpoint",
                         f"http://127.0.0.1:{port}/v1", "--policies", *args.policies, "--budgets", *args.budgets,
-                        "--concurrency", "2", "--max-tokens", "16", "--out", args.out], check=True)
+                        "--concurrency", "2", "--max-tokens", str(args.max_tokens), "--out", args.out], check=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    table = markdown_table(Path(args.out) / "summary.csv")
-    (Path(args.out) / "table.md").write_text(table)
-    print(table)
 
 
 def markdown_table(summary_csv: Path) -> str:
+    """Score per setting and task with its 95 % interval and n; "mean" is the mean over all samples."""
     with open(summary_csv) as f:
         rows = list(csv.DictReader(f))
     tasks = sorted({r["task"] for r in rows} - {"ALL"}) + ["ALL"]
-    scores, kept, order = defaultdict(dict), {}, {}
+    cells, kept, order, n = defaultdict(dict), {}, {}, {}
     for r in rows:
         setting = "full cache" if r["policy"] == "none" else f"{r['policy']} {float(r['budget']):.0%}"
-        scores[setting][r["task"]] = float(r["score"])
+        cells[setting][r["task"]] = f"{float(r['score']):.2f} [{float(r['ci_low']):.2f}, {float(r['ci_high']):.2f}]"
+        n[r["task"]] = r["samples"]
         order[setting] = (r["policy"] != "none", r["policy"], float(r["budget"] or 1))
         if r["task"] == "ALL" and r.get("kv_kept"):
             kept[setting] = f"{float(r['kv_kept']):.1%}"
-    lines = ["| setting | " + " | ".join("mean" if t == "ALL" else t for t in tasks) + " | KV kept |",
-             "|---" * (len(tasks) + 2) + "|"]
-    for setting in sorted(scores, key=order.get):
-        lines.append(f"| {setting} | " + " | ".join(f"{scores[setting].get(t, 0):.2f}" for t in tasks)
+    lines = ["| setting | " + " | ".join(("mean" if t == "ALL" else t) + f" (n={n[t]})" for t in tasks)
+             + " | KV kept |", "|---" * (len(tasks) + 2) + "|"]
+    for setting in sorted(cells, key=order.get):
+        lines.append(f"| {setting} | " + " | ".join(cells[setting].get(t, "") for t in tasks)
                      + f" | {kept.get(setting, '')} |")
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,6 @@
 """The README's result tables, rendered from what the benchmark commands wrote:
 
-    python benchmarks/tables.py [overhead serving video accuracy ablation layer_groups]   # print them
+    python benchmarks/tables.py [overhead serving video accuracy lengths ablation layer_groups]   # print them
     python benchmarks/tables.py --readme                                     # refresh README.md
 
 Each table comes with the command that regenerates its numbers and the machine they ran on.
@@ -75,7 +75,21 @@ def video(r: dict) -> str:
 
 def accuracy(_: dict | None = None) -> str | None:
     path = RESULTS / "accuracy" / "table.md"
-    return f"`python benchmarks/run_accuracy.py`:\n\n{path.read_text().strip()}" if path.is_file() else None
+    return path.read_text().strip() if path.is_file() else None  # its first line names the command and machine
+
+
+def lengths(r: dict) -> str:
+    order = ["1k", "2k", "4k", "8k"]
+    names = sorted({row["length"] for row in r["rows"]}, key=lambda x: order.index(x) if x in order else 9)
+    tokens = {row["length"]: row["tokens"] for row in r["rows"]}
+    cell = {(row["task"], row["length"]): f"{row['score']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}], n={row['n']}"
+            for row in r["rows"]}
+    minutes = round(sum(r["seconds"].values()) / 60)
+    return _markdown(
+        f"`python benchmarks/run_lengths.py` ({_where(r)}, {minutes} min; full cache, HF reference path; "
+        "score with its Wilson 95 % interval and samples per task):",
+        ["task"] + [f"{name} (~{tokens[name]} tokens)" for name in names],
+        [[task] + [cell.get((task, name), "") for name in names] for task in sorted({row["task"] for row in r["rows"]})])
 
 
 def ablation(r: dict) -> str:
@@ -108,8 +122,8 @@ def layer_groups(r: dict) -> str:
         [[g] + [decode(g, b) for b in batches] + [pressure(g, "madakv"), pressure(g, "pyramidkv")] for g in groups])
 
 
-TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "ablation": ablation,
-          "layer_groups": layer_groups}
+TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
+          "ablation": ablation, "layer_groups": layer_groups}
 
 
 def render(name: str) -> str:

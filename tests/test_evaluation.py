@@ -80,26 +80,37 @@ def digest(root: Path) -> str:
 
 
 def test_generator_is_deterministic_and_spans_lengths(tmp_path, monkeypatch):
-    synthetic.generate(tmp_path / "a", samples=4, seed=3)
-    synthetic.generate(tmp_path / "b", samples=4, seed=3)
-    synthetic.generate(tmp_path / "c", samples=4, seed=4)
+    lengths = ("1k", "2k", "4k", "8k")
+    synthetic.generate(tmp_path / "a", samples=4, seed=3, lengths=lengths)
+    synthetic.generate(tmp_path / "b", samples=4, seed=3, lengths=lengths)
+    synthetic.generate(tmp_path / "c", samples=4, seed=4, lengths=lengths)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    assert list_tasks(tmp_path / "a") == ["SyntheticPasskeyNeedle", "SyntheticTextNeedle"]
     samples = load_task(tmp_path / "a", "SyntheticTextNeedle")
     words = [len(s.context.split()) for s in samples]
     assert words == sorted(words) and words[0] < 1000 < 5000 < words[-1]
+    assert [len(s.image_paths) for s in samples] == [images for _, images in synthetic.LENGTHS.values()]
     for s in samples:
-        assert f"the secret word is {s.answer}." in s.context
-        assert all(p.is_file() for p in s.image_paths) and len(s.image_paths) >= 4
-    for s in load_task(tmp_path / "a", "SyntheticChoice"):
-        assert s.answer in s.choices and len(s.choices) == 4
+        # the fact sits between two sentences of a paragraph, never glued to an image placeholder
+        assert f"The secret word is {s.answer}." in s.context and s.answer in synthetic.SECRETS
+        assert "}The secret" not in s.context and ".. " not in s.context
+        assert s.context.index("{image#1}") < s.context.index("The secret word")  # never in the first paragraph
+        # the question comes before the text (the instruction) and after it
+        assert "What is the secret word?" in s.instruction and s.context.endswith("What is the secret word?")
+        assert all(p.is_file() for p in s.image_paths) and scorer_for(s) is substring_match
     keys = load_task(tmp_path / "a", "SyntheticPasskeyNeedle")
     for s in keys:
-        assert s.answer.isdigit() and f"The pass key is {s.answer}." in s.context and scorer_for(s) is substring_match
+        assert s.answer.isdigit() and f"The pass key is {s.answer}. Remember it. {s.answer} is" in s.context
+        assert "What is the pass key?" in s.instruction and s.context.endswith("What is the pass key?")
     assert len({s.answer for s in keys}) > 1
+    # the default is one length (about 1K tokens), and a length it does not know is refused
+    synthetic.generate(tmp_path / "e", samples=2, seed=3)
+    assert {len(s.image_paths) for s in load_task(tmp_path / "e", "SyntheticTextNeedle")} == {4}
+    with pytest.raises(ValueError, match="unknown lengths"):
+        synthetic.generate(tmp_path / "f", samples=2, lengths=("3k",))
     # adding or removing a task does not change the others: each task has its own seed
     monkeypatch.delitem(synthetic.TASKS, "SyntheticPasskeyNeedle")
-    monkeypatch.delitem(synthetic.TASKS, "SyntheticChoice")
-    synthetic.generate(tmp_path / "d", samples=4, seed=3)
+    synthetic.generate(tmp_path / "d", samples=4, seed=3, lengths=lengths)
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["SyntheticTextNeedle"]
     assert digest(tmp_path / "d" / "SyntheticTextNeedle") == digest(tmp_path / "a" / "SyntheticTextNeedle")
 
@@ -151,6 +162,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         FakeOpenAI.seen.append(request)
         text = " ".join(p["text"] for p in request["messages"][0]["content"] if p["type"] == "text")
         images = sum(p["type"] == "image_url" for p in request["messages"][0]["content"])
+        text = text.lower()
         secret = text.split("the secret word is ")[1].split(".")[0] if "secret word is" in text else "?"
         answer = secret if request["vllm_xargs"]["kv_eviction"] == "none" else "pass"
         prompt_tokens = len(text.split()) + 16 * images

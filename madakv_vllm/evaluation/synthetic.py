@@ -1,15 +1,17 @@
-"""Synthetic long multimodal tasks written in the MileBench layout (fixed seeds, no downloads).
+"""Synthetic long multimodal tasks written in the MileBench layout (fixed seeds, no downloads),
+designed so that SmolLM2-135M-Instruct (the SmolLM2-LLaVA judge) answers them with its full cache:
 
-- SyntheticTextNeedle (TN-like): many images interleaved with filler paragraphs; one sentence
-  hides a secret word; the question asks for it (substring match: small models answer in a
-  sentence).
-- SyntheticPasskeyNeedle: the classic pass-key retrieval (a five-digit number stated twice in
-  one spot of the haystack), the easiest needle for a small model (substring match).
-- SyntheticChoice: many images and paragraphs, each paragraph names where a person went; the
-  question asks where one of them went, with four options (accuracy).
-Lengths are set in words (about one token each with SmolLM2's tokenizer; 16 per image with
-the SmolLM2-LLaVA test model) so that prompts span about 1K to 8K tokens.
-    python -m madakv_vllm.evaluation.synthetic OUT_DIR [--samples 20] [--seed 0]
+- SyntheticTextNeedle: images interleaved with filler paragraphs; one sentence inside a
+  paragraph (any but the first) says "The secret word is W." (W a common one-token-ish word); the question asks for W.
+- SyntheticPasskeyNeedle: the classic pass key (a five-digit number stated twice in one spot),
+  a multi-token fact that single-token ranking can break.
+Both ask their question before the text (in the task instruction) and again after it: a 135M
+model reads a long context for the question it already knows. Both are scored by substring match
+(small models answer in a sentence, "The pass key is 27611.").
+Lengths are set in words (about one token each with SmolLM2's tokenizer) plus 16 tokens per image
+with the SmolLM2-LLaVA judge; samples cycle through the lengths asked for. The default is 1K
+tokens, inside the range where the judge still reads (see benchmarks/run_lengths.py).
+    python -m madakv_vllm.evaluation.synthetic OUT_DIR [--samples 100] [--seed 0] [--lengths 1k 2k]
 """
 from __future__ import annotations
 
@@ -26,11 +28,12 @@ SENTENCES = (
     "Lanterns lit the narrow streets of the village.", "The orchard was full of ripe apples.",
     "A letter arrived from a distant cousin.", "The teacher read a story to the class.",
 )
-SECRETS = ("apricot", "walrus", "cobalt", "saffron", "juniper", "lagoon", "marble", "quartz", "thistle", "velvet")
-PEOPLE = ("Anna", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jana")
-PLACES = ("Lisbon", "Oslo", "Kyoto", "Nairobi", "Lima", "Quebec", "Tbilisi", "Hanoi", "Dakar", "Perth")
+# common words: SmolLM2-135M copies them far more reliably than rare ones (apricot, thistle, ...)
+SECRETS = ("tiger", "piano", "candle", "rocket", "garden", "silver", "orange", "pencil", "dragon", "basket")
 COLORS = [(200, 40, 40), (40, 160, 60), (40, 70, 200), (220, 200, 40), (140, 60, 170), (240, 140, 30)]
-LENGTHS_WORDS = (700, 1500, 3200, 6300)  # with 4-16 images: ~1K, 2K, 4K, 7.5K tokens for SmolLM2-LLaVA
+# name: (filler words, images); prompt tokens with SmolLM2-LLaVA about 1K, 2K, 4K, 7.5K
+LENGTHS = {"1k": (700, 4), "2k": (1500, 8), "4k": (3200, 12), "8k": (6300, 16)}
+DEFAULT_LENGTHS = ("1k",)
 
 
 def _paragraph(rng: random.Random, words: int) -> str:
@@ -67,63 +70,55 @@ def _haystack(rng, folder: Path, sample_id: int, total_words: int, images: int):
     return chunks, names
 
 
-def _needle(folder: Path, samples: int, rng: random.Random, pick, fact: str, question: str) -> list[dict]:
-    """One fact (`fact` formatted with the answer `pick(rng)`) at a random depth of the haystack."""
+def _needle(folder: Path, samples: int, rng: random.Random, lengths, pick, fact: str, question: str) -> list[dict]:
+    """One fact (`fact` formatted with the answer `pick(rng)`) between two sentences of a random
+    paragraph of the haystack (not the first); the question follows the haystack."""
     data = []
     for i in range(samples):
-        words = LENGTHS_WORDS[i % len(LENGTHS_WORDS)]
-        chunks, names = _haystack(rng, folder, i, words, images=4 + (i % 4) * 4)
+        words, images = LENGTHS[lengths[i % len(lengths)]]
+        chunks, names = _haystack(rng, folder, i, words, images)
         answer = pick(rng)
-        depth = rng.randrange(0, len(chunks))
-        chunks.insert(depth if not chunks[depth].startswith("{image#") else depth + 1, fact.format(answer))
+        # even chunks are paragraphs, odd ones images; never the first paragraph: SmolLM2-135M
+        # confuses a fact there with the opening words (a third of such samples answered wrong)
+        text = rng.randrange(2, len(chunks), 2)
+        sentences = chunks[text].rstrip(".").split(". ")
+        sentences.insert(rng.randrange(0, len(sentences) + 1), fact.format(answer).rstrip("."))
+        chunks[text] = ". ".join(sentences) + "."
         context = " ".join(chunks) + " " + question
-        data.append({"sample_id": i, "task_instruction_id": 0,
+        data.append({"sample_id": i, "task_instruction_id": 0, "length": lengths[i % len(lengths)],
                      "task_instance": {"context": context, "images_path": names}, "response": answer})
     return data
 
 
-def text_needle(folder: Path, samples: int, rng: random.Random) -> list[dict]:
-    return _needle(folder, samples, rng, lambda r: r.choice(SECRETS), "Remember this: the secret word is {}.",
+def text_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
+    return _needle(folder, samples, rng, lengths, lambda r: r.choice(SECRETS), "The secret word is {}.",
                    "What is the secret word?")
 
 
-def passkey_needle(folder: Path, samples: int, rng: random.Random) -> list[dict]:
-    return _needle(folder, samples, rng, lambda r: str(r.randrange(10000, 100000)),
+def passkey_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
+    return _needle(folder, samples, rng, lengths, lambda r: str(r.randrange(10000, 100000)),
                    "The pass key is {0}. Remember it. {0} is the pass key.", "What is the pass key?")
 
 
-def choice(folder: Path, samples: int, rng: random.Random) -> list[dict]:
-    data = []
-    for i in range(samples):
-        words = LENGTHS_WORDS[i % len(LENGTHS_WORDS)]
-        chunks, names = _haystack(rng, folder, i, words, images=4 + (i % 4) * 4)
-        people = rng.sample(PEOPLE, 4)
-        places = rng.sample(PLACES, 4)
-        for person, place in zip(people, places):
-            chunks.insert(rng.randrange(0, len(chunks) + 1), f"{person} travelled to {place}.")
-        asked = rng.randrange(4)
-        context = " ".join(chunks) + f" Where did {people[asked]} travel to?"
-        data.append({"sample_id": i, "task_instruction_id": 0,
-                     "task_instance": {"context": context, "images_path": names, "choice_list": places},
-                     "response": places[asked]})
-    return data
-
-
-TASKS = {  # name: (generator, instruction, seed offset: a task's samples do not depend on the others)
-    "SyntheticChoice": (choice, "Read the text and pictures below, then choose the right option. ", 0),
-    "SyntheticTextNeedle": (text_needle, "Read the text and pictures below, then answer the question. ", 1),
-    "SyntheticPasskeyNeedle": (passkey_needle, "Read the text and pictures below, then answer the question. ", 2),
+INSTRUCTION = "Read the text and pictures below, then answer the question: {} "
+TASKS = {  # name: (generator, instruction with the question, seed offset: tasks do not depend on each other)
+    "SyntheticTextNeedle": (text_needle, INSTRUCTION.format("What is the secret word?"), 1),
+    "SyntheticPasskeyNeedle": (passkey_needle, INSTRUCTION.format("What is the pass key?"), 2),
 }
 
 
-def generate(out: str | Path, samples: int = 20, seed: int = 0) -> list[Path]:
+def generate(out: str | Path, samples: int = 100, seed: int = 0, lengths=DEFAULT_LENGTHS) -> list[Path]:
     """Write every synthetic task under `out`; same arguments, same bytes."""
+    unknown = set(lengths) - set(LENGTHS)
+    if unknown or not lengths:
+        raise ValueError(f"unknown lengths {sorted(unknown)}; choose from {', '.join(LENGTHS)}")
     written = []
     for task, (make, instruction, offset) in TASKS.items():
         folder = Path(out) / task
         (folder / "images").mkdir(parents=True, exist_ok=True)
-        data = make(folder, samples, random.Random(seed * 1000 + offset))
-        payload = {"meta_data": {"task": task, "task_instruction": [instruction], "seed": seed}, "data": data}
+        data = make(folder, samples, random.Random(seed * 1000 + offset), tuple(lengths))
+        payload = {"meta_data": {"task": task, "task_instruction": [instruction], "seed": seed,
+                                 "lengths": list(lengths)}, "data": data}
         path = folder / f"{task}.json"
         path.write_text(json.dumps(payload, indent=1))
         written.append(path)
@@ -133,10 +128,12 @@ def generate(out: str | Path, samples: int = 20, seed: int = 0) -> list[Path]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m madakv_vllm.evaluation.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("out")
-    parser.add_argument("--samples", type=int, default=20, help="samples per task (default 20)")
+    parser.add_argument("--samples", type=int, default=100, help="samples per task (default 100)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lengths", nargs="+", default=list(DEFAULT_LENGTHS), choices=list(LENGTHS),
+                        help="prompt lengths the samples cycle through (default: 1k)")
     args = parser.parse_args(argv)
-    for path in generate(args.out, args.samples, args.seed):
+    for path in generate(args.out, args.samples, args.seed, args.lengths):
         print(f"wrote {path}")
 
 
