@@ -1,7 +1,7 @@
 """The README's result tables, rendered from what the benchmark commands wrote:
 
-    python benchmarks/tables.py [overhead serving video accuracy lengths ablation layer_groups]   # print them
-    python benchmarks/tables.py --readme                                     # refresh README.md
+    python benchmarks/tables.py [NAME ...]   # print them (all when no NAME is given)
+    python benchmarks/tables.py --readme     # refresh README.md
 
 Each table comes with the command that regenerates its numbers and the machine they ran on.
 In README.md a table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`.
@@ -122,8 +122,26 @@ def layer_groups(r: dict) -> str:
         [[g] + [decode(g, b) for b in batches] + [pressure(g, "madakv"), pressure(g, "pyramidkv")] for g in groups])
 
 
+def layer_buckets(r: dict) -> str:
+    tasks = sorted({row["task"] for row in r["rows"]})
+    settings = list(dict.fromkeys((row["policy"], row["budget"], row["layer_buckets"]) for row in r["rows"]))
+
+    def cell(setting, task):
+        (row,) = [x for x in r["rows"] if (x["policy"], x["budget"], x["layer_buckets"]) == setting and x["task"] == task]
+        return f"{row['score']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+
+    def name(policy, budget, buckets):
+        return "full cache" if policy == "none" else f"{policy} {budget:.0%}, {buckets} bucket{'s' * (buckets > 1)}"
+
+    n = r["rows"][0]["n"]
+    return _markdown(
+        f"`python benchmarks/run_layer_buckets.py --samples {r['samples_per_task']}` ({_where(r)}, "
+        f"{r['seconds'] // 60} min; {r['model']}; score [95 % interval], n = {n} per task):",
+        ["setting"] + tasks, [[name(*setting)] + [cell(setting, task) for task in tasks] for setting in settings])
+
+
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
-          "ablation": ablation, "layer_groups": layer_groups}
+          "ablation": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets}
 
 
 def render(name: str) -> str:
