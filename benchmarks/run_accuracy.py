@@ -43,20 +43,26 @@ def main():
     p.add_argument("--dtype", default="bfloat16", help="float32 on CPUs with AMX (eviction refuses their bf16 layout)")
     p.add_argument("--hf", action="store_true", help="run on the HF reference path instead of vllm serve")
     p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--summarize", type=int, metavar="MINUTES",
+                   help="(--hf) only summarize OUT/samples.jsonl of a run stopped after MINUTES")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     from _stamp import smollm2_llava, synthetic_suite
 
     started = time.time()
-    if args.hf:
+    if args.summarize:
+        summarize_samples(Path(args.out))
+    elif args.hf:
         run_hf(args, synthetic_suite(args.samples))
     else:
         run_vllm(args, smollm2_llava(), synthetic_suite(args.samples))
     table = markdown_table(Path(args.out) / "summary.csv")
-    note = (f"{'HF reference path' if args.hf else 'vllm serve, dtype ' + args.dtype}, {_machine()}, "
+    took = (f"stopped early after {args.summarize} min, the samples it finished" if args.summarize else
             f"{round((time.time() - started) / 60)} min")
-    command = " ".join(["python benchmarks/run_accuracy.py", *sys.argv[1:]])
+    note = f"{'HF reference path' if args.hf else 'vllm serve, dtype ' + args.dtype}, {_machine()}, {took}"
+    command = " ".join(["python benchmarks/run_accuracy.py", *(a for a in sys.argv[1:] if a != "--summarize"
+                                                                 and a != str(args.summarize))])
     (Path(args.out) / "table.md").write_text(f"`{command}` ({note}; score with its 95 % interval):\n\n{table}")
     print(table)
 
@@ -76,15 +82,16 @@ def run_hf(args, data: Path) -> None:
 
     from madakv_vllm.evaluation.backends import settings
     from madakv_vllm.evaluation.milebench import list_tasks, load_task, scorer_for
-    from madakv_vllm.evaluation.report import plot, results_rows, summarize
     from madakv_vllm.hf import generate_sweep
     from madakv_vllm.policies import make_policy
 
     model, processor = hf_judge()
     sweep = settings(args.policies, [float(b) for b in args.budgets])
     policies = {s: make_policy(s.policy, **({} if s.budget is None else {"budget": s.budget})) for s in sweep}
-    samples = [s for task in list_tasks(data) for s in load_task(data, task)]
-    rows, kept = [], {s: [] for s in sweep}
+    # the tasks' samples take turns, so a run stopped early (see --summarize) has them in equal numbers
+    per_task = [load_task(data, task) for task in list_tasks(data)]
+    samples = [s for turn in zip(*per_task) for s in turn]
+    rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as jsonl:
@@ -97,12 +104,27 @@ def run_hf(args, data: Path) -> None:
                 prediction = processor.decode(ids[0, n:], skip_special_tokens=True)
                 row = dict(task=sample.task, sample_id=sample.sample_id, policy=setting.policy, budget=setting.budget,
                            answer=sample.answer, prediction=prediction, prompt_tokens=n,
+                           kv_kept=round(report.kept_ratio, 4),
                            score=scorer_for(sample)(prediction, sample.answer, sample.choices))
-                kept[setting].append(report.kept_ratio)
                 jsonl.write(json.dumps(row) + "\n")
                 rows.append(row)
-    memory = {(s.policy, s.budget): dict(kv_kept=round(sum(k) / len(k), 4), blocks_freed="", evicted_requests="",
-                                         prefix_cache="not used") for s, k in kept.items()}
+    write_summary(out, rows)
+
+
+def summarize_samples(out: Path) -> None:
+    """The summary of a run stopped early, from the samples it wrote."""
+    write_summary(out, [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()])
+
+
+def write_summary(out: Path, rows: list[dict]) -> None:
+    from madakv_vllm.evaluation.report import plot, results_rows, summarize
+
+    kept = defaultdict(list)
+    for row in rows:
+        if "kv_kept" in row:
+            kept[(row["policy"], row["budget"])].append(row["kv_kept"])
+    memory = {key: dict(kv_kept=round(sum(k) / len(k), 4), blocks_freed="", evicted_requests="",
+                        prefix_cache="not used") for key, k in kept.items()}
     summary = summarize(rows, memory)
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))

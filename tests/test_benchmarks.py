@@ -16,3 +16,27 @@ def test_kernel_benchmark_writes_stamped_results(tmp_path):
     (row,) = result["rows"]
     assert row["n"] == 512 and row["impl"] == "torch"
     assert row["score_gbps"] > 0 and row["compact_gbps"] > 0
+
+
+def test_accuracy_summary_of_a_stopped_run_has_n_and_intervals(tmp_path):
+    """run_accuracy.py --summarize: the table of the samples a stopped run wrote, each score with
+    its sample count and Wilson interval, and the measured KV kept per setting."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_accuracy
+
+    rows = []
+    for i in range(10):
+        for task, full in (("SyntheticPasskeyNeedle", 1.0), ("SyntheticTextNeedle", float(i < 8))):
+            rows.append(dict(task=task, sample_id=str(i), policy="none", budget=None, score=full, kv_kept=1.0))
+            rows.append(dict(task=task, sample_id=str(i), policy="snapkv", budget=0.2, score=float(i < 3),
+                             kv_kept=0.2 + i / 500))
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_accuracy.summarize_samples(tmp_path)
+    table = run_accuracy.markdown_table(tmp_path / "summary.csv")
+    lines = table.splitlines()
+    assert lines[0] == "| setting | SyntheticPasskeyNeedle (n=10) | SyntheticTextNeedle (n=10) | mean (n=20) | KV kept |"
+    assert lines[2].startswith("| full cache | 1.00 [0.72, 1.00] | 0.80 [0.49, 0.94] | 0.90 [0.70, 0.97] |")
+    assert lines[3].startswith("| snapkv 20% | 0.30 [0.11, 0.60] |") and lines[3].endswith("| 20.9% |")
+    results = json.loads((tmp_path / "accuracy.json").read_text())
+    assert {(r["policy"], r["task"], r["n"]) for r in results if r["task"] == "ALL"} == {("none", "ALL", 20),
+                                                                                         ("snapkv", "ALL", 20)}
