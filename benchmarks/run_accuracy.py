@@ -15,8 +15,9 @@ Builds the model (benchmarks/.models/) and the data (seed 0) when missing, start
 sweep, prints a markdown table and writes benchmarks/results/accuracy/ (samples.jsonl,
 summary.csv, scores.png with matplotlib, table.md). The table's "KV kept" column is what the
 server's own counters measured for each setting (share of the prompt's KV left after eviction).
-PyramidKV is left out by default: vLLM keeps one block table for all layers, so it runs with
-uniform layers there, which makes it SnapKV (the HF ablation has the real PyramidKV).
+PyramidKV is left out by default: the server runs with one KV-cache group (vLLM's default here),
+where it keeps uniform layers and is then SnapKV (`--hf`, or a server with
+--kv-eviction-layer-groups, has the real PyramidKV).
 """
 from __future__ import annotations
 
