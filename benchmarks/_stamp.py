@@ -162,6 +162,25 @@ def hf_judge():
     return model, AutoProcessor.from_pretrained(path)
 
 
+def hf_sweep(model, processor, samples, policies: dict, max_new_tokens: int, desc: str):
+    """Every sample prefilled once on the HF reference path and decoded under every policy
+    (`generate_sweep`): yields (sample, prompt tokens, policy key, prediction, score, report)."""
+    import torch
+    from tqdm import tqdm
+
+    from madakv_vllm.evaluation.milebench import scorer_for
+    from madakv_vllm.hf import generate_sweep
+
+    for sample in tqdm(samples, desc=desc, unit="sample"):
+        inputs = hf_inputs(processor, sample)
+        n = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            outputs = generate_sweep(model, inputs, policies, max_new_tokens=max_new_tokens)
+        for key, (ids, report) in outputs.items():
+            prediction = processor.decode(ids[0, n:], skip_special_tokens=True)
+            yield sample, n, key, prediction, scorer_for(sample)(prediction, sample.answer, sample.choices), report
+
+
 def hf_inputs(processor, sample):
     """A MileBench sample as the chat prompt the server would build: the model inputs."""
     from PIL import Image

@@ -53,12 +53,9 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    import torch
-    from _stamp import hf_inputs, hf_judge, stamp, synthetic_suite, write_results
-    from tqdm import tqdm
+    from _stamp import hf_judge, hf_sweep, stamp, synthetic_suite, write_results
 
-    from madakv_vllm.evaluation.milebench import list_tasks, load_task, scorer_for
-    from madakv_vllm.hf import generate_sweep
+    from madakv_vllm.evaluation.milebench import list_tasks, load_task
 
     data = synthetic_suite(args.samples)
     model, processor = hf_judge()
@@ -68,14 +65,8 @@ def main():
     scores: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     samples = [s for task in list_tasks(data) for s in load_task(data, task)]
     started = time.time()
-    for sample in tqdm(samples, desc="ablation", unit="sample"):
-        inputs = hf_inputs(processor, sample)
-        n = inputs["input_ids"].shape[1]
-        with torch.inference_mode():
-            outputs = generate_sweep(model, inputs, policies, max_new_tokens=args.max_new_tokens)
-        for key, (ids, _) in outputs.items():
-            prediction = processor.decode(ids[0, n:], skip_special_tokens=True)
-            scores[key][sample.task].append(scorer_for(sample)(prediction, sample.answer, sample.choices))
+    for sample, _, key, _, score, _ in hf_sweep(model, processor, samples, policies, args.max_new_tokens, "ablation"):
+        scores[key][sample.task].append(score)
     tasks = sorted({s.task for s in samples})
     names = list(dict.fromkeys(name for name, _ in policies))
     mean = {key: sum(sum(v) / len(v) for v in per_task.values()) / len(per_task) for key, per_task in scores.items()}

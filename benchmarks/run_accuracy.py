@@ -77,13 +77,10 @@ def _machine() -> str:
 
 def run_hf(args, data: Path) -> None:
     """The sweep on the HF reference path: the same files as madakv-eval writes."""
-    import torch
-    from _stamp import hf_inputs, hf_judge
-    from tqdm import tqdm
+    from _stamp import hf_judge, hf_sweep
 
     from madakv_vllm.evaluation.backends import settings
-    from madakv_vllm.evaluation.milebench import list_tasks, load_task, scorer_for
-    from madakv_vllm.hf import generate_sweep
+    from madakv_vllm.evaluation.milebench import list_tasks, load_task
     from madakv_vllm.policies import make_policy
 
     model, processor = hf_judge()
@@ -96,19 +93,13 @@ def run_hf(args, data: Path) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as jsonl:
-        for sample in tqdm(samples, desc="accuracy (HF)", unit="sample"):
-            inputs = hf_inputs(processor, sample)
-            n = inputs["input_ids"].shape[1]
-            with torch.inference_mode():
-                outputs = generate_sweep(model, inputs, policies, max_new_tokens=args.max_tokens)
-            for setting, (ids, report) in outputs.items():
-                prediction = processor.decode(ids[0, n:], skip_special_tokens=True)
-                row = dict(task=sample.task, sample_id=sample.sample_id, policy=setting.policy, budget=setting.budget,
-                           answer=sample.answer, prediction=prediction, prompt_tokens=n,
-                           kv_kept=round(report.kept_ratio, 4),
-                           score=scorer_for(sample)(prediction, sample.answer, sample.choices))
-                jsonl.write(json.dumps(row) + "\n")
-                rows.append(row)
+        for sample, n, setting, prediction, score, report in hf_sweep(model, processor, samples, policies,
+                                                                      args.max_tokens, "accuracy (HF)"):
+            row = dict(task=sample.task, sample_id=sample.sample_id, policy=setting.policy, budget=setting.budget,
+                       answer=sample.answer, prediction=prediction, prompt_tokens=n,
+                       kv_kept=round(report.kept_ratio, 4), score=score)
+            jsonl.write(json.dumps(row) + "\n")
+            rows.append(row)
     write_summary(out, rows)
 
 

@@ -30,13 +30,10 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    import torch
-    from _stamp import hf_inputs, hf_judge, stamp, synthetic_suite, write_results
-    from tqdm import tqdm
+    from _stamp import hf_judge, hf_sweep, stamp, synthetic_suite, write_results
 
-    from madakv_vllm.evaluation.milebench import list_tasks, load_task, scorer_for
+    from madakv_vllm.evaluation.milebench import list_tasks, load_task
     from madakv_vllm.evaluation.report import interval
-    from madakv_vllm.hf import generate_sweep
     from madakv_vllm.policies import make_policy
 
     model, processor = hf_judge()
@@ -49,14 +46,9 @@ def main():
     scores: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     samples = [s for task in list_tasks(data) for s in load_task(data, task)]
     started = time.time()
-    for sample in tqdm(samples, desc="layer buckets (HF)", unit="sample"):
-        inputs = hf_inputs(processor, sample)
-        n = inputs["input_ids"].shape[1]
-        with torch.inference_mode():
-            outputs = generate_sweep(model, inputs, policies, max_new_tokens=args.max_tokens)
-        for key, (ids, _) in outputs.items():
-            prediction = processor.decode(ids[0, n:], skip_special_tokens=True)
-            scores[key][sample.task].append(scorer_for(sample)(prediction, sample.answer, sample.choices))
+    for sample, _, key, _, score, _ in hf_sweep(model, processor, samples, policies, args.max_tokens,
+                                                "layer buckets (HF)"):
+        scores[key][sample.task].append(score)
     rows = []
     for (name, budget, buckets), per_task in scores.items():
         for task, values in sorted(per_task.items()):

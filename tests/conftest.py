@@ -18,15 +18,16 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """Build (once per session) and return the directory of a tiny random model by arch name."""
+    """Build (once per session) and return the directory of a tiny random model by arch name
+    (and decoder layer count)."""
     from madakv_vllm.testing.models import build
 
     built = {}
 
-    def get(arch: str):
-        if arch not in built:
-            built[arch] = build(arch, tmp_path_factory.mktemp(arch))
-        return built[arch]
+    def get(arch: str, num_layers: int = 2):
+        if (arch, num_layers) not in built:
+            built[arch, num_layers] = build(arch, tmp_path_factory.mktemp(f"{arch}-{num_layers}"), num_layers=num_layers)
+        return built[arch, num_layers]
 
     return get
 
@@ -39,11 +40,11 @@ def hf_model(tiny_model_dir):
 
     loaded = {}
 
-    def get(arch: str):
-        if arch not in loaded:
-            path = tiny_model_dir(arch)
+    def get(arch: str, num_layers: int = 2):
+        if (arch, num_layers) not in loaded:
+            path = tiny_model_dir(arch, num_layers)
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-            loaded[arch] = (model.eval(), AutoProcessor.from_pretrained(path))
-        return loaded[arch]
+            loaded[arch, num_layers] = (model.eval(), AutoProcessor.from_pretrained(path))
+        return loaded[arch, num_layers]
 
     return get

@@ -4,13 +4,12 @@ the oracle for unequal layer budgets."""
 import random
 
 import pytest
-import torch
 
 from madakv_vllm.hf import generate_with_eviction
 from madakv_vllm.policies import make_policy
 from madakv_vllm.testing.stress import blocks_held_mismatches
 from prompts import hf_inputs, vllm_messages
-from test_vllm_engine import MAX_TOKENS, Engines, greedy, sampling, scheduler_of, text_prompt
+from test_vllm_engine import MAX_TOKENS, Engines, greedy, sampling, scheduler_of, stress_engine, text_prompt
 
 pytestmark = pytest.mark.slow  # starts vLLM engines (minutes); `-m "not slow"` skips them
 
@@ -24,39 +23,13 @@ def eviction(groups: int, policy: str = "madakv", budget: float = 0.3, window: i
 
 
 @pytest.fixture(scope="module")
-def four_layers(tmp_path_factory):
-    """Tiny models with 4 decoder layers, built once: arch -> path."""
-    from madakv_vllm.testing.models import build
-
-    built = {}
-
-    def get(arch: str):
-        if arch not in built:
-            built[arch] = build(arch, tmp_path_factory.mktemp(f"{arch}-4"), num_layers=LAYERS)
-        return built[arch]
-
-    return get
+def hf4(hf_model):
+    return lambda arch: hf_model(arch, LAYERS)
 
 
 @pytest.fixture(scope="module")
-def hf4(four_layers):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    loaded = {}
-
-    def get(arch: str):
-        if arch not in loaded:
-            path = four_layers(arch)
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-            loaded[arch] = (model.eval(), AutoProcessor.from_pretrained(path))
-        return loaded[arch]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def engines(four_layers):
-    pool = Engines(four_layers)
+def engines(tiny_model_dir):
+    pool = Engines(lambda arch: tiny_model_dir(arch, LAYERS))
     yield pool
     pool.stop()
 
@@ -155,12 +128,9 @@ def test_groups_hold_blocks_of_their_own_counts_and_return_the_rest(engines):
 def test_short_stress_run_with_layer_groups_leaks_nothing(engines):
     """benchmarks/stress_engine.py with --layer-groups 4, short: every policy (HCC and PyramidKV
     report per-group counts), aborts, forced preemptions, prefix sharing."""
-    from madakv_vllm.testing.stress import engine_settings, run
+    from madakv_vllm.testing.stress import run
 
-    settings = engine_settings(block_size=BLOCK, layer_groups=LAYERS)
-    llm = engines.get("qwen2vl", **{k: v for k, v in settings.items() if k not in ("dtype", "enforce_eager",
-                                                                                    "distributed_executor_backend",
-                                                                                    "seed")})
+    llm = stress_engine(engines, layer_groups=LAYERS)
     report = run(llm, num_requests=60, seed=2, solo_sample=10)
     print(report)
     assert report.ok(), report.leaks
@@ -172,14 +142,11 @@ def test_reports_that_arrive_a_step_late_still_plan_safely(engines):
     """Async scheduling (GPU) schedules step s+1 before step s's output, so the per-group counts
     arrive one schedule() later than on this CPU (synchronous). Simulated by holding every report
     back one output: compactions then carry a decoded token, nothing leaks, solo reruns match."""
-    from madakv_vllm.testing.stress import engine_settings, run
+    from madakv_vllm.testing.stress import run
     from madakv_vllm.vllm.protocol import REPORT_ATTR, plans_of, report_of
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
-    settings = engine_settings(block_size=BLOCK, layer_groups=2)
-    llm = engines.get("qwen2vl", **{k: v for k, v in settings.items() if k not in ("dtype", "enforce_eager",
-                                                                                    "distributed_executor_backend",
-                                                                                    "seed")})
+    llm = stress_engine(engines, layer_groups=2)
     scheduler = scheduler_of(llm)
     update, held, late_plans = scheduler.update_from_output, {}, []
 

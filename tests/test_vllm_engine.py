@@ -401,14 +401,18 @@ def test_window_never_cuts_an_image_when_chunked_mm_input_is_off(engines):
         del scheduler.eviction_targets["cut"]
 
 
+def stress_engine(engines, layer_groups: int = 1):
+    """The pooled tiny Qwen2-VL with the stress run's settings (madakv_vllm.testing.stress)."""
+    from madakv_vllm.testing.stress import engine_settings
+
+    return engines.get("qwen2vl", **engine_settings(block_size=BLOCK, layer_groups=layer_groups))
+
+
 def test_short_stress_run_leaks_nothing(engines):
     """The short version of benchmarks/stress_engine.py (which runs 2000 requests)."""
-    from madakv_vllm.testing.stress import engine_settings, run
+    from madakv_vllm.testing.stress import run
 
-    settings = engine_settings(block_size=BLOCK)
-    llm = engines.get("qwen2vl", **{k: v for k, v in settings.items() if k not in ("dtype", "enforce_eager",
-                                                                                    "distributed_executor_backend",
-                                                                                    "seed")})
+    llm = stress_engine(engines)
     report = run(llm, num_requests=60, seed=1, solo_sample=10)
     print(report)
     assert report.ok(), report.leaks

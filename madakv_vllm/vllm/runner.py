@@ -94,6 +94,7 @@ class WorkerEviction:
         # layers in model order (groups are contiguous buckets of layers), and each one's group
         self.layers = [context[name] for group in groups for name in group.layer_names]
         self.layer_group = [g for g, group in enumerate(groups) for _ in group.layer_names]
+        self.group_first_layer = [self.layer_group.index(g) for g in range(self.num_groups)]
         check_layout(self.layers[0], self.layers[0].impl, self.layers[0].kv_cache)
         heads = set()
         for layer in self.layers:
@@ -101,7 +102,8 @@ class WorkerEviction:
             heads.add(paged_dims(keys, layout)[1])
         if len(heads) != 1:  # compat.check_vllm_config refuses such models from their config already
             raise RuntimeError(f"KV eviction needs the same KV-head count in every layer, found {sorted(heads)}")
-        self.scores_per_token = len(self.layers) * heads.pop()  # the scheduler computes the same
+        self.num_kv_heads = heads.pop()
+        self.scores_per_token = len(self.layers) * self.num_kv_heads  # the scheduler computes the same
         self.requests: dict[str, RequestEviction] = {}
         self.step_rows: list[ScoringRows] = []
         # per-step inputs staged in pinned host memory (the runner's own buffer type)
@@ -214,24 +216,19 @@ class WorkerEviction:
                                f"{missing[:5]}")
         return state.scores
 
-    def _num_kv_heads(self) -> int:
-        first = self.layers[0]
-        key_cache, _, layout = key_value_views(first.kv_cache, first.impl)
-        return paged_dims(key_cache, layout)[1]
-
     def apply_plan(self, req_id: str, plan) -> None:
         state, req_state = self.requests.get(req_id), self.runner.requests.get(req_id)
         if state is None or req_state is None:
             return
         started = time.perf_counter()
         scores = self._scores_for_plan(req_id, state)
-        num_kv_heads = self._num_kv_heads()
+        tags = state.tags.to(self.device)
         # the plan's per-group counts are what the scheduler allocated: select exactly those
         tail = state.policy.protected_tail(state.target.kept)
         budgets = [plan.kept[g] - tail for g in self.layer_group]
-        keep = state.policy.select(scores, state.tags.to(self.device), num_layers=len(self.layers),
-                                   num_kv_heads=num_kv_heads, budgets=budgets)
-        tail_tokens = torch.arange(plan.prompt_len, plan.computed, device=self.device).expand(num_kv_heads, -1)
+        keep = state.policy.select(scores, tags, num_layers=len(self.layers), num_kv_heads=self.num_kv_heads,
+                                   budgets=budgets)
+        tail_tokens = torch.arange(plan.prompt_len, plan.computed, device=self.device).expand(self.num_kv_heads, -1)
         src = [torch.tensor(ids, dtype=torch.int32, device=self.device) for ids in req_state.block_ids]
         dst = [torch.tensor(ids, dtype=torch.int32, device=self.device) for ids in plan.block_ids]
         for layer, g, layer_keep in zip(self.layers, self.layer_group, keep):
@@ -244,7 +241,6 @@ class WorkerEviction:
         state.evicted = [plan.prompt_len - kept for kept in plan.kept]
         state.scores, scores = None, None  # the largest per-request buffer: freed right after the plan
         state.seconds += time.perf_counter() - started
-        tags = state.tags.to(self.device)
         counts = kept_and_evicted_by_modality(keep, tags)
         self.counters.add(**{key: value / self.tp_size for key, value in counts.items()})
         if self.tp_rank == 0:  # one observation per request; per-layer counts are per head, the same on every rank
@@ -264,8 +260,7 @@ class WorkerEviction:
             budgets = state.policy.plan_budgets(self._scores_for_plan(req_id, state), tags, len(self.layers),
                                                 average=self._average_over_ranks)
             tail = state.policy.protected_tail(state.target.kept)
-            first_layer = [self.layer_group.index(g) for g in range(self.num_groups)]
-            self.pending_reports[req_id] = [budgets[layer] + tail for layer in first_layer]
+            self.pending_reports[req_id] = [budgets[layer] + tail for layer in self.group_first_layer]
             state.seconds += time.perf_counter() - started
 
     def _average_over_ranks(self, demands: torch.Tensor) -> torch.Tensor:
