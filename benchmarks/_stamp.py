@@ -92,15 +92,10 @@ def bar_panels(plt, rows: list[dict], panels: list[tuple[str, str]], width: floa
 
 
 def smollm2_llava():
-    """The SmolLM2-LLaVA test model, built into benchmarks/.models/ on first use."""
-    from pathlib import Path
+    """The SmolLM2-LLaVA judge (its picture reader trained), built into the user cache on first use."""
+    from madakv_vllm.testing.models import judge_model
 
-    from madakv_vllm.testing.models import build
-
-    path = Path(HERE) / ".models" / "smollm2-llava"
-    if not (path / "config.json").is_file():
-        build("smollm2-llava", path)
-    return path
+    return judge_model()
 
 
 def synthetic_suite(samples: int, lengths=None):

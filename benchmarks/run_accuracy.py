@@ -43,7 +43,8 @@ def main():
     p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
     p.add_argument("--dtype", default="bfloat16", help="float32 on CPUs with AMX (eviction refuses their bf16 layout)")
     p.add_argument("--hf", action="store_true", help="run on the HF reference path instead of vllm serve")
-    p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=20, help="the mixed task's answer has two facts")
+    p.add_argument("--tasks", nargs="+", help="(--hf) only these tasks (e.g. to split a run over processes)")
     p.add_argument("--summarize", type=int, metavar="MINUTES",
                    help="(--hf) only summarize OUT/samples.jsonl of a run stopped after MINUTES")
     args = p.parse_args()
@@ -87,7 +88,7 @@ def run_hf(args, data: Path) -> None:
     sweep = settings(args.policies, [float(b) for b in args.budgets])
     policies = {s: make_policy(s.policy, **({} if s.budget is None else {"budget": s.budget})) for s in sweep}
     # the tasks' samples take turns, so a run stopped early (see --summarize) has them in equal numbers
-    per_task = [load_task(data, task) for task in list_tasks(data)]
+    per_task = [load_task(data, task) for task in list_tasks(data) if not args.tasks or task in args.tasks]
     samples = [s for turn in zip(*per_task) for s in turn]
     rows = []
     out = Path(args.out)

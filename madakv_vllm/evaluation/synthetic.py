@@ -5,9 +5,15 @@ designed so that SmolLM2-135M-Instruct (the SmolLM2-LLaVA judge) answers them wi
   paragraph (any but the first) says "The secret word is W." (W a common one-token-ish word); the question asks for W.
 - SyntheticPasskeyNeedle: the classic pass key (a five-digit number stated twice in one spot),
   a multi-token fact that single-token ranking can break.
-Both ask their question before the text (in the task instruction) and again after it: a 135M
-model reads a long context for the question it already knows. Both are scored by substring match
-(small models answer in a sentence, "The pass key is 27611.").
+- SyntheticImageNeedle: the answer is only in one picture among the haystack's: a picture of the
+  secret word (the judge's vision side is trained to read such pictures as "The secret word is
+  W.", see madakv_vllm/testing/vision.py); the other pictures show coloured squares.
+- SyntheticMixedNeedle: the question needs one picture (the secret word) and one sentence ("The
+  secret number is N.", a two-digit number inside a paragraph); both must be in the answer.
+All ask their question before the text (in the task instruction) and again after it: a 135M
+model reads a long context for the question it already knows. They are scored by substring match
+(small models answer in a sentence, "The pass key is 27611."; the mixed task needs every word of
+its answer).
 Lengths are set in words (about one token each with SmolLM2's tokenizer) plus 16 tokens per image
 with the SmolLM2-LLaVA judge; samples cycle through the lengths asked for. The default is 1K
 tokens, inside the range where the judge still reads (see benchmarks/run_lengths.py).
@@ -20,6 +26,8 @@ import json
 import random
 from pathlib import Path
 
+from ..testing.vision import WORD_PICTURES, render_shapes, render_word
+
 SENTENCES = (
     "The weather was mild and the market was busy.", "A train left the station just after noon.",
     "The library closed early on Sundays.", "Children played near the river until the evening.",
@@ -28,9 +36,9 @@ SENTENCES = (
     "Lanterns lit the narrow streets of the village.", "The orchard was full of ripe apples.",
     "A letter arrived from a distant cousin.", "The teacher read a story to the class.",
 )
-# common words: SmolLM2-135M copies them far more reliably than rare ones (apricot, thistle, ...)
-SECRETS = ("tiger", "piano", "candle", "rocket", "garden", "silver", "orange", "pencil", "dragon", "basket")
-COLORS = [(200, 40, 40), (40, 160, 60), (40, 70, 200), (220, 200, 40), (140, 60, 170), (240, 140, 30)]
+# common words: SmolLM2-135M copies them far more reliably than rare ones (apricot, thistle, ...);
+# the same words the judge's pictures can show
+SECRETS = WORD_PICTURES
 # name: (filler words, images); prompt tokens with SmolLM2-LLaVA about 1K, 2K, 4K, 7.5K
 LENGTHS = {"1k": (700, 4), "2k": (1500, 8), "4k": (3200, 12), "8k": (6300, 16)}
 DEFAULT_LENGTHS = ("1k",)
@@ -45,17 +53,6 @@ def _paragraph(rng: random.Random, words: int) -> str:
     return " ".join(out)
 
 
-def _write_image(path: Path, rng: random.Random) -> None:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (112, 112), rng.choice(COLORS))
-    draw = ImageDraw.Draw(img)
-    for _ in range(3):
-        x, y = rng.randrange(0, 90), rng.randrange(0, 90)
-        draw.rectangle([x, y, x + 20, y + 20], fill=rng.choice(COLORS))
-    img.save(path)
-
-
 def _haystack(rng, folder: Path, sample_id: int, total_words: int, images: int):
     """Paragraph texts and image placeholders, alternating; returns (chunks, image file names)."""
     chunks, names = [], []
@@ -63,47 +60,89 @@ def _haystack(rng, folder: Path, sample_id: int, total_words: int, images: int):
     for k in range(images):
         chunks.append(_paragraph(rng, per_chunk))
         name = f"s{sample_id}_img{k + 1}.png"
-        _write_image(folder / "images" / name, rng)
+        render_shapes(rng).save(folder / "images" / name)
         names.append(name)
         chunks.append(f"{{image#{k + 1}}}")
     chunks.append(_paragraph(rng, per_chunk))
     return chunks, names
 
 
-def _needle(folder: Path, samples: int, rng: random.Random, lengths, pick, fact: str, question: str) -> list[dict]:
-    """One fact (`fact` formatted with the answer `pick(rng)`) between two sentences of a random
-    paragraph of the haystack (not the first); the question follows the haystack."""
+def _insert_sentence(rng: random.Random, chunks: list[str], sentence: str) -> None:
+    """`sentence` between two sentences of a random paragraph of the haystack, never the first:
+    SmolLM2-135M confuses a fact there with the opening words (a third of such samples answered wrong)."""
+    text = rng.randrange(2, len(chunks), 2)  # even chunks are paragraphs, odd ones pictures
+    sentences = chunks[text].rstrip(".").split(". ")
+    sentences.insert(rng.randrange(0, len(sentences) + 1), sentence.rstrip("."))
+    chunks[text] = ". ".join(sentences) + "."
+
+
+def _needle(folder: Path, samples: int, rng: random.Random, lengths, plant, question: str) -> list[dict]:
+    """Haystacks with a fact planted by `plant(rng, chunks, folder, picture names)`, which returns
+    the answer; the question follows the haystack."""
     data = []
     for i in range(samples):
         words, images = LENGTHS[lengths[i % len(lengths)]]
         chunks, names = _haystack(rng, folder, i, words, images)
-        answer = pick(rng)
-        # even chunks are paragraphs, odd ones images; never the first paragraph: SmolLM2-135M
-        # confuses a fact there with the opening words (a third of such samples answered wrong)
-        text = rng.randrange(2, len(chunks), 2)
-        sentences = chunks[text].rstrip(".").split(". ")
-        sentences.insert(rng.randrange(0, len(sentences) + 1), fact.format(answer).rstrip("."))
-        chunks[text] = ". ".join(sentences) + "."
+        answer = plant(rng, chunks, folder, names)
         context = " ".join(chunks) + " " + question
         data.append({"sample_id": i, "task_instruction_id": 0, "length": lengths[i % len(lengths)],
                      "task_instance": {"context": context, "images_path": names}, "response": answer})
     return data
 
 
+def _sentence_fact(pick, fact: str):
+    def plant(rng, chunks, folder, names):
+        answer = pick(rng)
+        _insert_sentence(rng, chunks, fact.format(answer))
+        return answer
+    return plant
+
+
+def _word_picture(rng: random.Random, folder: Path, names: list[str]) -> str:
+    """Redraw one of the haystack's pictures as a picture of a secret word; returns the word."""
+    word = rng.choice(SECRETS)
+    render_word(word, rng).save(folder / "images" / rng.choice(names))
+    return word
+
+
+def _picture_and_sentence(rng, chunks, folder, names):
+    word = _word_picture(rng, folder, names)
+    number = str(rng.randrange(10, 100))
+    _insert_sentence(rng, chunks, f"The secret number is {number}.")
+    return f"{number} {word}"
+
+
 def text_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
-    return _needle(folder, samples, rng, lengths, lambda r: r.choice(SECRETS), "The secret word is {}.",
+    return _needle(folder, samples, rng, lengths, _sentence_fact(lambda r: r.choice(SECRETS), "The secret word is {}."),
                    "What is the secret word?")
 
 
 def passkey_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
-    return _needle(folder, samples, rng, lengths, lambda r: str(r.randrange(10000, 100000)),
-                   "The pass key is {0}. Remember it. {0} is the pass key.", "What is the pass key?")
+    return _needle(folder, samples, rng, lengths,
+                   _sentence_fact(lambda r: str(r.randrange(10000, 100000)),
+                                  "The pass key is {0}. Remember it. {0} is the pass key."),
+                   "What is the pass key?")
+
+
+def image_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
+    return _needle(folder, samples, rng, lengths, lambda r, chunks, f, names: _word_picture(r, f, names),
+                   "What is the secret word?")
+
+
+MIXED_QUESTION = "What are the secret number and the secret word?"
+
+
+def mixed_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
+    # number first: asked "the secret word and the secret number", the judge often stopped after the word
+    return _needle(folder, samples, rng, lengths, _picture_and_sentence, MIXED_QUESTION)
 
 
 INSTRUCTION = "Read the text and pictures below, then answer the question: {} "
 TASKS = {  # name: (generator, instruction with the question, seed offset: tasks do not depend on each other)
     "SyntheticTextNeedle": (text_needle, INSTRUCTION.format("What is the secret word?"), 1),
     "SyntheticPasskeyNeedle": (passkey_needle, INSTRUCTION.format("What is the pass key?"), 2),
+    "SyntheticImageNeedle": (image_needle, INSTRUCTION.format("What is the secret word?"), 3),
+    "SyntheticMixedNeedle": (mixed_needle, INSTRUCTION.format(MIXED_QUESTION), 4),
 }
 
 

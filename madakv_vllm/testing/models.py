@@ -182,10 +182,11 @@ def smollm2_gguf(cache: Path | None = None) -> Path:
     return target
 
 
-def build_smollm2_llava(out: Path, seed: int = 0, image_size: int = 56) -> Path:
-    """LLaVA whose language model is the real SmolLM2-135M-Instruct (dequantized from GGUF) and
-    whose small CLIP tower and projector are random (not trained): text attention is real, so
-    text-needle tasks measure something; image content is not understood."""
+def build_smollm2_llava(out: Path, seed: int = 0, image_size: int = 56, read_pictures: bool = True) -> Path:
+    """LLaVA whose language model is the real SmolLM2-135M-Instruct (dequantized from GGUF) behind
+    a small CLIP tower and projector trained (LM frozen, about 2 minutes on 2 cores) to read
+    pictures of words as the LM reads text (testing/vision.py; the record goes to reader.json):
+    text and image needles both measure something. `read_pictures=False` leaves the vision side random."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
@@ -212,8 +213,42 @@ def build_smollm2_llava(out: Path, seed: int = 0, image_size: int = 56) -> Path:
     model.model.language_model.load_state_dict(inner)
     with torch.no_grad():
         model.lm_head.weight.copy_(embed)
-    return _save_llava(model.to(torch.bfloat16), tok, out, image_size,
+    record = None
+    if read_pictures:
+        from transformers import CLIPImageProcessorPil
+
+        from .vision import train_reader
+
+        processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                          crop_size={"height": image_size, "width": image_size})
+        record = train_reader(model, tok, processor, seed=seed)
+    path = _save_llava(model.to(torch.bfloat16), tok, out, image_size,
                        system_prompt="You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    if record:  # written last: its presence marks a finished build (see judge_model)
+        (out / READER_RECORD).write_text(json.dumps(record, indent=1))
+    return path
+
+
+READER_RECORD = "reader.json"
+JUDGE_VERSION = "smollm2-llava-reader-v1"  # bump when the build changes: cached judges are rebuilt
+
+
+def judge_model(cache: Path | None = None) -> Path:
+    """The SmolLM2-LLaVA judge (trained picture reader), built once into the cache
+    (~/.cache/madakv-vllm or $MADAKV_CACHE) and shared by the demo, the benchmarks and the tests."""
+    import os
+    import shutil
+
+    root = Path(cache or os.environ.get("MADAKV_CACHE", Path.home() / ".cache" / "madakv-vllm"))
+    path = root / JUDGE_VERSION
+    if not (path / READER_RECORD).is_file():
+        print(f"building the SmolLM2-LLaVA judge in {path} (once: fetches SmolLM2, trains its picture reader)")
+        shutil.rmtree(path, ignore_errors=True)
+        partial = root / (JUDGE_VERSION + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build_smollm2_llava(partial)
+        partial.rename(path)
+    return path
 
 
 def build(arch: str, out: str | Path, num_layers: int = 2, seed: int = 0) -> Path:
