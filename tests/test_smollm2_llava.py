@@ -47,3 +47,25 @@ def test_text_needle_survives_madakv_at_20_percent(smol_llm):
     assert "walrus" in evicted.lower()
     _, starved = answer(smol_llm, content, kv_eviction="streamingllm", kv_eviction_budget=0.05)
     assert "walrus" not in starved.lower(), "a 5 % sink+recent cache cannot see the needle; else the test is moot"
+
+
+def test_judge_reads_its_pictures():
+    import json
+
+    from madakv_vllm.testing.models import READER_RECORD, judge_model
+
+    record = json.loads((judge_model() / READER_RECORD).read_text())
+    assert record["heldout_accuracy"] >= 0.95 and record["heldout_images"] >= 400
+
+
+def test_image_needle_survives_madakv_and_not_a_text_prior(smol_llm):
+    from madakv_vllm.demo import needle_question
+
+    content, expected = needle_question(seed=0)  # the demo's question: the word is in one of 4 pictures
+    prompt_len, full = answer(smol_llm, content, kv_eviction="none")
+    assert prompt_len > 800 and expected in full.lower()
+    _, evicted = answer(smol_llm, content)  # MadaKV at 20 %: MPA gives the pictures their share
+    assert expected in evicted.lower()
+    # LOOK-M keeps text first: at 20 % the pictures go, and the word with them
+    _, text_prior = answer(smol_llm, content, kv_eviction="lookm")
+    assert expected not in text_prior.lower()
