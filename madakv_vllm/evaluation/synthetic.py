@@ -98,15 +98,15 @@ def _sentence_fact(pick, fact: str):
     return plant
 
 
-def _word_picture(rng: random.Random, folder: Path, names: list[str]) -> str:
+def _picture_fact(rng: random.Random, chunks: list[str], folder: Path, names: list[str]) -> str:
     """Redraw one of the haystack's pictures as a picture of a secret word; returns the word."""
     word = rng.choice(SECRETS)
     render_word(word, rng).save(folder / "images" / rng.choice(names))
     return word
 
 
-def _picture_and_sentence(rng, chunks, folder, names):
-    word = _word_picture(rng, folder, names)
+def _picture_and_sentence(rng: random.Random, chunks: list[str], folder: Path, names: list[str]) -> str:
+    word = _picture_fact(rng, chunks, folder, names)
     number = str(rng.randrange(10, 100))
     _insert_sentence(rng, chunks, f"The secret number is {number}.")
     return f"{number} {word}"
@@ -125,8 +125,7 @@ def passkey_needle(folder: Path, samples: int, rng: random.Random, lengths) -> l
 
 
 def image_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
-    return _needle(folder, samples, rng, lengths, lambda r, chunks, f, names: _word_picture(r, f, names),
-                   "What is the secret word?")
+    return _needle(folder, samples, rng, lengths, _picture_fact, "What is the secret word?")
 
 
 MIXED_QUESTION = "What are the secret number and the secret word?"
