@@ -1,7 +1,7 @@
 """MadaKV ablation next to the baselines, on the HF reference path (where layers may keep
 unequal counts, unlike vLLM's one-block-table regime):
 
-    python benchmarks/run_ablation.py [--samples 12] [--budgets 0.05 0.1 0.2]
+    python benchmarks/run_ablation.py [--samples 100] [--budgets 0.05 0.1 0.2] [--variants NAME ...]
 
 - MPA on/off x HCC off / paper / balanced (the balanced HCC is ours, see policies/madakv.py),
 - theta 0.8 / 0.95 for both HCC variants (theta only shapes HCC's layer demand),
@@ -10,15 +10,17 @@ unequal counts, unlike vLLM's one-block-table regime):
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
-CPU), data: the synthetic suite (seed 0). Writes benchmarks/results/ablation.json + .png and
-prints a markdown table (mean score over the tasks, per budget).
+CPU), data: the synthetic suite (seed 0), its tasks' samples taking turns. Writes every sample to
+benchmarks/results/ablation-samples.jsonl as it goes (`--summarize FILE...` tables a run stopped
+early, or the shards of a run split with --tasks), then ablation.json (score per variant, budget
+and task with its Wilson 95 % interval) + .png and prints a markdown table (mean over the tasks).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,13 +49,29 @@ def variants(budget: float) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=12, help="samples per task (default lengths: see synthetic.py)")
+    p.add_argument("--samples", type=int, default=100, help="samples per task (default lengths: see synthetic.py)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
+    p.add_argument("--tasks", nargs="+", help="only these tasks (e.g. to split a run over processes)")
+    p.add_argument("--out", default=str(HERE / "results" / "ablation"), help="OUT.json, OUT.png, OUT-samples.jsonl")
+    p.add_argument("--summarize", nargs="+", metavar="JSONL",
+                   help="only tabulate these samples files (a run stopped early, or shards of one run)")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from _stamp import hf_judge, hf_sweep, stamp, synthetic_suite, write_results
+    if args.summarize:
+        rows = [json.loads(line) for path in args.summarize for line in Path(path).read_text().splitlines()]
+        args.budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
+        write(args, rows, None)
+    else:
+        started = time.time()
+        rows = run(args)
+        write(args, rows, time.time() - started)
+
+
+def run(args) -> list[dict]:
+    from _stamp import hf_judge, hf_sweep, synthetic_suite
 
     from madakv_vllm.evaluation.milebench import list_tasks, load_task
 
@@ -61,41 +79,62 @@ def main():
     model, processor = hf_judge()
     policies = {("full cache", None): None}
     for budget in args.budgets:
-        policies.update({(name, budget): policy for name, policy in variants(budget).items()})
-    scores: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    samples = [s for task in list_tasks(data) for s in load_task(data, task)]
-    started = time.time()
-    for sample, _, key, _, score, _ in hf_sweep(model, processor, samples, policies, args.max_new_tokens, "ablation"):
-        scores[key][sample.task].append(score)
-    tasks = sorted({s.task for s in samples})
-    names = list(dict.fromkeys(name for name, _ in policies))
-    mean = {key: sum(sum(v) / len(v) for v in per_task.values()) / len(per_task) for key, per_task in scores.items()}
-    full = mean[("full cache", None)]
-    head = "| variant | " + " | ".join(f"{b:.0%}" for b in args.budgets) + " |"
-    lines = [f"Mean score over {', '.join(tasks)} ({args.samples} samples each); full cache {full:.2f}.", "",
-             head, "|---" * (len(args.budgets) + 1) + "|"]
-    for name in names[1:]:
-        lines.append(f"| {name} | " + " | ".join(f"{mean[(name, b)]:.2f}" for b in args.budgets) + " |")
+        policies.update({(name, budget): policy for name, policy in variants(budget).items()
+                         if not args.variants or name in args.variants})
+    # the tasks' samples take turns, so a run stopped early has them in equal numbers
+    per_task = [load_task(data, task) for task in list_tasks(data) if not args.tasks or task in args.tasks]
+    samples = [s for turn in zip(*per_task) for s in turn]
+    rows = []
+    with open(f"{args.out}-samples.jsonl", "w") as jsonl:
+        for sample, _, (name, budget), prediction, score, _ in hf_sweep(model, processor, samples, policies,
+                                                                        args.max_new_tokens, "ablation"):
+            rows.append(dict(task=sample.task, sample_id=sample.sample_id, policy=name, budget=budget,
+                             answer=sample.answer, prediction=prediction, score=score))
+            jsonl.write(json.dumps(rows[-1]) + "\n")
+            jsonl.flush()
+    return rows
+
+
+def write(args, rows: list[dict], seconds: float | None) -> None:
+    from _stamp import stamp, write_results
+
+    from madakv_vllm.evaluation.report import summarize
+
+    summary = summarize(rows, {})
+    cell = {(r["policy"], r["budget"] or None, r["task"]): r for r in summary}
+    tasks = sorted({r["task"] for r in rows})
+    n = min(r["samples"] for r in summary if r["task"] != "ALL")
+    names = [name for name in dict.fromkeys(r["policy"] for r in rows) if name != "full cache"]
+    full = cell[("full cache", None, "ALL")]
+    lines = [f"Mean score over {', '.join(tasks)} ({n} samples each, pooled Wilson 95 % interval); full cache "
+             f"{full['score']:.2f} [{full['ci_low']:.2f}, {full['ci_high']:.2f}].", "",
+             "| variant | " + " | ".join(f"{b:.0%}" for b in args.budgets) + " |", "|---" * (len(args.budgets) + 1) + "|"]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{c['score']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]" if (c := cell.get((name, b, "ALL"))) else "-"
+            for b in args.budgets) + " |")
     print("\n".join(lines))
-    table = {name: {("full" if b is None else str(b)): {t: sum(scores[(name, b)][t]) / len(scores[(name, b)][t])
-                                                        for t in tasks} for (n_, b) in policies if n_ == name}
-             for name in names}
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in names[1:]:
+        for name in names:
+            mine = [cell[(name, b, "ALL")] for b in args.budgets if (name, b, "ALL") in cell]
             style = "--" if name in ("SnapKV", "PyramidKV", "StreamingLLM") else "-"
-            ax.plot(args.budgets, [mean[(name, b)] for b in args.budgets], style, marker="o", label=name)
-        ax.axhline(full, color="gray", linestyle=":", label="full cache")
-        ax.set(xscale="log", xlabel="KV budget (ratio of the prompt)", ylabel="mean score",
-               title="MadaKV ablation, SmolLM2-LLaVA, synthetic suite (HF path)")
+            ax.errorbar([c["budget"] for c in mine], [c["score"] for c in mine], capsize=2, linestyle=style, marker="o",
+                        yerr=[[c["score"] - c["ci_low"] for c in mine], [c["ci_high"] - c["score"] for c in mine]],
+                        label=name)
+        ax.axhline(full["score"], color="gray", linestyle=":", label="full cache")
+        ax.set(xscale="log", xlabel="KV budget (ratio of the prompt)", ylabel="mean score (95 % interval)",
+               title="MadaKV ablation, SmolLM2-LLaVA judge, synthetic suite (HF path)")
         ax.legend(fontsize=6, ncol=2)
         return fig
 
-    write_results(HERE / "results" / "ablation", dict(
-        stamp=stamp(), model="SmolLM2-LLaVA fp32 (HF reference path)", budgets=args.budgets,
-        samples_per_task=args.samples, max_new_tokens=args.max_new_tokens, seconds=round(time.time() - started),
-        scores=table, mean={f"{name}@{b}": v for (name, b), v in mean.items()}, markdown="\n".join(lines)), draw)
+    write_results(args.out, dict(
+        stamp=stamp(), model="SmolLM2-LLaVA judge fp32 (HF reference path)", budgets=args.budgets,
+        samples_per_task=n, max_new_tokens=args.max_new_tokens, seconds=None if seconds is None else round(seconds),
+        rows=[dict(variant=r["policy"], budget=r["budget"] or None, task=r["task"], score=r["score"], n=r["samples"],
+                   ci_low=r["ci_low"], ci_high=r["ci_high"]) for r in summary],
+        markdown="\n".join(lines)), draw)
 
 
 if __name__ == "__main__":

