@@ -7,6 +7,7 @@ unequal counts, unlike vLLM's one-block-table regime):
 - theta 0.8 / 0.95 for both HCC variants (theta only shapes HCC's layer demand),
 - proxy window 8 / 64 (MPA only, the configuration vLLM runs),
 - max-pooling of the scores inside a modality over 3 / 7 neighbours (ours, beyond the paper),
+- uniform layers (`layer_buckets=1`: what vLLM runs with its default single KV-cache group),
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
@@ -41,6 +42,8 @@ def variants(budget: float) -> dict:
         out[f"MPA on, HCC off, window {window}"] = MadaKV(budget=budget, hcc=False, window=window)
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = MadaKV(budget=budget, pool=pool)
+    # what vLLM runs with its default single KV-cache group: every layer keeps the same count
+    out["MPA on, HCC balanced, uniform layers (vLLM default)"] = MadaKV(budget=budget, layer_buckets=1)
     out["SnapKV"] = SnapKV(budget=budget)
     out["PyramidKV"] = PyramidKV(budget=budget)
     out["StreamingLLM"] = StreamingLLM(budget=budget)
