@@ -150,7 +150,11 @@ def main(argv=None) -> None:
     else:
         from .testing.models import judge_model
 
-        model = judge_model()
+        try:
+            model = judge_model()
+        except Exception as exc:  # no network for the one-time SmolLM2 fetch, a full disk, ...
+            sys.exit(f"could not build the judge model ({type(exc).__name__}: {exc}); "
+                     "`--tiny` serves a tiny random model instead")
     content, expected = needle_question(args.seed)
     images = sum(part["type"] == "image_url" for part in content)
     port = args.port or free_port()

@@ -123,16 +123,32 @@ def test_bad_flags_fail_with_one_line(tiny_model_dir, flags, message):
     assert "Traceback" not in result.stderr
 
 
-def test_readme_demo_command_reports_eviction():
-    """`bash scripts/demo.sh` minus the install step: serve, chat, print what eviction did."""
-    result = subprocess.run([sys.executable, "-m", "madakv_vllm.demo"], env=server_env(), capture_output=True,
+def run_demo(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "madakv_vllm.demo", *args], env=server_env(), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     freed = re.search(r"KV blocks freed\s+(\d+)", result.stdout)
     assert freed and int(freed.group(1)) > 0, result.stdout
-    kept_image = re.search(r"tokens kept\s+text (\d+), image (\d+)", result.stdout)
-    assert kept_image and int(kept_image.group(1)) > 0
+    kept = re.search(r"tokens kept\s+text (\d+), image (\d+)", result.stdout)
+    assert kept and int(kept.group(1)) > 0
     assert "server stopped" in result.stdout
+    return result.stdout
+
+
+def test_readme_demo_command_answers_from_a_picture():
+    """`bash scripts/demo.sh` minus the install step: serve the judge, ask for the word in one of
+    the pictures, print what eviction did and, last, that the reply was right."""
+    out = run_demo()
+    expected = re.search(r'its answer, "(\w+)", is only in one of the 4 pictures', out).group(1)
+    reply = out.split("generated):\n", 1)[1].split("\n", 1)[0]
+    assert expected in reply.lower() and re.search(r"tokens kept\s+text \d+, image [1-9]", out)
+    assert out.rstrip().splitlines()[-2:] == [f"expected: {expected}", "correct: yes"]
+    # a text-first policy evicts the pictures, and the answer with them
+    assert run_demo("--policy", "lookm").rstrip().splitlines()[-1] == "correct: no"
+
+
+def test_demo_tiny_model_still_runs():
+    assert run_demo("--tiny").rstrip().splitlines()[-1].startswith("correct: ")
 
 
 def test_madakv_eval_measures_memory_from_the_server(server, tmp_path):
