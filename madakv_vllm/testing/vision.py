@@ -5,13 +5,14 @@ picture of a word W (`render_word`) comes out as the LM's own input embeddings o
 "The secret word is W." (padded to the picture's 16 tokens), and a picture of coloured squares
 (`render_shapes`, the haystack's other pictures) as those of "A picture of colored squares.".
 The LM then reads a word picture as it reads that sentence in text. The target is taken from the
-frozen LM's embedding table, so training needs no forward pass through the LM (a regression, not
-a captioning loss): a few minutes on 2 CPU cores, deterministic for a seed.
+frozen LM's embedding table, so training needs no forward pass through the LM (a regression plus
+a cross-entropy over the distances to every caption, not a captioning loss): about 2 minutes on
+2 CPU cores, deterministic for a seed.
 
-Data: `TRAIN_IMAGES` pictures rendered once (half words from `WORD_PICTURES`, half squares; font
-size, position, colours and noise squares drawn at random), the processor's own preprocessing;
-`TEST_IMAGES` fresh renders from another seed measure how often the nearest target is the right
-one (`reader_accuracy`).
+Data: `TRAIN_IMAGES` pictures rendered once (half words from `WORD_PICTURES`, half squares; ink,
+paper, a noise square and a few pixels of placement drawn at random), the processor's own
+preprocessing; `TEST_IMAGES` fresh renders from another seed measure how often the nearest
+caption is the right one (`reader_accuracy`).
 """
 from __future__ import annotations
 
