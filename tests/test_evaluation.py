@@ -61,9 +61,9 @@ def test_scoring_rules(milebench_root):
     assert choice_accuracy("no idea", "close the door", choices) == 0.0
     assert exact_match("Walrus.", "walrus", []) == 1.0 and exact_match("the walrus", "walrus", []) == 0.0
     assert substring_match("the walrus", "walrus", []) == 1.0
-    assert all_words_match("The secret number is 42. The secret word is tiger.", "42 tiger", []) == 1.0
-    assert all_words_match("The secret word is tiger.", "42 tiger", []) == 0.0
-    assert all_words_match("The secret number is 142, the word tigers.", "42 tiger", []) == 0.0
+    assert all_words_match("The secret color is red and the secret word is tiger.", "red tiger", []) == 1.0
+    assert all_words_match("The secret word is tiger.", "red tiger", []) == 0.0
+    assert all_words_match("The secret color is reddish, the word tigers.", "red tiger", []) == 0.0
     assert rouge_l("a cat sat on the mat", "a cat sat on the mat", []) == 1.0
     assert 0.0 < rouge_l("a cat on a mat", "a cat sat on the mat", []) < 1.0
     first, second = load_task(milebench_root, "ALFRED")
@@ -143,10 +143,10 @@ def test_image_and_mixed_needles_put_the_answer_in_one_picture(tmp_path):
         assert scorer_for(s) is substring_match
     mixed = load_task(tmp_path, "SyntheticMixedNeedle")
     for s in mixed:
-        number, word = s.answer.split()
+        color, word = s.answer.split()
         assert len(word_pictures(s)) == 1 and word in vision.WORD_PICTURES and word not in s.context
-        assert f"The secret number is {number}." in s.context and 10 <= int(number) < 100
-        assert s.context.index("{image#1}") < s.context.index("The secret number")
+        assert f"The secret color is {color}." in s.context and color in synthetic.SECRET_COLORS
+        assert s.context.index("{image#1}") < s.context.index("The secret color")
         assert s.context.endswith(synthetic.MIXED_QUESTION) and scorer_for(s) is all_words_match
     assert len({word_pictures(s)[0] for s in mixed}) > 1  # the needle picture moves
 

@@ -9,7 +9,7 @@ designed so that SmolLM2-135M-Instruct (the SmolLM2-LLaVA judge) answers them wi
   secret word (the judge's vision side is trained to read such pictures as "The secret word is
   W.", see madakv_vllm/testing/vision.py); the other pictures show coloured squares.
 - SyntheticMixedNeedle: the question needs one picture (the secret word) and one sentence ("The
-  secret number is N.", a two-digit number inside a paragraph); both must be in the answer.
+  secret color is C." inside a paragraph); both must be in the answer.
 All ask their question before the text (in the task instruction) and again after it: a 135M
 model reads a long context for the question it already knows. They are scored by substring match
 (small models answer in a sentence, "The pass key is 27611."; the mixed task needs every word of
@@ -39,6 +39,7 @@ SENTENCES = (
 # common words: SmolLM2-135M copies them far more reliably than rare ones (apricot, thistle, ...);
 # the same words the judge's pictures can show
 SECRETS = WORD_PICTURES
+SECRET_COLORS = ("red", "green", "blue", "yellow", "purple", "pink", "black", "white")  # none is a secret word
 # name: (filler words, images); prompt tokens with SmolLM2-LLaVA about 1K, 2K, 4K, 7.5K
 LENGTHS = {"1k": (700, 4), "2k": (1500, 8), "4k": (3200, 12), "8k": (6300, 16)}
 DEFAULT_LENGTHS = ("1k",)
@@ -107,9 +108,9 @@ def _picture_fact(rng: random.Random, chunks: list[str], folder: Path, names: li
 
 def _picture_and_sentence(rng: random.Random, chunks: list[str], folder: Path, names: list[str]) -> str:
     word = _picture_fact(rng, chunks, folder, names)
-    number = str(rng.randrange(10, 100))
-    _insert_sentence(rng, chunks, f"The secret number is {number}.")
-    return f"{number} {word}"
+    color = rng.choice(SECRET_COLORS)
+    _insert_sentence(rng, chunks, f"The secret color is {color}.")
+    return f"{color} {word}"
 
 
 def text_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
@@ -128,11 +129,12 @@ def image_needle(folder: Path, samples: int, rng: random.Random, lengths) -> lis
     return _needle(folder, samples, rng, lengths, _picture_fact, "What is the secret word?")
 
 
-MIXED_QUESTION = "What are the secret number and the secret word?"
+# the colour first: asked for the word first, the judge often stopped after it; with a two-digit
+# number instead of a colour it often gave the number twice (full cache 0.67 over 24 samples)
+MIXED_QUESTION = "What are the secret color and the secret word?"
 
 
 def mixed_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
-    # number first: asked "the secret word and the secret number", the judge often stopped after the word
     return _needle(folder, samples, rng, lengths, _picture_and_sentence, MIXED_QUESTION)
 
 
