@@ -46,7 +46,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=20, help="the mixed task's answer has two facts")
     p.add_argument("--tasks", nargs="+", help="(--hf) only these tasks (e.g. to split a run over processes)")
     p.add_argument("--summarize", type=int, metavar="MINUTES",
-                   help="(--hf) only summarize OUT/samples.jsonl of a run stopped after MINUTES")
+                   help="(--hf) only summarize OUT/samples.jsonl of a run that took MINUTES (stopped early, or "
+                        "split over processes with --tasks and its samples files concatenated)")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -60,7 +61,7 @@ def main():
     else:
         run_vllm(args, smollm2_llava(), synthetic_suite(args.samples))
     table = markdown_table(Path(args.out) / "summary.csv")
-    took = (f"stopped early after {args.summarize} min, the samples it finished" if args.summarize else
+    took = (f"{args.summarize} min, tabled from its samples file" if args.summarize else
             f"{round((time.time() - started) / 60)} min")
     note = f"{'HF reference path' if args.hf else 'vllm serve, dtype ' + args.dtype}, {_machine()}, {took}"
     command = " ".join(["python benchmarks/run_accuracy.py", *(a for a in sys.argv[1:] if a != "--summarize"
