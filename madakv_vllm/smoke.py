@@ -12,6 +12,8 @@ empty again once idle. scripts/gpu_check.sh runs it after the test suite.
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import os
 import random
 import subprocess
@@ -21,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .demo import chat_content, eviction_metrics, free_port, kv_cache_usage, post_json, stop_server, wait_ready
+from .demo import eviction_metrics, free_port, kv_cache_usage, post_json, stop_server, wait_ready
 from .vllm.requests import XARG_BUDGET, XARG_POLICY
 
 
@@ -30,6 +32,21 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=120, help="how long to send requests")
     p.add_argument("--concurrency", type=int, default=8)
     return p.parse_args(argv)
+
+
+def chat_content(num_images: int) -> list:
+    """A short chat: `num_images` plain-colour pictures, each with a sentence, then a question."""
+    from PIL import Image
+
+    content = []
+    for i in range(num_images):
+        buffer = io.BytesIO()
+        Image.new("RGB", (112, 112), ("red", "green", "blue")[i % 3]).save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        content += [{"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": f"Picture {i + 1} was taken near the river at dawn. " * 8}]
+    content.append({"type": "text", "text": "Which picture is green, and what do the pictures have in common?"})
+    return content
 
 
 def random_body(rng: random.Random) -> tuple[str, dict]:
