@@ -74,9 +74,7 @@ def main():
 
 
 def run(args) -> list[dict]:
-    from _stamp import hf_judge, hf_sweep, synthetic_suite
-
-    from madakv_vllm.evaluation.milebench import list_tasks, load_task
+    from _stamp import hf_judge, hf_sweep, suite_samples, synthetic_suite
 
     data = synthetic_suite(args.samples)
     model, processor = hf_judge()
@@ -84,9 +82,7 @@ def run(args) -> list[dict]:
     for budget in args.budgets:
         policies.update({(name, budget): policy for name, policy in variants(budget).items()
                          if not args.variants or name in args.variants})
-    # the tasks' samples take turns, so a run stopped early has them in equal numbers
-    per_task = [load_task(data, task) for task in list_tasks(data) if not args.tasks or task in args.tasks]
-    samples = [s for turn in zip(*per_task) for s in turn]
+    samples = suite_samples(data, args.tasks)
     rows = []
     with open(f"{args.out}-samples.jsonl", "w") as jsonl:
         for sample, _, (name, budget), prediction, score, _ in hf_sweep(model, processor, samples, policies,

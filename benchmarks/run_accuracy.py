@@ -79,18 +79,15 @@ def _machine() -> str:
 
 def run_hf(args, data: Path) -> None:
     """The sweep on the HF reference path: the same files as madakv-eval writes."""
-    from _stamp import hf_judge, hf_sweep
+    from _stamp import hf_judge, hf_sweep, suite_samples
 
     from madakv_vllm.evaluation.backends import settings
-    from madakv_vllm.evaluation.milebench import list_tasks, load_task
     from madakv_vllm.policies import make_policy
 
     model, processor = hf_judge()
     sweep = settings(args.policies, [float(b) for b in args.budgets])
     policies = {s: make_policy(s.policy, **({} if s.budget is None else {"budget": s.budget})) for s in sweep}
-    # the tasks' samples take turns, so a run stopped early (see --summarize) has them in equal numbers
-    per_task = [load_task(data, task) for task in list_tasks(data) if not args.tasks or task in args.tasks]
-    samples = [s for turn in zip(*per_task) for s in turn]
+    samples = suite_samples(data, args.tasks)
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,6 @@ vision side trained to read pictures of words, built once into ~/.cache/madakv-v
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
 import shlex
 import socket
@@ -126,19 +124,13 @@ def needle_question(seed: int):
     """One image-needle sample of the synthetic suite (the answer is a word shown in one of four
     pictures, the rest is filler text and pictures of squares): (chat content, expected answer)."""
     from .evaluation import synthetic
+    from .evaluation.backends import messages
     from .evaluation.milebench import load_task
 
-    folder = Path(tempfile.mkdtemp(prefix="madakv-demo-data-"))
-    synthetic.generate(folder, samples=1, seed=seed)
-    sample = load_task(folder, "SyntheticImageNeedle")[0]
-    content = []
-    for kind, value in sample.parts():
-        if kind == "text":
-            content.append({"type": "text", "text": value})
-        else:
-            url = "data:image/png;base64," + base64.b64encode(Path(value).read_bytes()).decode()
-            content.append({"type": "image_url", "image_url": {"url": url}})
-    return content, sample.answer
+    with tempfile.TemporaryDirectory(prefix="madakv-demo-data-") as folder:
+        synthetic.generate(folder, samples=1, seed=seed)
+        sample = load_task(folder, "SyntheticImageNeedle")[0]
+        return messages(sample)[0]["content"], sample.answer
 
 
 def main(argv=None) -> None:

@@ -123,11 +123,20 @@ def build_llava(out: Path, num_layers: int = 2, seed: int = 0, image_size: int =
     return _save_llava(model, tok, out, image_size)
 
 
+def _image_processor(image_size: int):
+    """CLIP preprocessing of square `image_size` pictures (what the saved processor and the
+    picture reader's training both use)."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size})
+
+
 def _save_llava(model, tok, out: Path, image_size: int, patch: int = 14, system_prompt: str | None = None) -> Path:
     """Save a LLaVA model + processor in the form both transformers and vLLM 0.32 load.
     `system_prompt` is added when a chat starts without one (as the text model was tuned)."""
     from safetensors.torch import load_file, save_file
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    from transformers import LlavaProcessor
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -141,8 +150,7 @@ def _save_llava(model, tok, out: Path, image_size: int, patch: int = 14, system_
                     break
             renamed[key] = value
         save_file(renamed, weights_file, metadata={"format": "pt"})
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})
+    image_processor = _image_processor(image_size)
     # one template for text and image chats, in HF and vLLM alike (the tokenizer's own would
     # otherwise overwrite the processor's in the same folder)
     template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>").replace("VIDEO_PLACEHOLDER", "")
@@ -182,11 +190,11 @@ def smollm2_gguf(cache: Path | None = None) -> Path:
     return target
 
 
-def build_smollm2_llava(out: Path, seed: int = 0, image_size: int = 56, read_pictures: bool = True) -> Path:
+def build_smollm2_llava(out: Path, seed: int = 0, image_size: int = 56) -> Path:
     """LLaVA whose language model is the real SmolLM2-135M-Instruct (dequantized from GGUF) behind
     a small CLIP tower and projector trained (LM frozen, about 2 minutes on 2 cores) to read
     pictures of words as the LM reads text (testing/vision.py; the record goes to reader.json):
-    text and image needles both measure something. `read_pictures=False` leaves the vision side random."""
+    text and image needles both measure something."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
@@ -213,19 +221,13 @@ def build_smollm2_llava(out: Path, seed: int = 0, image_size: int = 56, read_pic
     model.model.language_model.load_state_dict(inner)
     with torch.no_grad():
         model.lm_head.weight.copy_(embed)
-    record = None
-    if read_pictures:
-        from transformers import CLIPImageProcessorPil
+    from .vision import train_reader
 
-        from .vision import train_reader
-
-        processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                          crop_size={"height": image_size, "width": image_size})
-        record = train_reader(model, tok, processor, seed=seed)
+    record = train_reader(model, tok, _image_processor(image_size), seed=seed)
     path = _save_llava(model.to(torch.bfloat16), tok, out, image_size,
                        system_prompt="You are a helpful AI assistant named SmolLM, trained by Hugging Face")
-    if record:  # written last: its presence marks a finished build (see judge_model)
-        (out / READER_RECORD).write_text(json.dumps(record, indent=1))
+    # written last: its presence marks a finished build (see judge_model)
+    (out / READER_RECORD).write_text(json.dumps(record, indent=1))
     return path
 
 
