@@ -112,12 +112,12 @@ def synthetic_suite(samples: int, lengths=None):
     return path
 
 
-def suite_samples(data, tasks=None) -> list:
-    """The suite's samples (only `tasks`, when given) with the tasks taking turns, so a run
-    stopped early has them in equal numbers."""
+def suite_samples(data, tasks=None, start: int = 0) -> list:
+    """The suite's samples (only `tasks`, when given; from each task's `start`-th on) with the
+    tasks taking turns, so a run stopped early has them in equal numbers."""
     from madakv_vllm.evaluation.milebench import list_tasks, load_task
 
-    per_task = [load_task(data, task) for task in list_tasks(data) if not tasks or task in tasks]
+    per_task = [load_task(data, task)[start:] for task in list_tasks(data) if not tasks or task in tasks]
     return [sample for turn in zip(*per_task) for sample in turn]
 
 

@@ -57,6 +57,7 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
     p.add_argument("--tasks", nargs="+", help="only these tasks (e.g. to split a run over processes)")
+    p.add_argument("--start", type=int, default=0, help="skip each task's first samples (to extend a stopped run)")
     p.add_argument("--out", default=str(HERE / "results" / "ablation"), help="OUT.json, OUT.png, OUT-samples.jsonl")
     p.add_argument("--summarize", nargs="+", metavar="JSONL",
                    help="only tabulate these samples files (a run stopped early, or shards of one run)")
@@ -82,7 +83,7 @@ def run(args) -> list[dict]:
     for budget in args.budgets:
         policies.update({(name, budget): policy for name, policy in variants(budget).items()
                          if not args.variants or name in args.variants})
-    samples = suite_samples(data, args.tasks)
+    samples = suite_samples(data, args.tasks, args.start)
     rows = []
     with open(f"{args.out}-samples.jsonl", "w") as jsonl:
         for sample, _, (name, budget), prediction, score, _ in hf_sweep(model, processor, samples, policies,

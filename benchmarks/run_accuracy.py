@@ -10,11 +10,12 @@ cheaper than vLLM's prefill per setting on a CPU, and layers may keep unequal co
 (real PyramidKV and MadaKV's HCC; vLLM runs both with uniform layers). "KV kept" is then the
 policy's own kept ratio.
 
-Builds the model (benchmarks/.models/) and the data (seed 0) when missing, starts the server
-(prefix caching on, so settings after the first reuse most of each prompt's prefill), runs the
-sweep, prints a markdown table and writes benchmarks/results/accuracy/ (samples.jsonl,
-summary.csv, scores.png with matplotlib, table.md). The table's "KV kept" column is what the
-server's own counters measured for each setting (share of the prompt's KV left after eviction).
+Builds the judge (user cache) and the data (seed 0) when missing, starts the server (its prefix
+cache emptied before every setting), runs the sweep, prints a markdown table and writes
+benchmarks/results/accuracy-vllm/ (benchmarks/results/accuracy/ with --hf): samples.jsonl,
+summary.csv, scores.png, table.md. benchmarks/results/accuracy.json then holds the rows of both
+runs (`setting` "endpoint": vLLM, "hf": the HF path). The vLLM table's "KV kept" column is what
+the server's own counters measured for each setting (share of the prompt's KV left after eviction).
 PyramidKV is left out by default: the server runs with one KV-cache group (vLLM's default here),
 where it keeps uniform layers and is then SnapKV (`--hf`, or a server with
 --kv-eviction-layer-groups, has the real PyramidKV).
@@ -32,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 
 
 def main():
@@ -40,7 +42,7 @@ def main():
     # H2O and LOOK-M score with every prompt query (quadratic): minutes per 8K prompt on 2 CPU cores
     p.add_argument("--policies", nargs="+", default=["none", "madakv", "snapkv", "streamingllm"])
     p.add_argument("--budgets", nargs="+", default=["0.05", "0.1", "0.2", "0.5"])
-    p.add_argument("--out", default=str(HERE / "results" / "accuracy"))
+    p.add_argument("--out", help="default: benchmarks/results/accuracy-vllm (accuracy with --hf)")
     p.add_argument("--dtype", default="bfloat16", help="float32 on CPUs with AMX (eviction refuses their bf16 layout)")
     p.add_argument("--hf", action="store_true", help="run on the HF reference path instead of vllm serve")
     p.add_argument("--max-tokens", type=int, default=20, help="the mixed task's answer has two facts")
@@ -49,6 +51,7 @@ def main():
                    help="(--hf) only summarize OUT/samples.jsonl of a run that took MINUTES (stopped early, or "
                         "split over processes with --tasks and its samples files concatenated)")
     args = p.parse_args()
+    args.out = args.out or str(RESULTS / ("accuracy" if args.hf else "accuracy-vllm"))
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     from _stamp import smollm2_llava, synthetic_suite
@@ -68,6 +71,14 @@ def main():
                                                                  and a != str(args.summarize))])
     (Path(args.out) / "table.md").write_text(f"`{command}` ({note}; score with its 95 % interval):\n\n{table}")
     print(table)
+    merge_results()
+
+
+def merge_results() -> None:
+    """benchmarks/results/accuracy.json: the rows of the vLLM and the HF run together."""
+    rows = [row for run in ("accuracy-vllm", "accuracy") if (RESULTS / run / "accuracy.json").is_file()
+            for row in json.loads((RESULTS / run / "accuracy.json").read_text())]
+    (RESULTS / "accuracy.json").write_text(json.dumps(rows, indent=1))
 
 
 def _machine() -> str:
@@ -122,7 +133,7 @@ def write_summary(out: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(summary)
     (out / "accuracy.json").write_text(json.dumps(results_rows(summary, "hf"), indent=1))
-    plot(summary, out / "scores.png")
+    plot(summary, out / "scores.png", kept="the policy's own kept share")
 
 
 def run_vllm(args, model: Path, data: Path) -> None:
@@ -149,26 +160,29 @@ def run_vllm(args, model: Path, data: Path) -> None:
         server.wait(timeout=60)
 
 
-def markdown_table(summary_csv: Path) -> str:
-    """Score per setting and task with its 95 % interval and n; "mean" is the mean over all samples."""
-    with open(summary_csv) as f:
-        rows = list(csv.DictReader(f))
-    tasks = sorted({r["task"] for r in rows} - {"ALL"}) + ["ALL"]
+def markdown_table(*sources: Path | tuple[Path, str]) -> str:
+    """Score per setting and task with its 95 % interval and n; "mean" is the mean over all samples.
+    Each source is a summary.csv, or (summary.csv, suffix) whose settings get the suffix, e.g. the
+    vLLM run's rows " (vLLM)" next to the HF run's."""
     cells, kept, order, n = defaultdict(dict), {}, {}, {}
-    for r in rows:
-        setting = "full cache" if r["policy"] == "none" else f"{r['policy']} {float(r['budget']):.0%}"
-        cells[setting][r["task"]] = f"{float(r['score']):.2f} [{float(r['ci_low']):.2f}, {float(r['ci_high']):.2f}]"
-        n[r["task"]] = r["samples"]
-        order[setting] = (r["policy"] != "none", r["policy"], float(r["budget"] or 1))
-        if r["task"] == "ALL" and r.get("kv_kept"):
-            kept[setting] = f"{float(r['kv_kept']):.1%}"
+    for source in sources:
+        summary_csv, suffix = source if isinstance(source, tuple) else (source, "")
+        with open(summary_csv) as f:
+            for r in csv.DictReader(f):
+                setting = ("full cache" if r["policy"] == "none" else f"{r['policy']} {float(r['budget']):.0%}") + suffix
+                cells[setting][r["task"]] = (f"{float(r['score']):.2f} [{float(r['ci_low']):.2f}, "
+                                             f"{float(r['ci_high']):.2f}]")
+                n[r["task"]] = r["samples"]
+                order[setting] = (r["policy"] != "none", r["policy"], float(r["budget"] or 1), suffix)
+                if r["task"] == "ALL" and r.get("kv_kept"):
+                    kept[setting] = f"{float(r['kv_kept']):.1%}"
+    tasks = sorted(set(n) - {"ALL"}) + ["ALL"]
     lines = ["| setting | " + " | ".join(("mean" if t == "ALL" else t) + f" (n={n[t]})" for t in tasks)
              + " | KV kept |", "|---" * (len(tasks) + 2) + "|"]
     for setting in sorted(cells, key=order.get):
         lines.append(f"| {setting} | " + " | ".join(cells[setting].get(t, "") for t in tasks)
                      + f" | {kept.get(setting, '')} |")
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     main()

@@ -74,8 +74,18 @@ def video(r: dict) -> str:
 
 
 def accuracy(_: dict | None = None) -> str | None:
-    path = RESULTS / "accuracy" / "table.md"
-    return path.read_text().strip() if path.is_file() else None  # its first line names the command and machine
+    """The HF run's table with the vLLM run's rows (" (vLLM)") merged in; each run's first line
+    names its command and machine."""
+    from run_accuracy import markdown_table
+
+    runs = [(RESULTS / run, suffix) for run, suffix in (("accuracy", ""), ("accuracy-vllm", " (vLLM)"))
+            if (RESULTS / run / "table.md").is_file()]
+    if not runs:
+        return None
+    captions = [(folder / "table.md").read_text().splitlines()[0] for folder, _ in runs]
+    if len(runs) == 2:
+        captions = [f"HF path: {captions[0]}", f"vLLM rows: {captions[1]}"]
+    return "\n\n".join(captions) + "\n\n" + markdown_table(*((f / "summary.csv", sfx) for f, sfx in runs)).strip()
 
 
 def lengths(r: dict) -> str:

@@ -40,3 +40,8 @@ def test_accuracy_summary_of_a_stopped_run_has_n_and_intervals(tmp_path):
     results = json.loads((tmp_path / "accuracy.json").read_text())
     assert {(r["policy"], r["task"], r["n"]) for r in results if r["task"] == "ALL"} == {("none", "ALL", 20),
                                                                                          ("snapkv", "ALL", 20)}
+    # a second run's rows merged in with a suffix, each after the first run's row of its setting
+    merged = run_accuracy.markdown_table(tmp_path / "summary.csv", (tmp_path / "summary.csv", " (vLLM)")).splitlines()
+    assert [line.split(" | ")[0] for line in merged[2:]] == ["| full cache", "| full cache (vLLM)", "| snapkv 20%",
+                                                            "| snapkv 20% (vLLM)"]
+    assert merged[5].endswith("| 20.9% |")

@@ -60,7 +60,8 @@ def results_rows(summary: list[dict], setting: str) -> list[dict]:
                  kv_kept=r["kv_kept"] if r["kv_kept"] != "" else None) for r in summary]
 
 
-def plot(summary: list[dict], path: Path) -> bool:
+def plot(summary: list[dict], path: Path, kept: str = "server counters") -> bool:
+    """Score (with intervals) and KV kept vs budget; `kept` says where the kept share was measured."""
     try:
         import matplotlib
 
@@ -88,7 +89,7 @@ def plot(summary: list[dict], path: Path) -> bool:
     if measured:
         axes[0][1].axhline(1.0, color="gray", linestyle="--", label="full cache")
         axes[0][1].set(xscale="log", yscale="log", xlabel="KV budget (ratio of the prompt)",
-                       ylabel="prompt KV kept (server counters)", title="memory vs budget")
+                       ylabel=f"prompt KV kept ({kept})", title="memory vs budget")
         axes[0][1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
