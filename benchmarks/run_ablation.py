@@ -22,9 +22,11 @@ import argparse
 import json
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DEFAULT = "MPA on, HCC balanced"  # the policy's defaults; every other variant is tested against it
 
 
 def variants(budget: float) -> dict:
@@ -55,7 +57,8 @@ def main():
     p.add_argument("--samples", type=int, default=100, help="samples per task (default lengths: see synthetic.py)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
+    p.add_argument("--variants", nargs="+", help="only these variants (names as in the table; with --summarize: "
+                                                 "only these variants' rows)")
     p.add_argument("--tasks", nargs="+", help="only these tasks (e.g. to split a run over processes)")
     p.add_argument("--start", type=int, default=0, help="skip each task's first samples (to extend a stopped run)")
     p.add_argument("--out", default=str(HERE / "results" / "ablation"), help="OUT.json, OUT.png, OUT-samples.jsonl")
@@ -65,7 +68,9 @@ def main():
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     if args.summarize:
-        rows = [json.loads(line) for path in args.summarize for line in Path(path).read_text().splitlines()]
+        rows = [row for path in args.summarize for line in Path(path).read_text().splitlines()
+                if (row := json.loads(line))["policy"] == "full cache" or not args.variants
+                or row["policy"] in args.variants]
         args.budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
         write(args, rows, None)
     else:
@@ -98,7 +103,7 @@ def run(args) -> list[dict]:
 def write(args, rows: list[dict], seconds: float | None) -> None:
     from _stamp import stamp, write_results
 
-    from madakv_vllm.evaluation.report import summarize
+    from madakv_vllm.evaluation.report import paired_p, summarize
 
     summary = summarize(rows, {})
     cell = {(r["policy"], r["budget"] or None, r["task"]): r for r in summary}
@@ -108,11 +113,26 @@ def write(args, rows: list[dict], seconds: float | None) -> None:
     full = cell[("full cache", None, "ALL")]
     lines = [f"Mean score over {', '.join(tasks)} ({n} samples each, pooled Wilson 95 % interval); full cache "
              f"{full['score']:.2f} [{full['ci_low']:.2f}, {full['ci_high']:.2f}].", "",
+             f"Each other variant: its difference to the default ({DEFAULT}) on the samples both ran and the exact McNemar p of that "
+             "difference on the same samples (p < 0.05: significant).", "",
              "| variant | " + " | ".join(f"{b:.0%}" for b in args.budgets) + " |", "|---" * (len(args.budgets) + 1) + "|"]
+    paired = defaultdict(dict)  # (variant, budget) -> {sample: score}, for the paired test
+    for r in rows:
+        paired[(r["policy"], r["budget"])][(r["task"], r["sample_id"])] = r["score"]
+
+    def against_default(name, budget) -> str:
+        if name == DEFAULT or (DEFAULT, budget) not in paired:
+            return ""
+        mine, default = paired[(name, budget)], paired[(DEFAULT, budget)]
+        shared = mine.keys() & default.keys()
+        diff = sum(mine[k] - default[k] for k in shared) / len(shared)
+        p = paired_p(mine, default)
+        return f"; {diff:+.2f}, p {'< 0.001' if p < 0.001 else f'{p:.3f}'}"
+
     for name in names:
         lines.append(f"| {name} | " + " | ".join(
-            f"{c['score']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]" if (c := cell.get((name, b, "ALL"))) else "-"
-            for b in args.budgets) + " |")
+            f"{c['score']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]{against_default(name, b)}"
+            if (c := cell.get((name, b, "ALL"))) else "-" for b in args.budgets) + " |")
     print("\n".join(lines))
 
     def draw(plt):

@@ -339,3 +339,17 @@ def test_eval_cli_writes_intervals_and_accuracy_json(tmp_path):
                                                     "setting", "task")}
     assert {r["policy"] for r in results} == {"none", "madakv"} and all(r["setting"] == "endpoint" for r in results)
     assert {r["prefix_cache"] for r in rows if r["task"] == "ALL"} == {"reset"}
+
+
+def test_paired_p_is_the_exact_mcnemar_test():
+    """Only discordant samples count: 8 wins and 0 losses out of 100 shared samples is
+    p = 2 / 2**8; equal wins and losses, or no discordant sample, is p = 1."""
+    from madakv_vllm.evaluation.report import paired_p
+
+    first = {i: 1.0 for i in range(100)}
+    second = {i: float(i >= 8) for i in range(100)}
+    assert paired_p(first, second) == pytest.approx(2 / 2 ** 8)
+    assert paired_p(second, first) == pytest.approx(2 / 2 ** 8)
+    assert paired_p(first, first) == 1.0
+    swapped = {i: float(i not in (0, 1)) for i in range(100)} | {100: 1.0, 101: 1.0}
+    assert paired_p({**first, 100: 0.0, 101: 0.0}, swapped) == 1.0
