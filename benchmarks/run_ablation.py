@@ -113,8 +113,8 @@ def write(args, rows: list[dict], seconds: float | None) -> None:
     full = cell[("full cache", None, "ALL")]
     lines = [f"Mean score over {', '.join(tasks)} ({n} samples each, pooled Wilson 95 % interval); full cache "
              f"{full['score']:.2f} [{full['ci_low']:.2f}, {full['ci_high']:.2f}].", "",
-             f"Each other variant: its difference to the default ({DEFAULT}) on the samples both ran and the exact McNemar p of that "
-             "difference on the same samples (p < 0.05: significant).", "",
+             f"Each other variant: its difference to the default ({DEFAULT}) on the samples both ran and "
+             "the exact McNemar p of that difference on the same samples (p < 0.05: significant).", "",
              "| variant | " + " | ".join(f"{b:.0%}" for b in args.budgets) + " |", "|---" * (len(args.budgets) + 1) + "|"]
     paired = defaultdict(dict)  # (variant, budget) -> {sample: score}, for the paired test
     for r in rows:

@@ -184,5 +184,6 @@ def markdown_table(*sources: Path | tuple[Path, str]) -> str:
                      + f" | {kept.get(setting, '')} |")
     return "\n".join(lines) + "\n"
 
+
 if __name__ == "__main__":
     main()
