@@ -3,7 +3,8 @@ YAML presets in configs/, per-request `vllm_xargs`, Python). No vLLM here.
 
     policy: madakv          # none | madakv | snapkv | pyramidkv | h2o | streamingllm | lookm
     budget: 0.2             # ratio of the prompt in (0, 1], or an integer token count
-    window: 32              # proxy window, kept and counted inside the budget
+    window: 8               # proxy window, kept and counted inside the budget (default: the
+                            # policy's own, 8 for madakv, 32 for the others)
     theta: 0.9              # any other key is an option of the policy (see its class)
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ def parse_budget(value: Any) -> float | int:
 class EvictionConfig:
     policy: str = "none"
     budget: float | int = 0.2
-    window: int = 32
+    window: int | None = None  # None: the policy's own default
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -79,15 +80,17 @@ class EvictionConfig:
         options = dict(self.options)
         for key, value in overrides.items():
             (base if key in base else options)[key] = value
-        if base["policy"] != self.policy:
-            options = {k: v for k, v in options.items() if k in overrides}  # options belong to a policy
+        if base["policy"] != self.policy:  # options and the window belong to a policy; the budget stays
+            options = {k: v for k, v in options.items() if k in overrides}
+            base["window"] = overrides.get("window")
         return EvictionConfig.from_mapping({**base, **options})
 
     def build_policy(self) -> EvictionPolicy | None:
         if self.policy == "none":
             return None
         try:
-            return make_policy(self.policy, budget=self.budget, window=self.window, **self.options)
+            window = {} if self.window is None else {"window": self.window}
+            return make_policy(self.policy, budget=self.budget, **window, **self.options)
         except (ValueError, TypeError) as exc:
             raise EvictionConfigError(str(exc)) from None
 

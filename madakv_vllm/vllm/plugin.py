@@ -40,7 +40,7 @@ def add_cli_flags(parser) -> None:
                             "count; 0.2 when not given.")
     group.add_argument("--kv-eviction-window", type=int, default=None,
                        help="Proxy window: last prompt tokens that score the others, kept and counted in "
-                            "the budget; 32 when not given.")
+                            "the budget; the policy's default when not given (madakv 8, the others 32).")
     group.add_argument("--kv-eviction-layer-groups", default=None, metavar="N|auto",
                        help="KV-cache groups: consecutive layers in N equal buckets, each keeping its own "
                             "token count (HCC, PyramidKV) in its own blocks; 1 = every layer keeps the same "
@@ -64,7 +64,8 @@ def config_from_args(args: argparse.Namespace) -> EvictionConfig | None:
 
 
 def config_as_dict(config: EvictionConfig) -> dict[str, Any]:
-    return {"policy": config.policy, "budget": config.budget, "window": config.window, **config.options}
+    window = {} if config.window is None else {"window": config.window}
+    return {"policy": config.policy, "budget": config.budget, **window, **config.options}
 
 
 def _fail(engine_args, exc: EvictionConfigError):
@@ -140,7 +141,7 @@ def _hook_engine_args() -> None:
         vllm_config.additional_config[CONFIG_KEY] = config_as_dict(config)
         _state["server_config"] = config
         logger.info("KV eviction: %s (budget %s, window %d, %d KV-cache group(s))", config.policy, config.budget,
-                    config.window, groups)
+                    config.build_policy().window, groups)
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args_with_eviction)
