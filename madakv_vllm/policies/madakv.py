@@ -43,7 +43,7 @@ class MadaKV(EvictionPolicy):
     window: int = 8  # 32 (SnapKV's) measured worse at every budget on the README's judge (ablation there)
     theta: float = 0.9
     mpa: bool = True  # the method; off measured better on the README's small judge (ablation there)
-    hcc: bool = True
+    hcc: bool = True  # uniform layers measured better (README ablation): vLLM runs them by default (one KV-cache group)
     hcc_variant: str = "balanced"  # measured better than "paper" (README, benchmarks/run_ablation.py)
     hcc_mix: float = 0.5
     min_layer_ratio: float = 0.01
