@@ -80,9 +80,8 @@ class EvictionConfig:
         options = dict(self.options)
         for key, value in overrides.items():
             (base if key in base else options)[key] = value
-        if base["policy"] != self.policy:  # options and the window belong to a policy; the budget stays
+        if base["policy"] != self.policy:  # options belong to a policy; budget and a set window stay
             options = {k: v for k, v in options.items() if k in overrides}
-            base["window"] = overrides.get("window")
         return EvictionConfig.from_mapping({**base, **options})
 
     def build_policy(self) -> EvictionPolicy | None:

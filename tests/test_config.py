@@ -31,10 +31,11 @@ def test_merge_overrides_and_options():
     policy = smaller.build_policy()
     assert isinstance(policy, MadaKV) and policy.theta == 0.8
     assert base.build_policy().window == 8 and MadaKV().window == 8  # MadaKV's default window
-    switched = base.merged(policy="snapkv")  # MadaKV's options and window do not leak into SnapKV
+    switched = base.merged(policy="snapkv")  # MadaKV's options and default window do not leak into SnapKV
     assert switched.policy == "snapkv" and dict(switched.options) == {} and switched.budget == 0.2
     assert switched.build_policy().window == 32
     assert base.merged(policy="snapkv", window=16).build_policy().window == 16
+    assert base.merged(window=16).merged(policy="snapkv").build_policy().window == 16  # a set window stays
     assert base.merged(policy="none").build_policy() is None
 
 

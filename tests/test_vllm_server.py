@@ -111,7 +111,7 @@ def test_chat_with_images_overrides_and_metrics(server):
 @pytest.mark.parametrize("flags, message", [
     (["--kv-eviction", "fastkv"], "invalid choice"),
     (["--kv-eviction", "madakv", "--kv-eviction-budget", "1.5"], "ratio must be in"),
-    (["--kv-eviction", "madakv", "--kv-eviction-budget", "16"], "smaller than the budget"),
+    (["--kv-eviction", "madakv", "--kv-eviction-budget", "8"], "smaller than the budget"),  # window 8
     (["--kv-eviction-config", "missing.yaml"], "neither a file nor a preset"),
 ])
 def test_bad_flags_fail_with_one_line(tiny_model_dir, flags, message):
