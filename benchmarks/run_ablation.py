@@ -131,10 +131,10 @@ def write(args, rows: list[dict], seconds: float | None) -> None:
     def against_reference(name, budget) -> str:
         if name == REFERENCE or (REFERENCE, budget) not in paired:
             return ""
-        mine, default = paired[(name, budget)], paired[(REFERENCE, budget)]
-        shared = mine.keys() & default.keys()
-        diff = sum(mine[k] - default[k] for k in shared) / len(shared)
-        p = paired_p(mine, default)
+        mine, reference = paired[(name, budget)], paired[(REFERENCE, budget)]
+        shared = mine.keys() & reference.keys()
+        diff = sum(mine[k] - reference[k] for k in shared) / len(shared)
+        p = paired_p(mine, reference)
         return f"; {diff:+.2f}, p {'< 0.001' if p < 0.001 else f'{p:.3f}'}"
 
     for name in names:

@@ -84,12 +84,17 @@ class EvictionConfig:
             options = {k: v for k, v in options.items() if k in overrides}
         return EvictionConfig.from_mapping({**base, **options})
 
+    def as_mapping(self) -> dict[str, Any]:
+        """The settings as `from_mapping` reads them; an unset window is left out (the policy's own)."""
+        known = {"policy": self.policy, "budget": self.budget, "window": self.window}
+        return {**{k: v for k, v in known.items() if v is not None}, **self.options}
+
     def build_policy(self) -> EvictionPolicy | None:
         if self.policy == "none":
             return None
+        settings = self.as_mapping()
         try:
-            window = {} if self.window is None else {"window": self.window}
-            return make_policy(self.policy, budget=self.budget, **window, **self.options)
+            return make_policy(settings.pop("policy"), **settings)
         except (ValueError, TypeError) as exc:
             raise EvictionConfigError(str(exc)) from None
 

@@ -22,11 +22,11 @@ def test_flags_build_the_config():
     assert plugin.config_from_args(parse()) is None
     config = plugin.config_from_args(parse("--kv-eviction", "snapkv", "--kv-eviction-budget", "256"))
     assert (config.policy, config.budget, config.window, config.build_policy().window) == ("snapkv", 256, None, 32)
-    assert "window" not in plugin.config_as_dict(config)  # the workers use the policy's own default
+    assert "window" not in config.as_mapping()  # the workers use the policy's own default
     preset = plugin.config_from_args(parse("--kv-eviction-config", str(PRESETS_DIR / "madakv-10.yaml"),
                                            "--kv-eviction-window", "16"))
     assert (preset.policy, preset.budget, preset.window, preset.options["theta"]) == ("madakv", 0.1, 16, 0.9)
-    assert plugin.config_as_dict(preset)["theta"] == 0.9
+    assert preset.as_mapping()["theta"] == 0.9
     with pytest.raises(EvictionConfigError, match="ratio must be in"):
         plugin.config_from_args(parse("--kv-eviction", "madakv", "--kv-eviction-budget", "2.5"))
 

@@ -63,11 +63,6 @@ def config_from_args(args: argparse.Namespace) -> EvictionConfig | None:
     return base.merged(**flags)
 
 
-def config_as_dict(config: EvictionConfig) -> dict[str, Any]:
-    window = {} if config.window is None else {"window": config.window}
-    return {"policy": config.policy, "budget": config.budget, **window, **config.options}
-
-
 def _fail(engine_args, exc: EvictionConfigError):
     """CLI: one line and exit 2, like argparse. Python API: the exception."""
     if getattr(engine_args, "_kv_eviction_from_cli", False):
@@ -103,7 +98,7 @@ def _hook_engine_args() -> None:
             _fail(engine_args, EvictionConfigError("--kv-eviction-layer-groups needs --kv-eviction"))
         if config is not None:
             engine_args.additional_config = {**(engine_args.additional_config or {}),
-                                             CONFIG_KEY: config_as_dict(config)}
+                                             CONFIG_KEY: config.as_mapping()}
             if groups is not None:
                 engine_args.additional_config[LAYER_GROUPS_KEY] = groups
         return engine_args
@@ -138,7 +133,7 @@ def _hook_engine_args() -> None:
                                              f"--scheduler-cls {scheduler_config.scheduler_cls}"))
         name = "AsyncEvictingScheduler" if scheduler_config.async_scheduling else "EvictingScheduler"
         scheduler_config.scheduler_cls = f"madakv_vllm.vllm.scheduler.{name}"
-        vllm_config.additional_config[CONFIG_KEY] = config_as_dict(config)
+        vllm_config.additional_config[CONFIG_KEY] = config.as_mapping()
         _state["server_config"] = config
         logger.info("KV eviction: %s (budget %s, window %d, %d KV-cache group(s))", config.policy, config.budget,
                     config.build_policy().window, groups)
