@@ -31,7 +31,8 @@ def coverage_demand(psi: torch.Tensor, member: torch.Tensor, theta: float) -> to
     total = cum[:, -1:] if cum.shape[1] else torch.zeros(psi.shape[0], 1, device=psi.device)
     # tokens needed = 1 + number of prefix sums still below the target (ties at the target stop)
     demand = (cum < theta * total).sum(dim=1) + 1
-    return torch.where(total[:, 0] > 0, demand.clamp(max=int(member.sum())), torch.zeros_like(demand))
+    # the cap stays a device tensor: no host sync (callers read all layers' demands at once)
+    return torch.where(total[:, 0] > 0, torch.minimum(demand, member.sum()), torch.zeros_like(demand))
 
 
 def topk_mask(scores: torch.Tensor, member: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow  # two engines, one of them with two worker processes
 
 SCRIPT = textwrap.dedent('''
-    import json, os, random, sys
+    import json, os, random, sys, time
 
     def main():
         from vllm import LLM, SamplingParams
@@ -25,7 +25,11 @@ SCRIPT = textwrap.dedent('''
         rng = random.Random(0)
         prompts = [{"prompt_token_ids": [rng.randrange(20, 400) for _ in range(n)]} for n in (300, 700, 1000)]
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-        values, seconds = read_totals(os.environ["MADAKV_METRICS_DIR"])
+        for _ in range(100):  # counters are written by a background thread: wait for the last write
+            values, seconds = read_totals(os.environ["MADAKV_METRICS_DIR"])
+            if values.get("requests") == 3 and sum(count for count, _ in seconds.values()) == 3:
+                break
+            time.sleep(0.1)
         print("RESULT " + json.dumps(dict(tokens=[list(o.outputs[0].token_ids) for o in outs], values=values,
                                           seconds=sum(count for count, _ in seconds.values()))))
 

@@ -92,6 +92,7 @@ def fake_vllm_config(**model_overrides):
     (dict(get_sliding_window=lambda: 4096), "full attention"),
     (dict(hf_text_config=SimpleNamespace(layer_types=["full_attention", "sliding_attention"])), "full attention"),
     (dict(runner_type="pooling"), "generative"),
+    (dict(is_mm_prefix_lm=True), "bidirectionally"),  # PaliGemma: image tokens see each other
     (dict(hf_text_config=SimpleNamespace(model_type="bloom")), "ALiBi"),
     (dict(hf_text_config=SimpleNamespace(model_type="falcon", alibi=True)), "ALiBi"),
     (dict(hf_text_config=SimpleNamespace(num_key_value_heads=[8, 8, 2])), "different KV-head counts"),
@@ -108,6 +109,15 @@ def test_model_refusals(overrides, message):
     compat.check_vllm_config(fake_vllm_config())  # the plain case passes
     with pytest.raises(compat.EvictionStartupError, match=message):
         compat.check_vllm_config(fake_vllm_config(**overrides))
+
+
+def test_kv_connectors_set_by_vllm_itself_are_refused():
+    """--kv-offloading-size makes vLLM add an offloading connector while it builds the config,
+    after the engine-args check: the final config is checked too."""
+    config = fake_vllm_config()
+    config.kv_transfer_config = SimpleNamespace(kv_connector="OffloadingConnector")
+    with pytest.raises(compat.EvictionStartupError, match="KV offloading"):
+        compat.check_vllm_config(config)
 
 
 def test_full_cudagraphs_refused():
@@ -311,11 +321,20 @@ def test_requests_whose_scores_would_not_fit_run_without_eviction(monkeypatch):
     from madakv_vllm.vllm import requests
 
     policy = request_policy(EvictionConfig(policy="madakv", budget=0.2, window=8), None)
-    monkeypatch.setattr(requests, "MAX_SCORE_BYTES", 4 * 32 * 8 * 1000)
-    assert eviction_target(policy, 1000, scores_per_token=32 * 8).kept == 200  # exactly at the limit
-    assert eviction_target(policy, 1001, scores_per_token=32 * 8) is None
+    limit = 4 * 32 * 8 * 1000
+    assert eviction_target(policy, 1000, scores_per_token=32 * 8, score_bytes_limit=limit).kept == 200  # at the limit
+    assert eviction_target(policy, 1001, scores_per_token=32 * 8, score_bytes_limit=limit) is None
     streaming = request_policy(EvictionConfig(policy="streamingllm", budget=0.2, window=8), None)
-    assert eviction_target(streaming, 10**6, scores_per_token=32 * 8) is not None  # needs no scores
+    assert eviction_target(streaming, 10**6, scores_per_token=32 * 8, score_bytes_limit=limit) is not None  # no scores
+    # the limit travels in the engine config, read from the environment once, where it is made:
+    # the scheduler and workers (other processes, other nodes) never read their own
+    monkeypatch.setenv(requests.MAX_SCORE_BYTES_ENV, str(limit))
+    assert requests.max_score_bytes_from_env() == limit
+    assert requests.max_score_bytes({requests.MAX_SCORE_BYTES_KEY: limit}) == limit
+    assert requests.max_score_bytes({}) == requests.MAX_SCORE_BYTES  # not the environment's
+    monkeypatch.setenv(requests.MAX_SCORE_BYTES_ENV, "1GiB")
+    with pytest.raises(EvictionConfigError, match="MADAKV_MAX_SCORE_BYTES must be a byte count"):
+        requests.max_score_bytes_from_env()
 
 
 # ---- layer groups (regime B) ---------------------------------------------------------------------
@@ -373,24 +392,149 @@ def test_per_layer_counter_is_parsed_from_the_metrics_page():
     assert parse_metrics_page(page) == {"layer_kept_0": 120.0, "layer_kept_1": 40.0}
 
 
-def test_groups_after_the_first_attend_over_their_own_lengths():
-    """Group g > 0's metadata builds (eager and cudagraph capture) get seq_lens + (E_0 - E_g) in a
-    persistent tensor, written in place (a captured graph reads it at one address), and vLLM's
-    reuse of group 0's metadata (`update_block_table`) is off for them."""
+def test_every_group_attends_over_its_own_exact_lengths_on_device_and_host():
+    """With several groups, each group's metadata builds (eager and cudagraph capture) get its own
+    lengths logical - E_g: on the device, group g > 0 in a persistent tensor written in place (a
+    captured graph reads it at one address) and group 0 the runner's; on the host, the runner's
+    upper bound (logical - min E) corrected to exact, with its max_seq_len (FlashInfer plans
+    pages and last-page lengths from them). vLLM's reuse of group 0's metadata
+    (`update_block_table`) is off for g > 0."""
+    import numpy as np
+
     from madakv_vllm.vllm.runner import WorkerEviction
 
     worker = object.__new__(WorkerEviction)
+    worker.num_groups = 2
+    # E per request: group 0 [0, 5, 2, 0], group 1 [3, 5, 0, 0]; logical lengths [13, 25, 30, 0]
     worker.group_seq_lens = [None, torch.zeros(8, dtype=torch.int32)]
-    worker.seq_len_offsets = [None, SimpleNamespace(gpu=torch.tensor([3, 0, -2, 0, 0, 0, 0, 0], dtype=torch.int32))]
-    builder = SimpleNamespace(supports_update_block_table=True)
-    group = SimpleNamespace(metadata_builders=[builder], build_metadata=lambda cm, *a, **k: cm,
-                            build_metadata_for_cudagraph_capture=lambda cm, *a, **k: cm)
-    worker._use_group_seq_lens(group, 1)
-    assert builder.supports_update_block_table is False
-    shared = torch.tensor([10, 20, 30, 0], dtype=torch.int32)
-    common = SimpleNamespace(seq_lens=shared, num_reqs=4)
-    for build in (group.build_metadata, group.build_metadata_for_cudagraph_capture):
-        built = build(common, 0)
-        assert built.seq_lens.tolist() == [13, 20, 28, 0] and built.num_reqs == 4
-        assert built.seq_lens.data_ptr() == worker.group_seq_lens[1].data_ptr()
-    assert common.seq_lens is shared and shared.tolist() == [10, 20, 30, 0]  # group 0's untouched
+    worker.seq_len_offsets = [None, SimpleNamespace(gpu=torch.tensor([-3, 0, 2, 0, 0, 0, 0, 0], dtype=torch.int32))]
+    worker.cpu_len_offsets = np.zeros((2, 8), dtype=np.int32)
+    worker.cpu_len_offsets[:, :4] = [[0, 0, -2, 0], [-3, 0, 0, 0]]  # min E - E_g
+    builders = [SimpleNamespace(supports_update_block_table=True) for _ in range(2)]
+    groups = [SimpleNamespace(metadata_builders=[builder], build_metadata=lambda cm, *a, **k: cm,
+                              build_metadata_for_cudagraph_capture=lambda cm, *a, **k: cm) for builder in builders]
+    for g, group in enumerate(groups):
+        worker._use_group_seq_lens(group, g)
+    assert [builder.supports_update_block_table for builder in builders] == [True, False]
+    runner_seq_lens = torch.tensor([13, 20, 28, 0], dtype=torch.int32)  # logical - E_0, on the device
+    upper_bound = torch.tensor([13, 20, 30, 0], dtype=torch.int32)  # logical - min E, on the host
+    common = SimpleNamespace(seq_lens=runner_seq_lens, seq_lens_cpu_upper_bound=upper_bound, num_reqs=4,
+                             max_seq_len=30)
+    exact = [[13, 20, 28, 0], [10, 20, 30, 0]]
+    for g, group in enumerate(groups):
+        for build, capture in ((group.build_metadata, False), (group.build_metadata_for_cudagraph_capture, True)):
+            built = build(common, 0)
+            assert built.seq_lens.tolist() == exact[g] and built.seq_lens_cpu_upper_bound.tolist() == exact[g]
+            assert built.max_seq_len == (30 if capture else max(exact[g]))  # capture keeps vLLM's own
+            if g > 0:
+                assert built.seq_lens.data_ptr() == worker.group_seq_lens[1].data_ptr()
+    assert common.seq_lens is runner_seq_lens and runner_seq_lens.tolist() == [13, 20, 28, 0]  # shared ones untouched
+    assert upper_bound.tolist() == [13, 20, 30, 0] and common.max_seq_len == 30
+
+
+def test_dummy_runs_see_no_offsets_of_the_last_real_step():
+    """Dummy runs (data-parallel padding steps, cudagraph capture) build metadata without
+    `_prepare_inputs`: the offsets of the last real step must not reach them."""
+    import numpy as np
+
+    from madakv_vllm.vllm.runner import WorkerEviction
+
+    worker = object.__new__(WorkerEviction)
+    worker.num_groups = 3
+    worker.seq_len_offsets = [None] + [SimpleNamespace(np=np.array([4, -2], dtype=np.int32), copied=0)
+                                       for _ in range(2)]
+    for offsets in worker.seq_len_offsets[1:]:
+        offsets.copy_to_gpu = lambda offsets=offsets: setattr(offsets, "copied", offsets.copied + 1)
+    worker.cpu_len_offsets = np.array([[0, -1], [-3, 0], [-2, 0]], dtype=np.int32)
+    seen = []
+    dummy_run = worker._before(lambda *a, **k: seen.append(([o.np.tolist() for o in worker.seq_len_offsets[1:]],
+                                                             worker.cpu_len_offsets.tolist())),
+                               worker.clear_group_offsets)
+    dummy_run(16, uniform_decode=True)
+    assert seen == [([[0, 0], [0, 0]], [[0, 0], [0, 0], [0, 0]])]
+    assert all(offsets.copied == 1 for offsets in worker.seq_len_offsets[1:])  # the device copies too
+
+
+def test_a_plan_for_a_request_the_worker_does_not_evict_fails_loudly():
+    """The scheduler has already swapped the request's blocks: a worker that skipped the plan would
+    keep writing into the freed ones."""
+    from madakv_vllm.vllm.protocol import CompactionPlan
+    from madakv_vllm.vllm.runner import WorkerEviction
+
+    worker = object.__new__(WorkerEviction)
+    worker.requests = {}
+    worker.runner = SimpleNamespace(requests={"known": object()})
+    plan = CompactionPlan([[1, 2]], prompt_len=100, kept=[30], computed=100)
+    with pytest.raises(RuntimeError, match="does not evict"):
+        worker.apply_plan("known", plan)
+    with pytest.raises(RuntimeError, match="does not know"):
+        worker.apply_plan("unknown", plan)
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor's values back to the host (a device sync on a GPU)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__float__,
+             torch.Tensor.__bool__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_compaction_bookkeeping_reads_the_device_once():
+    """Kept/evicted per modality and HCC's layer demands are counted on the device and read back
+    once per request, not once per layer and modality."""
+    from madakv_vllm.policies import make_policy
+    from madakv_vllm.vllm.runner import kept_and_evicted_by_modality
+
+    gen = torch.Generator().manual_seed(0)
+    tags = torch.zeros(300, dtype=torch.int8)
+    tags[40:200] = 1
+    keep = [torch.sort(torch.randperm(300, generator=gen)[:k].expand(4, -1), dim=1).values for k in (50, 90, 70)]
+    with HostReads() as reads:
+        counts = kept_and_evicted_by_modality(keep, tags)
+    assert reads.count == 1
+    kept_image = sum(int((tags[k] == 1).sum()) for k in keep) / 12
+    assert counts["kept_image"] == pytest.approx(kept_image) and counts["evicted_image"] == pytest.approx(160 - kept_image)
+    assert counts["kept_text"] + counts["kept_image"] + counts.get("kept_video", 0) == pytest.approx(70)
+
+    policy = make_policy("madakv", budget=0.2, window=8, layer_buckets=None)  # HCC: budgets follow the demands
+    scores = torch.rand(6, 4, 300, generator=gen) ** 8
+    scores[0] = 1.0  # spread attention: the highest demand
+    with HostReads() as reads:
+        budgets = policy.plan_budgets(scores, tags, 6)
+    assert reads.count <= 2 and len(set(budgets)) > 1, (reads.count, budgets)
+
+
+def test_counters_are_written_off_the_callers_path(monkeypatch, tmp_path):
+    """publish() wakes a writer thread and returns: a slow disk never stalls a step."""
+    import threading
+
+    from madakv_vllm.vllm import metrics
+
+    monkeypatch.setenv(metrics.ENV_DIR, str(tmp_path))
+    counters = metrics.Counters("test")
+    counters.add(requests=1)
+    disk_free, write = threading.Event(), metrics.Counters.write
+
+    def slow_write(self):
+        disk_free.wait(timeout=30)
+        write(self)
+
+    monkeypatch.setattr(metrics.Counters, "write", slow_write)
+    counters.publish()  # would hang here for 30 s if it wrote itself
+    assert not list(tmp_path.glob("*.json"))
+    counters.add(requests=2)
+    counters.publish()
+    disk_free.set()
+    for _ in range(100):
+        values, _ = metrics.read_totals(str(tmp_path))
+        if values.get("requests") == 3:
+            break
+        threading.Event().wait(0.05)
+    assert values.get("requests") == 3

@@ -65,9 +65,12 @@ class MadaKV(EvictionPolicy):
 
     def layer_demand(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> float:
         """Mean over heads of k_v + k_t (tokens covering theta of each modality's mass)."""
+        return float(self._layer_demand(psi, modality_tags))
+
+    def _layer_demand(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
         text = modality_tags == TEXT
         demand = coverage_demand(psi, ~text, self.theta) + coverage_demand(psi, text, self.theta)
-        return float(demand.float().mean())
+        return demand.float().mean()
 
     def varies_by_layer(self) -> bool:
         return self.hcc
@@ -75,7 +78,8 @@ class MadaKV(EvictionPolicy):
     def layer_demands(self, scores: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor | None:
         if not self.hcc:
             return None
-        return torch.tensor([self.layer_demand(scores[layer], modality_tags) for layer in range(scores.shape[0])])
+        # on the scores' device, read by the caller once (not one host sync per layer)
+        return torch.stack([self._layer_demand(scores[layer], modality_tags) for layer in range(scores.shape[0])])
 
     def budgets_from_demands(self, demands, per_layer: int, num_layers: int, n_select: int) -> list[int]:
         if demands is None:

@@ -137,12 +137,19 @@ def check_vllm_config(vllm_config) -> None:
     if model.get_sliding_window() is not None or layer_types - {"full_attention"}:
         raise EvictionStartupError(f"{model.model}: decoder layers must all be full attention for KV eviction "
                                    f"(found sliding window or {sorted(layer_types)})")
+    if getattr(model, "is_mm_prefix_lm", False):
+        raise EvictionStartupError(f"{model.model}: its image tokens attend to each other bidirectionally (prefix-LM "
+                                   f"multimodal attention), which a compaction during a re-prefill would break; "
+                                   f"KV eviction supports causal attention only")
     if uses_alibi(model):
         raise EvictionStartupError(f"{model.model}: ALiBi attention biases by the physical key index, which "
                                    f"compaction changes; KV eviction supports rotary positions only")
     if (heads := kv_heads_per_layer(text_config)) is not None and len(set(heads)) > 1:
         raise EvictionStartupError(f"{model.model}: layers have different KV-head counts {sorted(set(heads))}; "
                                    f"KV eviction needs the same count in every layer")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:  # also set by --kv-offloading-size
+        raise EvictionStartupError("KV eviction does not support KV connectors or KV offloading "
+                                   "(--kv-transfer-config, --kv-offloading-size) yet")
     mode = vllm_config.compilation_config.cudagraph_mode
     if mode is not None and mode == CUDAGraphMode.FULL:
         raise EvictionStartupError("KV eviction cannot run with cudagraph mode FULL (prefill steps must run "

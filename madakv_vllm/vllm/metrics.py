@@ -8,6 +8,7 @@ sums the files at every stats tick and advances the Prometheus counters by the d
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
@@ -31,7 +32,9 @@ SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 
 
 class Counters:
-    """Cumulative counters of one process, published to `<dir>/<name>.json` when they change."""
+    """Cumulative counters of one process, published to `<dir>/<name>-<pid>.json` when they
+    change. The file is written by a background thread: publish() only wakes it, so the
+    scheduler's and workers' steps never wait on the disk."""
 
     def __init__(self, name: str):
         self.name = name
@@ -39,6 +42,9 @@ class Counters:
         self.seconds: list[float] = []  # recent observations, one per request (scoring + compaction)
         self.seconds_count = 0
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # the writer thread and the exit flush
+        self._changed = threading.Event()
+        self._writer_pid: int | None = None  # a thread does not survive fork: restarted in a child
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -55,6 +61,27 @@ class Counters:
             self.seconds_count += 1
 
     def publish(self) -> None:
+        """Have the current counters written soon (coalesced: one write for several calls)."""
+        if not os.environ.get(ENV_DIR):
+            return
+        if self._writer_pid != os.getpid():
+            self._writer_pid = os.getpid()
+            threading.Thread(target=self._write_when_changed, name=f"madakv-metrics-{self.name}",
+                             daemon=True).start()
+            atexit.register(self.write)  # a daemon thread may not get to the last change
+        self._changed.set()
+
+    def _write_when_changed(self) -> None:
+        while True:
+            self._changed.wait()
+            self._changed.clear()
+            try:
+                self.write()
+            except OSError:  # e.g. the folder was removed at shutdown; the next change retries
+                pass
+
+    def write(self) -> None:
+        """Write the counters now (the background thread's job; tests and exit call it too)."""
         directory = os.environ.get(ENV_DIR)
         if not directory:
             return
@@ -62,8 +89,9 @@ class Counters:
             payload = {"values": dict(self.values), "seconds": list(self.seconds), "seconds_count": self.seconds_count}
         path = Path(directory) / f"{self.name}-{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(path)  # readers never see half a file
+        with self._write_lock:
+            tmp.write_text(json.dumps(payload))
+            tmp.replace(path)  # readers never see half a file
 
 
 def read_totals(directory: str) -> tuple[dict[str, float], dict[str, tuple[int, list[float]]]]:

@@ -21,7 +21,8 @@ from ..policies import POLICY_NAMES
 from .compat import (EvictionStartupError, check_engine_args, check_vllm_config, require_supported,
                      resolve_layer_groups, unsupported_reason)
 from .metrics import ENV_DIR as METRICS_ENV_DIR
-from .requests import CONFIG_KEY, LAYER_GROUPS_KEY, engine_config, layer_groups, request_config, request_policy
+from .requests import (CONFIG_KEY, LAYER_GROUPS_KEY, MAX_SCORE_BYTES_KEY, engine_config, layer_groups,
+                       max_score_bytes_from_env, request_config, request_policy)
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -123,9 +124,11 @@ def _hook_engine_args() -> None:
         try:
             check_vllm_config(vllm_config)
             groups = resolve_layer_groups(vllm_config.additional_config.get(LAYER_GROUPS_KEY), vllm_config)
+            score_bytes_limit = max_score_bytes_from_env()
         except EvictionConfigError as exc:
             _fail(self, exc)
         vllm_config.additional_config[LAYER_GROUPS_KEY] = groups
+        vllm_config.additional_config[MAX_SCORE_BYTES_KEY] = score_bytes_limit
         scheduler_config = vllm_config.scheduler_config
         if scheduler_config.scheduler_cls not in (None, "vllm.v1.core.sched.scheduler.Scheduler",
                                                   "vllm.v1.core.sched.async_scheduler.AsyncScheduler"):

@@ -16,6 +16,7 @@ logger = logging.getLogger("madakv_vllm")
 
 CONFIG_KEY = "kv_eviction"  # in VllmConfig.additional_config
 LAYER_GROUPS_KEY = "kv_eviction_layer_groups"  # in VllmConfig.additional_config: KV-cache groups (buckets)
+MAX_SCORE_BYTES_KEY = "kv_eviction_max_score_bytes"  # in VllmConfig.additional_config: see max_score_bytes
 XARG_POLICY = "kv_eviction"  # in SamplingParams.extra_args (vllm_xargs)
 XARG_BUDGET = "kv_eviction_budget"
 XARG_WINDOW = "kv_eviction_window"
@@ -81,20 +82,43 @@ class EvictionTarget:
 
 # Scores live outside vLLM's memory budget until the plan: fp32 [layers, kv_heads, prompt] per
 # request being prefilled (128K tokens x 32 layers x 8 KV heads = 134 MB). Above this a request
-# runs without eviction (a warning says so); MADAKV_MAX_SCORE_BYTES changes it.
-MAX_SCORE_BYTES = int(os.environ.get("MADAKV_MAX_SCORE_BYTES", 1 << 30))
+# runs without eviction (a warning says so); env MADAKV_MAX_SCORE_BYTES changes it.
+MAX_SCORE_BYTES = 1 << 30
+MAX_SCORE_BYTES_ENV = "MADAKV_MAX_SCORE_BYTES"
+
+
+def max_score_bytes_from_env() -> int:
+    """Read once, where the engine config is made: the scheduler and the workers (other processes,
+    other nodes) must not each read their own environment, or they could disagree on which
+    requests are evicted. Raises EvictionConfigError on a bad value."""
+    raw = os.environ.get(MAX_SCORE_BYTES_ENV)
+    if raw is None:
+        return MAX_SCORE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise EvictionConfigError(f"{MAX_SCORE_BYTES_ENV} must be a byte count >= 0, got {raw!r}")
+    return value
+
+
+def max_score_bytes(additional_config: Mapping[str, Any] | None) -> int:
+    """The limit the engine config carries (the same in every process)."""
+    value = (additional_config or {}).get(MAX_SCORE_BYTES_KEY)
+    return MAX_SCORE_BYTES if value is None else int(value)
 
 
 def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_token: int = 0,
-                    groups: int = 1) -> EvictionTarget | None:
+                    groups: int = 1, score_bytes_limit: int = MAX_SCORE_BYTES) -> EvictionTarget | None:
     """None when nothing will be evicted (no policy, the budget covers the prompt, or its scores,
-    `scores_per_token` fp32 values per prompt token, would exceed MAX_SCORE_BYTES)."""
+    `scores_per_token` fp32 values per prompt token, would exceed `score_bytes_limit`)."""
     if policy is None:
         return None
-    if policy.needs_scores and 4 * scores_per_token * prompt_len > MAX_SCORE_BYTES:
+    if policy.needs_scores and 4 * scores_per_token * prompt_len > score_bytes_limit:
         logger.warning("KV eviction skipped for a %d-token prompt: its scores would take %.0f MiB (limit "
-                       "MADAKV_MAX_SCORE_BYTES = %d)", prompt_len, 4 * scores_per_token * prompt_len / 2**20,
-                       MAX_SCORE_BYTES)
+                       "%s = %d)", prompt_len, 4 * scores_per_token * prompt_len / 2**20, MAX_SCORE_BYTES_ENV,
+                       score_bytes_limit)
         return None
     kept = policy.kept_tokens(prompt_len)
     if kept >= prompt_len:

@@ -10,8 +10,10 @@ CPU runner subclasses), installed once its KV cache exists.
 - `execute_model` (after): for prompts whose scoring finished in this step and whose groups keep
   counts that depend on the scores, plan the per-group counts (tensor-parallel ranks agree by
   averaging their layer demands); `sample_tokens` (after) reports them on the step's output.
-- each group g > 0's attention-metadata build: `seq_lens` of that group (logical - E_g); group 0
-  uses the runner's own `seq_lens`, corrected in place.
+- with several KV-cache groups, each group's attention-metadata build: its exact lengths
+  (logical - E_g) on the device (group 0: the runner's own `seq_lens`, corrected in place) and on
+  the host (`seq_lens_cpu_upper_bound`, `max_seq_len`, which FlashInfer plans from);
+  `_dummy_run` (before): those offsets are zero, not the last real step's.
 - `_determine_batch_execution_and_padding`: a step with scoring rows never replays a FULL
   cudagraph (attention must run its Python for the scoring hook).
 - each decoder layer's `impl.forward` (after): score those rows against the layer's paged keys.
@@ -32,7 +34,7 @@ from madakv_kernels import MODALITY_TAGS, TEXT, compact_kv, paged_dims, window_s
 from ..policies import EvictionPolicy
 from .kv_layout import check_layout, key_value_views
 from .metrics import Counters
-from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, request_policy
+from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, max_score_bytes, request_policy
 from .protocol import attach_report, plans_of
 
 logger = logging.getLogger("madakv_vllm")
@@ -104,6 +106,7 @@ class WorkerEviction:
             raise RuntimeError(f"KV eviction needs the same KV-head count in every layer, found {sorted(heads)}")
         self.num_kv_heads = heads.pop()
         self.scores_per_token = len(self.layers) * self.num_kv_heads  # the scheduler computes the same
+        self.score_bytes_limit = max_score_bytes(runner.vllm_config.additional_config)  # the scheduler's too
         self.requests: dict[str, RequestEviction] = {}
         self.step_rows: list[ScoringRows] = []
         # per-step inputs staged in pinned host memory (the runner's own buffer type)
@@ -145,11 +148,23 @@ class WorkerEviction:
             self.group_seq_lens = [torch.zeros_like(runner.seq_lens) for _ in range(self.num_groups)]
             self.seq_len_offsets = [runner._make_buffer(runner.max_num_reqs, dtype=torch.int32)
                                     for _ in range(self.num_groups)]
-            for g in range(1, self.num_groups):
+            # host lengths of group g = the runner's upper bound (logical - min E) + this (min E - E_g)
+            self.cpu_len_offsets = np.zeros((self.num_groups, runner.max_num_reqs), dtype=np.int32)
+            for g in range(self.num_groups):
                 for attn_group in runner.attn_groups[g]:
                     self._use_group_seq_lens(attn_group, g)
+            runner._dummy_run = self._before(runner._dummy_run, self.clear_group_offsets)
         logger.info("KV eviction hooks installed on %s (%d layers in %d KV-cache group(s), block size %d)",
                     type(runner).__name__, len(self.layers), self.num_groups, self.block_size)
+
+    @staticmethod
+    def _before(method, hook):
+        @functools.wraps(method)
+        def wrapped(*args, **kwargs):
+            hook()
+            return method(*args, **kwargs)
+
+        return wrapped
 
     @staticmethod
     def _after(method, hook):
@@ -162,33 +177,54 @@ class WorkerEviction:
         return wrapped
 
     def _use_group_seq_lens(self, attn_group, g: int) -> None:
-        """Group g > 0 attends over its own physical lengths: runner seq_lens (group 0's) + offset
-        E_0 - E_g, written in place into a persistent tensor. vLLM would otherwise reuse group
-        0's metadata with another block table (`update_block_table`), so that shortcut is off."""
-        for builder in attn_group.metadata_builders:
-            builder.supports_update_block_table = False
+        """Every group attends over its own physical lengths, exactly, on the device and on the
+        host. Device: group 0 uses the runner's seq_lens (corrected in place); group g > 0 those
+        + E_0 - E_g, written in place into a persistent tensor. Host: `seq_lens_cpu_upper_bound`
+        (the runner's is logical - min_g E_g, an upper bound only) + min E - E_g, and its
+        `max_seq_len`: backends that plan on the host (FlashInfer: page counts, last-page lengths)
+        take them as exact. vLLM would otherwise reuse group 0's metadata with another block
+        table (`update_block_table`), so that shortcut is off for g > 0."""
+        if g > 0:
+            for builder in attn_group.metadata_builders:
+                builder.supports_update_block_table = False
 
-        def with_group_seq_lens(build):
+        def with_group_seq_lens(build, capture: bool):
             @functools.wraps(build)
             def build_for_group(common_attn_metadata, *args, **kwargs):
                 n = common_attn_metadata.seq_lens.shape[0]
-                seq_lens = self.group_seq_lens[g][:n]
-                torch.add(common_attn_metadata.seq_lens, self.seq_len_offsets[g].gpu[:n], out=seq_lens)
                 metadata = copy.copy(common_attn_metadata)
-                metadata.seq_lens = seq_lens
+                if g > 0:
+                    seq_lens = self.group_seq_lens[g][:n]
+                    torch.add(common_attn_metadata.seq_lens, self.seq_len_offsets[g].gpu[:n], out=seq_lens)
+                    metadata.seq_lens = seq_lens
+                upper_bound = common_attn_metadata.seq_lens_cpu_upper_bound
+                if upper_bound is not None:
+                    exact = upper_bound + torch.from_numpy(self.cpu_len_offsets[g][:n])
+                    metadata.seq_lens_cpu_upper_bound = exact
+                    if not capture and n:  # capture keeps vLLM's max_model_len (kernel choice)
+                        metadata.max_seq_len = int(exact.max())
                 return build(metadata, *args, **kwargs)
 
             return build_for_group
 
-        attn_group.build_metadata = with_group_seq_lens(attn_group.build_metadata)
+        attn_group.build_metadata = with_group_seq_lens(attn_group.build_metadata, capture=False)
         attn_group.build_metadata_for_cudagraph_capture = with_group_seq_lens(
-            attn_group.build_metadata_for_cudagraph_capture)
+            attn_group.build_metadata_for_cudagraph_capture, capture=True)
+
+    def clear_group_offsets(self) -> None:
+        """Dummy runs (profiling, cudagraph capture, data-parallel padding steps) build metadata
+        without `_prepare_inputs`: every group then attends over the dummy lengths themselves."""
+        for g in range(1, self.num_groups):
+            self.seq_len_offsets[g].np[:] = 0
+            self.seq_len_offsets[g].copy_to_gpu()
+        self.cpu_len_offsets[:] = 0
 
     # ---- request state -----------------------------------------------------------------------
     def _track(self, req_state) -> None:
         extra = req_state.sampling_params.extra_args if req_state.sampling_params is not None else None
         policy = request_policy(self.base_config, extra, self.num_groups)
-        target = eviction_target(policy, req_state.num_prompt_tokens, self.scores_per_token, self.num_groups)
+        target = eviction_target(policy, req_state.num_prompt_tokens, self.scores_per_token, self.num_groups,
+                                 self.score_bytes_limit)
         if target is None:
             self.requests.pop(req_state.req_id, None)
             return
@@ -198,6 +234,10 @@ class WorkerEviction:
     def after_update_states(self, scheduler_output, *args, **kwargs) -> None:
         runner = self.runner
         for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+        # preempted: its blocks are gone and its scores (up to MAX_SCORE_BYTES, outside vLLM's
+        # budget) useless; a resumed request is tracked afresh below
+        for req_id in scheduler_output.preempted_req_ids or ():
             self.requests.pop(req_id, None)
         for new_req in scheduler_output.scheduled_new_reqs:
             self._track(runner.requests[new_req.req_id])
@@ -219,7 +259,11 @@ class WorkerEviction:
     def apply_plan(self, req_id: str, plan) -> None:
         state, req_state = self.requests.get(req_id), self.runner.requests.get(req_id)
         if state is None or req_state is None:
-            return
+            # The scheduler already gave the request its new blocks and freed the old ones: running
+            # on with the old row would write into freed blocks. Both sides decide from the same
+            # request and engine config, so this is a bug, never a case to skip.
+            raise RuntimeError(f"KV eviction: the scheduler compacted request {req_id}, which this worker "
+                               f"{'does not know' if req_state is None else 'does not evict'}")
         started = time.perf_counter()
         scores = self._scores_for_plan(req_id, state)
         tags = state.tags.to(self.device)
@@ -237,6 +281,8 @@ class WorkerEviction:
         req_state.block_ids = tuple(list(ids) for ids in plan.block_ids)
         row = self.runner.input_batch.req_id_to_index.get(req_id)
         if row is not None:
+            # cleared first: entries past the new length would name the old blocks, freed soon
+            self.runner.input_batch.block_table.clear_row(row)
             self.runner.input_batch.block_table.add_row(req_state.block_ids, row)
         state.evicted = [plan.prompt_len - kept for kept in plan.kept]
         state.scores, scores = None, None  # the largest per-request buffer: freed right after the plan
@@ -246,7 +292,7 @@ class WorkerEviction:
         if self.tp_rank == 0:  # one observation per request; per-layer counts are per head, the same on every rank
             self.counters.observe_seconds(state.seconds)
             self.counters.add_layer_kept([int(layer_keep.shape[1]) for layer_keep in keep])
-        self.counters.publish()
+        self.counters.publish()  # written by a background thread
 
     def plan_group_counts(self) -> None:
         """After the forward: the per-group kept counts of prompts whose scoring just finished,
@@ -303,7 +349,10 @@ class WorkerEviction:
                 per_token.np[:num_tokens] = np.repeat(evicted[g], scheduled)
                 physical = runner.positions[:num_tokens] - per_token.copy_to_gpu(num_tokens)
                 batch.block_table[g].compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
-        for g in range(1, self.num_groups):  # every step: zeros clear the last step's offsets
+        if self.num_groups > 1:  # every step: zeros clear the last step's offsets
+            self.cpu_len_offsets[:] = 0
+            self.cpu_len_offsets[:, :num_reqs] = evicted.min(axis=0) - evicted
+        for g in range(1, self.num_groups):
             offsets = self.seq_len_offsets[g]
             offsets.np[:] = 0
             offsets.np[:num_reqs] = evicted[0] - evicted[g]
@@ -373,13 +422,17 @@ def without_full_graphs_while_scoring(determine_batch_execution, has_scoring_row
 
 def kept_and_evicted_by_modality(keep: list[torch.Tensor], tags: torch.Tensor) -> dict[str, float]:
     """Prompt tokens kept and evicted per modality, averaged over layers and KV heads (layers
-    may keep different counts)."""
+    may keep different counts). Counted on the device, read back once."""
     heads_and_layers = sum(layer_keep.shape[0] for layer_keep in keep)
+    tag_values = torch.tensor(list(MODALITY_TAGS.values()), dtype=tags.dtype, device=tags.device)
+    kept_tags = torch.cat([tags[layer_keep].flatten() for layer_keep in keep])
+    kept = (kept_tags[:, None] == tag_values).sum(dim=0)
+    present = (tags[:, None] == tag_values).sum(dim=0)
+    kept, present = torch.stack([kept, present]).tolist()
     counts = {}
-    for name, tag in MODALITY_TAGS.items():
-        kept = sum(int((tags[layer_keep] == tag).sum()) for layer_keep in keep) / heads_and_layers
-        counts[f"kept_{name}"] = kept
-        counts[f"evicted_{name}"] = int((tags == tag).sum()) - kept
+    for i, name in enumerate(MODALITY_TAGS):
+        counts[f"kept_{name}"] = kept[i] / heads_and_layers
+        counts[f"evicted_{name}"] = present[i] - kept[i] / heads_and_layers
     return counts
 
 

@@ -27,7 +27,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from .compat import check_parallel_and_runner, require_supported
 from .metrics import Counters
 from .protocol import CompactionPlan, attach_plans, plans_of, report_of
-from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, request_policy
+from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, max_score_bytes, request_policy
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -105,6 +105,7 @@ class EvictingSchedulerMixin:
                                f"has {[type(m).__name__ for m in managers]}")
         groups = self.kv_cache_config.kv_cache_groups
         self.scores_per_token = sum(len(g.layer_names) for g in groups) * groups[0].kv_cache_spec.num_kv_heads
+        self.score_bytes_limit = max_score_bytes(self.vllm_config.additional_config)  # the workers read the same
         self.evicting_managers = [EvictingManager(m) for m in managers]
         manager = self.evicting_managers[0]  # compaction state is per group; the first one answers "compacted?"
         self.evicting_manager = manager
@@ -132,7 +133,8 @@ class EvictingSchedulerMixin:
                                 if request.sampling_params is not None else None, self.num_groups)
         # Streaming-input sessions replace the prompt between chunks: never compacted (the API
         # server refuses them when eviction applies; this is the engine's own line of defence).
-        target = eviction_target(policy, request.num_prompt_tokens, self.scores_per_token, self.num_groups)
+        target = eviction_target(policy, request.num_prompt_tokens, self.scores_per_token, self.num_groups,
+                                 self.score_bytes_limit)
         self.eviction_targets[request.request_id] = None if getattr(request, "resumable", False) else target
         super().add_request(request)
 
@@ -266,13 +268,18 @@ class EvictingSchedulerMixin:
         self.eviction_counters.add(blocks_freed=max(0, returned - taken))
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, *args, **kwargs):
-        # vLLM preempts every running request, then needs every block free: old blocks of plans
-        # whose step is still in flight must go back first (that step's outputs are dropped).
-        if reset_running_requests:
-            for _, frees, taken in self.frees_after_step.values():
-                self._free_old_blocks(frees, taken)
-            self.frees_after_step.clear()
+        # vLLM needs every block free. Old blocks of plans whose step is still in flight go back
+        # first when it preempts every running request (that step's outputs are dropped) or when
+        # nothing runs (no request of that step is left to read them; a later step that reuses
+        # the blocks is ordered after it on the device).
+        if reset_running_requests or not self.running:
+            self.flush_pending_frees()
         return super().reset_prefix_cache(reset_running_requests, *args, **kwargs)
+
+    def flush_pending_frees(self) -> None:
+        for _, frees, taken in self.frees_after_step.values():
+            self._free_old_blocks(frees, taken)
+        self.frees_after_step.clear()
 
     def _free_request(self, request, *args, **kwargs):
         self.eviction_targets.pop(request.request_id, None)
