@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from madakv_kernels import MODALITY_TAGS
 
 from .evaluation.milebench import substring_match
+from .http_client import eviction_metrics, free_port, stop_server, wait_ready
 from .policies import POLICY_NAMES
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_models"
@@ -55,69 +53,6 @@ def tiny_model() -> Path:
         print(f"building the demo model in {path} (random weights, about a second)")
         build("qwen2vl", path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    started = time.time()
-    while True:
-        try:
-            urllib.request.urlopen(base + "/v1/models", timeout=5)
-            print(("\r" if sys.stdout.isatty() else "") + f"server ready after {time.time() - started:.0f} s" + " " * 20)
-            return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            sys.exit(f"vllm serve exited with code {proc.returncode}; last lines of {log}:\n"
-                     + "\n".join(log.read_text().splitlines()[-15:]))
-        if time.time() - started > timeout:
-            sys.exit(f"vllm serve was not ready after {timeout:.0f} s; see {log}")
-        if sys.stdout.isatty():
-            print(f"\rstarting vllm serve ... {time.time() - started:4.0f} s", end="", flush=True)
-        time.sleep(1)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def post_json(base: str, path: str, body: dict, timeout: float = 600) -> int:
-    """HTTP status of one JSON POST (NaN/inf go out as the non-standard literals Python writes)."""
-    import json
-
-    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def kv_cache_usage(base: str) -> float:
-    """vLLM's own vllm:kv_cache_usage_perc from the server's /metrics (0 when the pool is empty)."""
-    text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("vllm:kv_cache_usage_perc{")]
-    if not values:
-        raise RuntimeError("the server does not export vllm:kv_cache_usage_perc")
-    return sum(values)
-
-
-def eviction_metrics(base: str) -> dict[str, float]:
-    from .vllm.metrics import parse_metrics_page
-
-    return parse_metrics_page(urllib.request.urlopen(base + "/metrics", timeout=10).read().decode())
 
 
 def needle_question(seed: int):

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .demo import eviction_metrics, free_port, kv_cache_usage, post_json, stop_server, wait_ready
+from .http_client import eviction_metrics, free_port, kv_cache_usage, post_json, stop_server, wait_ready
 from .vllm.requests import XARG_BUDGET, XARG_POLICY
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from madakv_vllm.demo import free_port, kv_cache_usage, post_json
+from madakv_vllm.http_client import free_port, kv_cache_usage, post_json
 from prompts import images, milebench_task, random_xargs
 
 pytestmark = pytest.mark.slow  # starts vLLM engines or servers (minutes); `-m "not slow"` skips them
