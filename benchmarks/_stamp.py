@@ -44,7 +44,8 @@ def stamp() -> dict:
 
 
 def write_results(out, result: dict, draw=None) -> None:
-    """Write out.json, and out.png when matplotlib is there: draw(plt) makes the figure."""
+    """Write out.json, and out.png when matplotlib is there: draw(plt, result) makes the figure
+    (the same function benchmarks/tables.py calls to redraw the PNG from the JSON alone)."""
     import json
     from pathlib import Path
 
@@ -55,18 +56,93 @@ def write_results(out, result: dict, draw=None) -> None:
     if draw is None:
         return
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[eval]')")
         return
-    fig = draw(plt)
-    fig.suptitle(result["stamp"].get("gpu", result["stamp"]["machine"]))
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=100)
+    save_plot(draw, result, out.with_suffix(".png"), out.with_suffix(".json"), result["stamp"])
     print(f"wrote {out.with_suffix('.png')}")
+
+
+# --- plots: one draw(plt, result) -> figure per PNG, titled and tagged by save_plot ---------------
+
+def stamp_line(stamp: dict) -> str:
+    """Where a result was measured, as a plot's title says it: machine (or GPU), commit, date
+    (after the stamp's "label", when it has one, e.g. which run of a merged result)."""
+    return (f"{stamp.get('label', '')}{stamp.get('gpu') or stamp['machine']}, commit {stamp['commit']}, "
+            f"{str(stamp['date'])[:10]}")
+
+
+def _code_of(draw) -> str:
+    """The source of a draw function (partials: of the function and their arguments) and of the
+    shared helpers below, so a PNG drawn by older plotting code reads as stale."""
+    import functools
+    import inspect
+
+    from madakv_vllm.evaluation import report
+
+    parts = []
+    while isinstance(draw, functools.partial):
+        parts.append(repr(sorted(draw.keywords.items())) + repr(draw.args))
+        draw = draw.func
+    helpers = (save_plot, make_figure, plot_description, stamp_line, bar_panels, label_points, report.budget_axis)
+    return "\n".join(parts + [inspect.getsource(f) for f in (draw, *helpers)])
+
+
+def plot_description(draw, source, stamp: dict | list[dict]) -> str:
+    """What a PNG's "Description" metadata says: the data file it was drawn from (with its
+    SHA-256), the plotting code's SHA-256 and the stamp. benchmarks/tables.py and the tests compare
+    it with the committed PNGs, so one drawn from other data or code fails the check."""
+    import hashlib
+    from pathlib import Path
+
+    source = Path(source).resolve()
+    try:
+        where = source.relative_to(Path(HERE).parent).as_posix()
+    except ValueError:
+        where = source.name
+    stamps = stamp if isinstance(stamp, list) else [stamp]
+    return (f"drawn from {where} "
+            f"(sha256 {hashlib.sha256(source.read_bytes()).hexdigest()[:16]}) by plotting code sha256 "
+            f"{hashlib.sha256(_code_of(draw).encode()).hexdigest()[:16]}; measured on "
+            + "; ".join(stamp_line(s) for s in stamps))
+
+
+def save_plot(draw, result, png, source, stamp: dict | list[dict]) -> str:
+    """Draw `result` with draw(plt, result), title it with the stamp(s) (machine, commit, date)
+    and write png with plot_description as metadata (no software version in it: with the same
+    matplotlib, the same data and code give the same bytes). Returns the description."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(draw, result, stamp)
+    description = plot_description(draw, source, stamp)
+    fig.savefig(png, dpi=100, metadata={"Description": description, "Software": None})
+    plt.close(fig)
+    return description
+
+
+def make_figure(draw, result, stamp: dict | list[dict]):
+    """draw(plt, result), titled "measured on" the stamp(s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stamps = stamp if isinstance(stamp, list) else [stamp]
+    fig = draw(plt, result)
+    fig.suptitle("measured on " + ("\n" if len(stamps) > 1 else "") + "\n".join(stamp_line(s) for s in stamps),
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def label_points(ax, xs, ys, fmt="{:.2f}", color=None, offset=(0, 6), fontsize=7, values=None):
+    """Write each point's value (or the matching one of `values`, e.g. in other units) next to it."""
+    for x, y, value in zip(xs, ys, values or ys):
+        if y is None:
+            continue
+        ax.annotate(fmt.format(value), (x, y), textcoords="offset points", xytext=offset, ha="center",
+                    fontsize=fontsize, color=color)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,14 +156,20 @@ def in_process_vllm_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def bar_panels(plt, rows: list[dict], panels: list[tuple[str, str]], width: float = 13):
-    """One bar chart per (key, title), bars labelled by each row's "setting"."""
+def bar_panels(plt, rows: list[dict], panels: list[tuple], width: float = 13, colors: list | None = None):
+    """One bar chart per (key, title[, format]), bars labelled by each row's "setting" and topped
+    with their values."""
     fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.5))
     labels = [r["setting"] for r in rows]
-    for ax, (key, title) in zip(axes, panels):
-        ax.bar(labels, [r[key] for r in rows])
+    for ax, (key, title, *fmt) in zip(axes, panels):
+        bars = ax.bar(labels, [r[key] for r in rows], color=colors or [f"C{i % 10}" for i in range(len(rows))])
+        ax.bar_label(bars, labels=[(fmt[0] if fmt else "{:g}").format(r[key]) for r in rows], fontsize=7,
+                     padding=2)
         ax.set(title=title)
-        ax.tick_params(axis="x", rotation=25)
+        ax.margins(y=0.12)
+        ax.tick_params(axis="x", rotation=30, labelsize=7)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
     return fig
 
 

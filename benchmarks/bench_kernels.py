@@ -166,24 +166,35 @@ def main():
                   block_size=block_size, heads=dict(q=num_q, kv=num_kv, head_dim=head_dim), window=window,
                   tuning=tuning, rows=rows)
 
-    def draw(plt):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, metric, title in ((axes[0], "score_gbps", "window scoring (one read of the keys)"),
-                                  (axes[1], "compact_gbps", "compaction (kept K+V read + written)")):
-            for name in impls:
-                pts = [(r["n"], r[metric]) for r in rows if r["impl"] == name]
-                ax.plot(*zip(*pts), marker="o", label=name)
-            if peak:
-                ax.axhline(peak / 1e9, color="grey", ls="--", label=f"{gpu} datasheet HBM")
-                ax.axhline(copy_bw / 1e9, color="grey", ls=":", label="measured copy")
-            ax.set(xscale="log", yscale="log" if device == "cuda" else "linear", xlabel="context tokens",
-                   ylabel="GB/s", title=f"{title}, {args.dtype}")
-            ax.legend(fontsize=7)
-        fig.suptitle(f"{gpu or 'CPU'}: one layer, 28/4 heads, head_dim 128, window 32", fontsize=9)
-        fig.tight_layout()
-        return fig
-
     write_results(args.out, result, draw)
+
+
+def draw(plt, result: dict):
+    """kernels.png from kernels.json: time of scoring and of compaction per implementation vs
+    context (log-log, each time written next to its point), the same numbers as the tables."""
+    from _stamp import label_points
+
+    impls = list(dict.fromkeys(r["impl"] for r in result["rows"]))
+    lengths = sorted({r["n"] for r in result["rows"]})
+    heads = result["heads"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, metric, title in ((axes[0], "score_ms", "window scoring"),
+                              (axes[1], "compact_ms", "compaction of 20 % (K+V)")):
+        for i, name in enumerate(impls):
+            if metric == "compact_ms" and name == "triton-fp32dot":  # the same compaction kernel as "triton"
+                continue
+            pts = sorted((r["n"], r[metric]) for r in result["rows"] if r["impl"] == name)
+            ax.plot(*zip(*pts), marker="o", label=name, color=f"C{i}")
+            label_points(ax, *zip(*pts), fmt="{} ms", color=f"C{i}", offset=(0, -13 if i == 1 else 7),
+                         values=[f"{ms:.3f}" if ms < 1 else f"{ms:.3g}" for _, ms in pts])  # as the tables
+        ax.set(xscale="log", yscale="log", xlabel="context tokens (one layer of one request)", ylabel="ms (log)",
+               title=f"{title}, {result['dtype']}, {result.get('gpu') or 'CPU'}")
+        ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.margins(x=0.12, y=0.2)
+        ax.legend(fontsize=7, title=f"{heads['q']}/{heads['kv']} heads, head_dim {heads['head_dim']}, "
+                                    f"window {result['window']}", title_fontsize=7)
+    return fig
 
 
 if __name__ == "__main__":

@@ -155,22 +155,39 @@ def main():
                   prompt_tokens=args.prompt, block_size=block_size, pool_model_blocks=args.pool,
                   pressure_requests=args.pressure_requests, decode=rows, pressure=pressure, memory=memory)
 
-    def draw(plt):
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        for batch in args.batches:
-            pts = [r for r in rows if r["batch"] == batch]
-            a.plot([r["groups"] for r in pts], [r["decode_ms_per_step"] for r in pts], "o-", label=f"batch {batch}")
-        a.set(xlabel="KV-cache groups", ylabel="ms per decode step", title="decode (SnapKV 20 %)", xscale="log")
-        a.legend()
-        for policy in ("madakv", "pyramidkv"):
-            pts = [r for r in pressure if r["policy"] == policy]
-            b.plot([r["groups"] for r in pts], [r["model_blocks_per_request"] for r in pts], "o-", label=policy)
-        b.set(xlabel="KV-cache groups", ylabel="model-wide blocks per request", title="memory after compaction (20 %)",
-              xscale="log")
-        b.legend()
-        return fig
-
     write_results(HERE / "results" / "layer_groups", result, draw)
+
+
+def draw(plt, result: dict):
+    """layer_groups.png from layer_groups.json: decode step time and memory per request after
+    compaction vs the number of KV-cache groups."""
+    from _stamp import label_points
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.3))
+    groups = sorted({r["groups"] for r in result["decode"]})
+    for i, batch in enumerate(sorted({r["batch"] for r in result["decode"]})):
+        pts = sorted((r for r in result["decode"] if r["batch"] == batch), key=lambda r: r["groups"])
+        xs, ys = [r["groups"] for r in pts], [r["decode_ms_per_step"] for r in pts]
+        a.plot(xs, ys, "o-", label=f"batch {batch}", color=f"C{i}")
+        label_points(a, xs, ys, "{:.0f} ms", f"C{i}", offset=(0, 7 if i else -13))
+    a.set(xlabel="KV-cache groups", ylabel="ms per decode step",
+          title=f"decode (SnapKV {result['budget']:.0%}, {result['prompt_tokens']}-token prompts)")
+    a.margins(y=0.15)
+    a.legend(fontsize=8)
+    for i, policy in enumerate(("madakv", "pyramidkv")):
+        pts = sorted((r for r in result["pressure"] if r["policy"] == policy), key=lambda r: r["groups"])
+        xs, ys = [r["groups"] for r in pts], [r["model_blocks_per_request"] for r in pts]
+        b.plot(xs, ys, "o-", label=policy, color=f"C{i}")
+        label_points(b, xs, ys, "{:.2f}", f"C{i}", offset=(0, 7 if i else -13))
+    b.set(xlabel="KV-cache groups", ylabel="model-wide blocks per request",
+          title=f"memory after compaction ({result['budget']:.0%})")
+    b.margins(y=0.15)
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.set_xscale("log")
+        ax.set_xticks(groups, [str(g) for g in groups])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+    return fig
 
 
 if __name__ == "__main__":

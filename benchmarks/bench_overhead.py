@@ -95,20 +95,38 @@ def main():
                   model="random Llama, SmolLM2-135M shapes, bf16", policy="madakv",
                   budget=args.budget, block_size=block_size, rows=rows)
 
-    def draw(plt):
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        lengths = [r["n"] for r in rows]
-        a.plot(lengths, [r["prefill_s"] * 1000 for r in rows], "o-", label="prefill")
-        a.plot(lengths, [r["eviction_s"] * 1000 for r in rows], "o-", label="scoring + compaction")
-        a.set(xlabel="prompt tokens", ylabel="ms", title="one request")
-        a.legend()
-        b.plot(lengths, [r["decode_ms_full"] for r in rows], "o-", label="full cache")
-        b.plot(lengths, [r["decode_ms_evicted"] for r in rows], "o-", label=f"madakv {args.budget:.0%}")
-        b.set(xlabel="prompt tokens", ylabel="ms / token", title="decode")
-        b.legend()
-        return fig
-
     write_results(HERE / "results" / "overhead", result, draw)
+
+
+def draw(plt, result: dict):
+    """overhead.png from overhead.json: prefill vs scoring + compaction, and decode speed, per
+    prompt length (every value written next to its point)."""
+    from _stamp import label_points
+
+    rows = result["rows"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.3))
+    lengths = [r["n"] for r in rows]
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+    prefill, eviction = [r["prefill_s"] for r in rows], [r["eviction_s"] for r in rows]
+    a.plot(lengths, prefill, "o-", label="prefill", color="C0")
+    a.plot(lengths, eviction, "o-", label="scoring + compaction", color="C1")
+    label_points(a, lengths, prefill, "{:.2f} s", "C0")
+    label_points(a, lengths, eviction, "{:.0f} ms", "C1", offset=(0, -12), values=[e * 1000 for e in eviction])
+    a.set(yscale="log", xlabel="prompt tokens", ylabel="seconds (log)", title="one request: prefill and eviction")
+    a.margins(y=0.15)
+    a.legend(fontsize=8)
+    full, evicted = [r["decode_ms_full"] for r in rows], [r["decode_ms_evicted"] for r in rows]
+    b.plot(lengths, full, "o-", label="full cache", color="C0")
+    b.plot(lengths, evicted, "o-", label=f"{result['policy']} {result['budget']:.0%}", color="C1")
+    label_points(b, lengths, full, "{:.1f}", "C0")
+    label_points(b, lengths, evicted, "{:.1f}", "C1", offset=(0, -12))
+    b.set(xlabel="prompt tokens", ylabel="ms / token", title="decode")
+    b.margins(y=0.12)
+    b.legend(fontsize=8)
+    return fig
 
 if __name__ == "__main__":
     main()

@@ -55,7 +55,7 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from _stamp import PREFIX_CACHE_NOTE, bar_panels, in_process_vllm_env, smollm2_llava, stamp, write_results
+    from _stamp import PREFIX_CACHE_NOTE, in_process_vllm_env, smollm2_llava, stamp, write_results
 
     in_process_vllm_env()
     from PIL import Image
@@ -120,12 +120,23 @@ def main():
                   max_tokens=args.max_tokens, decode_tokens=args.decode_tokens, budget=args.budget, sweep=args.sweep,
                   reference_pool=args.reference_pool, prefix_cache=PREFIX_CACHE_NOTE, rows=rows)
 
-    def draw(plt):
-        labelled = [dict(r, setting=f"{r['setting']} ({r['scenario'].split('-')[0]})") for r in rows]
-        return bar_panels(plt, labelled, [("output_tok_s", "output tok/s"), ("peak_running", "peak running requests"),
-                                          ("ttft_p95_s", "TTFT p95 (s)")], width=18)
-
     write_results(HERE / "results" / "serving", result, draw)
+
+
+def draw(plt, result: dict, settings: tuple[str, ...] | None = None):
+    """serving.png from serving.json (only the rows of `settings` when given: the README's
+    summary): output tok/s, peak running requests and TTFT p95 per scenario and setting."""
+    from _stamp import bar_panels
+
+    rows = sorted((r for r in result["rows"] if settings is None or r["setting"] in settings),
+                  key=lambda r: r["scenario"] != "prefill-heavy")  # stable: the run's order inside a scenario
+    labelled = [dict(r, setting=f"{r['setting']} ({r['scenario'].split('-')[0]})") for r in rows]
+    palette = {"stock": "0.6", "madakv": "C1", "snapkv": "C2", "streamingllm": "C3"}
+    colors = ["C0" if "pool" in r["setting"] else palette.get(r["setting"].split()[0].rstrip(","), "C4") for r in rows]
+    return bar_panels(plt, labelled, [("output_tok_s", "output tok/s", "{:.1f}"),
+                                      ("peak_running", "peak running requests", "{:d}"),
+                                      ("ttft_p95_s", "TTFT p95 (s)", "{:.1f}")], width=18 if settings is None else 12,
+                      colors=colors)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from _stamp import PREFIX_CACHE_NOTE, bar_panels, drive, in_process_vllm_env, stamp, write_results
+    from _stamp import PREFIX_CACHE_NOTE, drive, in_process_vllm_env, stamp, write_results
 
     in_process_vllm_env()
     from vllm import LLM, SamplingParams
@@ -112,11 +112,16 @@ def main():
                   requests=args.requests, frames=args.frames, frame_size=args.size, max_tokens=args.max_tokens,
                   evs_rate=args.rate, evs_skipped=skipped, rows=rows)
 
-    def draw(plt):
-        return bar_panels(plt, rows, [("prompt_blocks_held", f"prompt KV blocks held per request ({BLOCK_SIZE} tokens)"),
-                                      ("peak_running", "peak running requests"), ("output_tok_s", "output tok/s")])
-
     write_results(HERE / "results" / "video", result, draw)
+
+
+def draw(plt, result: dict):
+    """video.png from video.json: prompt blocks held, peak running requests, output tok/s."""
+    from _stamp import bar_panels
+
+    return bar_panels(plt, result["rows"], [
+        ("prompt_blocks_held", f"prompt KV blocks held per request\n(blocks of {result['block_size']} tokens)", "{:.1f}"),
+        ("peak_running", "peak running requests", "{:d}"), ("output_tok_s", "output tok/s", "{:.1f}")], width=11)
 
 
 if __name__ == "__main__":

@@ -143,26 +143,46 @@ def write(args, rows: list[dict], seconds: float | None) -> None:
             if (c := cell.get((name, b, "ALL"))) else "-" for b in args.budgets) + " |")
     print("\n".join(lines))
 
-    def draw(plt):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in names:
-            mine = [cell[(name, b, "ALL")] for b in args.budgets if (name, b, "ALL") in cell]
-            style = "--" if name in ("SnapKV", "PyramidKV", "StreamingLLM") else "-"
-            ax.errorbar([c["budget"] for c in mine], [c["score"] for c in mine], capsize=2, linestyle=style, marker="o",
-                        yerr=[[c["score"] - c["ci_low"] for c in mine], [c["ci_high"] - c["score"] for c in mine]],
-                        label=name)
-        ax.axhline(full["score"], color="gray", linestyle=":", label="full cache")
-        ax.set(xscale="log", xlabel="KV budget (ratio of the prompt)", ylabel="mean score (95 % interval)",
-               title="MadaKV ablation, SmolLM2-LLaVA judge, synthetic suite (HF path)")
-        ax.legend(fontsize=6, ncol=2)
-        return fig
-
     write_results(args.out, dict(
         stamp=stamp(), model="SmolLM2-LLaVA judge fp32 (HF reference path)", budgets=args.budgets,
         samples_per_task=n, max_new_tokens=args.max_new_tokens, seconds=None if seconds is None else round(seconds),
         rows=[dict(variant=r["policy"], budget=r["budget"] or None, task=r["task"], score=r["score"], n=r["samples"],
                    ci_low=r["ci_low"], ci_high=r["ci_high"]) for r in summary],
         markdown="\n".join(lines)), draw)
+
+
+def draw(plt, result: dict):
+    """ablation.png from ablation.json: one panel per budget, a bar per variant with its mean
+    score over the tasks, its 95 % interval and its value; the full cache as a line. The
+    reference and vLLM's default ("MPA on, HCC off, window 8") are marked."""
+    rows = [r for r in result["rows"] if r["task"] == "ALL"]
+    (full,) = [r for r in rows if r["variant"] == "full cache"]
+    tabled = [line.split(" | ")[0][2:] for line in result["markdown"].splitlines()[4:] if line.startswith("| ")]
+    names = [name for name in tabled if name != "variant"] or [  # the table's order
+        name for name in dict.fromkeys(r["variant"] for r in rows) if name != "full cache"]
+    budgets = result["budgets"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(14, 5), sharey=True)
+    for ax, budget in zip(axes, budgets):
+        cells = {r["variant"]: r for r in rows if r["budget"] == budget}
+        ys = range(len(names))
+        scores = [cells[n]["score"] if n in cells else 0 for n in names]
+        colors = ["C2" if n == "MPA on, HCC off, window 8" else "C1" if n == REFERENCE else "C0" for n in names]
+        ax.barh(ys, scores, color=colors, alpha=0.85, xerr=[
+            [cells[n]["score"] - cells[n]["ci_low"] if n in cells else 0 for n in names],
+            [cells[n]["ci_high"] - cells[n]["score"] if n in cells else 0 for n in names]], capsize=2,
+            error_kw={"elinewidth": 0.8})
+        for y, name in zip(ys, names):
+            ax.text(0.02, y, f"{cells[name]['score']:.2f}" if name in cells else "not run", va="center",
+                    fontsize=7, color="white" if name in cells and cells[name]["score"] > 0.12 else "black")
+        ax.axvline(full["score"], color="gray", linestyle=":")
+        ax.set(xlim=(0, 1), title=f"budget {budget:.0%}", xlabel="mean score (95 % interval)")
+        ax.text(full["score"], len(names) - 0.4, f"full cache {full['score']:.2f}", fontsize=7, ha="right",
+                color="gray")
+    axes[0].set_yticks(list(range(len(names))), names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.text(0.01, 0.01, f"{result['model']}; {result['samples_per_task']} samples per task; orange: the "
+                         f"reference ({REFERENCE}, window 32), green: what vLLM runs by default", fontsize=7)
+    return fig
 
 
 if __name__ == "__main__":

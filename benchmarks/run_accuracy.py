@@ -72,6 +72,19 @@ def main():
     (Path(args.out) / "table.md").write_text(f"`{command}` ({note}; score with its 95 % interval):\n\n{table}")
     print(table)
     merge_results()
+    redraw_plots(Path(args.out))
+
+
+def redraw_plots(out: Path) -> None:
+    """The committed plots drawn from this run (its scores.png, the README's summary), titled with
+    the stamp table.md now names; the tables follow with `python benchmarks/tables.py`."""
+    from tables import PLOTS, ROOT, draw_plot
+
+    sources = {(out.resolve() / "accuracy.json"), RESULTS / "accuracy.json"}
+    for png, plot in PLOTS.items():
+        if (ROOT / plot.source).resolve() in sources:
+            draw_plot(png)
+            print(f"drew {png}")
 
 
 def merge_results() -> None:
@@ -137,7 +150,7 @@ def write_summary(out: Path, rows: list[dict]) -> None:
 
 
 def run_vllm(args, model: Path, data: Path) -> None:
-    from madakv_vllm.demo import free_port, wait_ready
+    from madakv_vllm.http_client import free_port, wait_ready
 
     port = free_port()
     vllm = Path(sys.executable).with_name("vllm")

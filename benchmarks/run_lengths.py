@@ -66,20 +66,33 @@ def main():
     order = {name: i for i, name in enumerate(["1k", "2k", "4k", "8k"])}
     rows.sort(key=lambda r: (r["task"], order.get(r["length"], 9)))
 
-    def draw(plt):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for task in sorted({r["task"] for r in rows}):
-            mine = [r for r in rows if r["task"] == task]
-            ax.errorbar([r["tokens"] for r in mine], [r["score"] for r in mine], marker="o", capsize=3, label=task,
-                        yerr=[[r["score"] - r["ci_low"] for r in mine], [r["ci_high"] - r["score"] for r in mine]])
-        ax.axhline(0.8, color="gray", linestyle=":", label="0.8")
-        ax.set(xscale="log", xlabel="prompt tokens", ylabel="full-cache score (95 % interval)", ylim=(0, 1.02),
-               title="SmolLM2-LLaVA judge vs prompt length (HF path)")
-        ax.legend(fontsize=8)
-        return fig
-
     write_results(OUT, dict(stamp=stamp(), model="SmolLM2-LLaVA fp32 (HF reference path, full cache)",
                             max_new_tokens=args.max_new_tokens, seconds=seconds, rows=rows), draw)
+
+
+def draw(plt, result: dict):
+    """lengths.png from lengths.json: full-cache score (95 % interval, n) per task vs prompt length."""
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, task in enumerate(sorted({r["task"] for r in rows})):
+        mine = sorted((r for r in rows if r["task"] == task), key=lambda r: r["tokens"])
+        ax.errorbar([r["tokens"] for r in mine], [r["score"] for r in mine], marker="o", capsize=3, label=task,
+                    color=f"C{i}", yerr=[[r["score"] - r["ci_low"] for r in mine],
+                                         [r["ci_high"] - r["score"] for r in mine]])
+        for r in mine:
+            ax.annotate(f"{r['score']:.2f} (n={r['n']})", (r["tokens"], r["score"]), textcoords="offset points",
+                        xytext=(-7, -11) if i % 2 else (7, 4), ha="right" if i % 2 else "left", fontsize=7,
+                        color=f"C{i}")
+    ax.axhline(0.8, color="gray", linestyle=":", label="0.8")
+    lengths = sorted({r["length"]: r["tokens"] for r in rows}.items(), key=lambda kv: kv[1])
+    ax.set_xscale("log")
+    ax.set_xticks([t for _, t in lengths], [f"{name} (~{t})" for name, t in lengths])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.set(xlabel="prompt length (tokens)", ylabel="full-cache score (95 % interval)", ylim=(-0.05, 1.08),
+           title="SmolLM2-LLaVA judge vs prompt length (HF path)")
+    ax.margins(x=0.25)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
 
 
 if __name__ == "__main__":

@@ -1,20 +1,39 @@
-"""The README's result tables, rendered from what the benchmark commands wrote:
+"""The result tables and plots of README.md and docs/*.md, rendered from what the benchmark
+commands wrote to benchmarks/results/ (stamped JSON):
 
-    python benchmarks/tables.py [NAME ...]   # print them (all when no NAME is given)
-    python benchmarks/tables.py --readme     # refresh README.md
+    python benchmarks/tables.py              # refresh every marked table and redraw every plot
+    python benchmarks/tables.py --readme     # the same (the older name)
+    python benchmarks/tables.py --check      # change nothing; exit 1 naming what is stale
+    python benchmarks/tables.py --print [NAME ...]   # print tables (all when no NAME is given)
 
-Each table comes with the command that regenerates its numbers and the machine they ran on.
-In README.md a table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`.
+Each table comes with the command that regenerates its numbers and the machine they ran on. In
+README.md and docs/*.md a table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`.
+Each plot (PLOTS) is drawn from its JSON by the benchmark's own draw function, titled with the
+JSON's stamp (machine, commit, date) and tagged with a "Description" naming the data and code it
+was drawn from, which tests/test_readme.py compares with the committed PNGs.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-RESULTS = Path(__file__).resolve().parent / "results"
-README = RESULTS.parent.parent / "README.md"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+README = ROOT / "README.md"
+for path in (HERE, ROOT):  # the benchmarks' modules (their draw functions) and madakv_vllm
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+
+def pages() -> list[Path]:
+    """The pages whose marked tables this script keeps: README.md and every docs/*.md."""
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _load(name: str) -> dict | None:
@@ -151,37 +170,359 @@ def layer_buckets(r: dict) -> str:
         ["setting"] + tasks, [[name(*setting)] + [cell(setting, task) for task in tasks] for setting in settings])
 
 
+def _run_stamp(run: str) -> dict | None:
+    """The stamp of an accuracy run (benchmarks/results/RUN/): machine, commit and date as its
+    table.md caption names them (run_accuracy.py writes them there from _stamp.stamp())."""
+    path = RESULTS / run / "table.md"
+    if not path.is_file():
+        return None
+    found = re.search(r", ([^,]+, \d+ cores), commit (\w+), (\d{4}-\d\d-\d\d)", path.read_text().splitlines()[0])
+    return dict(zip(("machine", "commit", "date"), found.groups())) if found else None
+
+
+def _interval(row: dict) -> str:
+    return f"{row['score']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+
+
+BASELINES = ("snapkv", "pyramidkv", "lookm", "streamingllm", "h2o")
+GLANCE_BUDGETS = (0.1, 0.2, 0.5)
+
+
+def _glance_cells(rows: list[dict]) -> list[tuple[float, dict, dict, dict]]:
+    """Per budget of GLANCE_BUDGETS: (budget, full cache, MadaKV, best baseline), means over the
+    tasks. MadaKV and the full cache as vLLM served them (the HF path's when vLLM has none), the
+    baseline with the highest mean at that budget (the HF path ran them)."""
+    mean = [r for r in rows if r["task"] == "ALL"]
+
+    def pick(policy, budget=None):
+        for setting in ("endpoint", "hf"):
+            for r in mean:
+                if r["setting"] == setting and r["policy"] == policy and r["budget"] == budget:
+                    return r
+        return None
+
+    full = pick("none")
+    cells = []
+    for budget in GLANCE_BUDGETS:
+        baselines = [r for r in mean if r["policy"] in BASELINES and r["budget"] == budget]
+        if full and pick("madakv", budget) and baselines:
+            cells.append((budget, full, pick("madakv", budget), max(baselines, key=lambda r: r["score"])))
+    return cells
+
+
+def _glance_stamps() -> list[dict]:
+    stamps = [dict(s, label=label) for run, label in (("accuracy-vllm", "vLLM rows: "), ("accuracy", "HF rows: "))
+              if (s := _run_stamp(run))]
+    return stamps
+
+
+def accuracy_glance(rows: list) -> str | None:
+    """README's accuracy summary: full cache, MadaKV and the best baseline at 10 / 20 / 50 %."""
+    cells = _glance_cells(rows)
+    if not cells:
+        return None
+    served = {m["setting"] for _, _, m, _ in cells} == {"endpoint"}
+    n = cells[0][1]["n"]
+    runs = "; ".join(f"{s['label']}{s['machine']}, commit {s['commit']}, {s['date']}" for s in _glance_stamps())
+    return _markdown(
+        f"`python benchmarks/run_accuracy.py` and `--hf` ({runs}): mean score of the SmolLM2-LLaVA judge over the "
+        f"four synthetic tasks, n = {n} per cell, with its Wilson 95 % interval; MadaKV and the full cache "
+        f"{'served by vLLM (`--kv-eviction madakv`, its defaults)' if served else 'on the HF path'}, the best "
+        "baseline (highest mean of SnapKV, PyramidKV, LOOK-M, StreamingLLM at that budget) from the HF path on "
+        "the same samples:",
+        ["KV budget", "full cache", "MadaKV (vLLM)", "best baseline (HF path)"],
+        [[f"{budget:.0%}", _interval(full), _interval(madakv), f"{best['policy']} {_interval(best)}"]
+         for budget, full, madakv, best in cells])
+
+
+def _glance_settings(r: dict) -> tuple[str, ...]:
+    return ("stock", f"madakv {r['budget']:.0%}", f"stock, {r['reference_pool']}x KV pool")
+
+
+def serving_glance(r: dict) -> str:
+    """README's serving summary: stock, MadaKV and stock with the big pool, both scenarios."""
+    rows = [row for row in r["rows"] if row["setting"] in _glance_settings(r)]
+    return _markdown(
+        f"`python benchmarks/bench_serving.py` ({_where(r)}; {r['model']}, {r['requests']} concurrent requests "
+        f"with {r['images_per_request']} images, {r['kv_blocks']} KV blocks of {r['block_size']} tokens, the big "
+        f"pool {r['reference_pool']}x that; prefill-heavy: {r['max_tokens']} output tokens, decode-heavy: "
+        f"{r['decode_tokens']}; one run per setting, so no interval):",
+        ["scenario", "setting", "output tok/s (vs stock)", "peak running", "TTFT p50 / p95"],
+        [[row["scenario"], row["setting"], f"{row['output_tok_s']:.1f} ({row['output_tok_s_vs_stock']:.2f}x)",
+          row["peak_running"], f"{row['ttft_p50_s']:.1f} / {row['ttft_p95_s']:.1f} s"]
+         for row in sorted(rows, key=lambda row: row["scenario"] != "prefill-heavy")])
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _kernel_caption(r: dict) -> str:
+    h = r["heads"]
+    return (f"{r['dtype']}, {h['q']} query / {h['kv']} KV heads, head_dim {h['head_dim']}, window {r['window']}, "
+            f"block size {r['block_size']}, {r['layout']} layout, one layer of one request, 20 % kept")
+
+
+def kernels(r: dict) -> str:
+    """The torch path of the kernels on the CPU that ran benchmarks/results/kernels.json."""
+    return _markdown(
+        f"`python benchmarks/bench_kernels.py` ({_where(r)}; {_kernel_caption(r)}):",
+        ["tokens", "scoring, torch", "compaction, torch"],
+        [[_tokens(row["n"]), f"{row['score_ms']:.1f} ms", f"{row['compact_ms']:.2f} ms"]
+         for row in r["rows"] if row["impl"] == "torch"])
+
+
+def kernels_h200(r: dict) -> str:
+    """Both paths on a GPU: benchmarks/results/kernels_h200.json."""
+    def cell(n, impl, key, pct=False):
+        (row,) = [x for x in r["rows"] if x["n"] == n and x["impl"] == impl]
+        ms = row[f"{key}_ms"]
+        text = f"{ms:.3f} ms" if ms < 1 else f"{ms:.3g} ms"
+        if pct and key == "score":
+            text += f" ({row['score_pct_peak']:.1f} % of peak)"
+        elif pct:
+            text += (f" ({row['compact_pct_peak']:.0f} % of peak, "
+                     f"{100 * row['compact_gbps'] / r['copy_gbps']:.0f} % of the copy)")
+        return text
+
+    lengths = sorted({row["n"] for row in r["rows"]})
+    return _markdown(
+        f"`bash scripts/device_check.sh`, which runs `python benchmarks/bench_kernels.py` ({_where(r)}, "
+        f"{r['stamp']['machine']}, triton {r['stamp'].get('triton')}; datasheet HBM {r['peak_hbm_gbps']:.0f} GB/s, "
+        f"a device-to-device copy measured {r['copy_gbps']:.0f} GB/s; {_kernel_caption(r)}; every time from "
+        "`triton.testing.do_bench` with L2 flushed; % of peak counts one read of the keys for scoring, the kept "
+        "keys and values read and written for compaction):",
+        ["tokens", "scoring, Triton", "scoring, torch reference", "scoring, Triton with fp32 dots",
+         "compaction of 20 %, Triton"],
+        [[_tokens(n), cell(n, "triton", "score", True), cell(n, "torch", "score"), cell(n, "triton-fp32dot", "score"),
+          cell(n, "triton", "compact", True)] for n in lengths])
+
+
+def stress(r: dict) -> str:
+    """The randomized engine run: benchmarks/results/stress.json."""
+    e, rep, ev = r["engine"], r["report"], r["eviction"]
+    return _markdown(
+        f"`python benchmarks/stress_engine.py` ({_where(r)}, {rep['seconds']:.0f} s, {rep['steps']} engine steps; "
+        f"tiny random Qwen2-VL ({e['dtype']}), {e['num_gpu_blocks_override']} KV blocks of {e['block_size']} tokens, "
+        f"prefill chunks of {e['max_num_batched_tokens']} tokens, up to {e['max_num_seqs']} requests running, "
+        f"engine default {ev['policy']} at {ev['budget']:.0%} with window {ev['window']}, each request's own "
+        f"policy, budget and window drawn at random; seed {r['seed']}; verdict: {'pass' if r['ok'] else 'FAIL'}):",
+        ["requests", "finished", "aborted", "refused (a server's HTTP 400)", "forced preemptions", "compactions",
+         "solo reruns equal", "finished but not compared (decoded with the full cache first)", "leaks"],
+        [[rep["requests"], rep["finished"], rep["aborted"], rep["rejected"], rep["forced_preemptions"],
+          rep["compactions"], f"{rep['solo_equal']} of {rep['solo_compared']}", rep["decoded_with_full_cache"],
+          len(rep["leaks"]) or "none"]])
+
+
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
-          "ablation": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets}
+          "ablation": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
+          "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
+          "kernels_h200": kernels_h200, "stress": stress}
+# the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
+TABLE_SOURCES = {"accuracy": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
 
 def render(name: str) -> str:
     if name not in TABLES:
         sys.exit(f"tables.py: unknown table {name!r}; choose from {', '.join(TABLES)}")
-    result = None if name == "accuracy" else _load(name)
-    text = TABLES[name](result) if (result is not None or name == "accuracy") else None
+    source = TABLE_SOURCES.get(name, name)
+    result = _load(source) if source else None
+    text = TABLES[name](result) if (result is not None or source is None) else None
     return text or f"(no results yet: run the {name} benchmark)"
 
 
-def refresh_readme(path: Path = README) -> list[str]:
-    """Replace every marked table in the README with its current rendering; returns their names."""
-    text, found = path.read_text(), []
+MARKED = re.compile(r"<!-- table:(\w+) -->\n(?:(.*?)\n)?<!-- /table:\1 -->", re.S)  # an empty block: a new one
 
-    def replace(match):
-        found.append(match.group(1))
-        return f"<!-- table:{match.group(1)} -->\n{render(match.group(1))}\n<!-- /table:{match.group(1)} -->"
 
-    path.write_text(re.sub(r"<!-- table:(\w+) -->.*?<!-- /table:\1 -->", replace, text, flags=re.S))
+def marked_tables(path: Path) -> list[tuple[str, str]]:
+    """(name, body) of every marked table on a page."""
+    return [(match.group(1), match.group(2) or "") for match in MARKED.finditer(path.read_text())]
+
+
+def refresh_tables(paths: list[Path] | None = None) -> dict[str, list[str]]:
+    """Replace every marked table on the pages (default: README.md and docs/*.md) with its current
+    rendering; returns the names found per page."""
+    found = {}
+    for path in paths or pages():
+        names = []
+
+        def replace(match):
+            names.append(match.group(1))
+            return f"<!-- table:{match.group(1)} -->\n{render(match.group(1))}\n<!-- /table:{match.group(1)} -->"
+
+        text = path.read_text()
+        new = MARKED.sub(replace, text)
+        if new != text:
+            path.write_text(new)
+        if names:
+            found[path.name] = names
     return found
 
 
+def refresh_readme(path: Path = README) -> list[str]:
+    """The README's marked tables only (kept for older callers)."""
+    return refresh_tables([path]).get(path.name, [])
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plot:
+    """A committed PNG, the JSON it is drawn from and the function that draws it."""
+    source: str  # path of the JSON, relative to the repository root
+    draw: Callable[[], Callable]  # returns draw(plt, result) (imported late: matplotlib only when drawing)
+    stamp: Callable[[object], dict | list[dict]] = lambda result: result["stamp"]
+
+
+def _module_draw(module: str, **keywords) -> Callable[[], Callable]:
+    def get():
+        import importlib
+
+        draw = importlib.import_module(module).draw
+        return functools.partial(draw, **keywords) if keywords else draw
+    return get
+
+
+def _scores_draw(kept: str) -> Callable[[], Callable]:
+    def get():
+        from madakv_vllm.evaluation.report import draw_scores
+
+        return functools.partial(draw_scores, kept=kept)
+    return get
+
+
+def draw_accuracy_glance(plt, rows: list):
+    """accuracy-glance.png from accuracy.json: the accuracy_glance table as bars with intervals."""
+    cells = _glance_cells(rows)
+    fig, ax = plt.subplots(figsize=(8, 4.3))
+    width = 0.38
+    full = cells[0][1]
+    ax.axhspan(full["ci_low"], full["ci_high"], color="gray", alpha=0.15)
+    ax.axhline(full["score"], color="gray", linestyle="--", label=f"full cache {_interval(full)}")
+    for i, (budget, _, madakv, best) in enumerate(cells):
+        for offset, row, color, name in ((-width / 2, madakv, "C1", "MadaKV (vLLM)"),
+                                         (width / 2, best, "C0", f"best baseline (HF path): {best['policy']}")):
+            bar = ax.bar(i + offset, row["score"], width, color=color,
+                         yerr=[[row["score"] - row["ci_low"]], [row["ci_high"] - row["score"]]], capsize=3,
+                         label=name if i == 0 or name not in ax.get_legend_handles_labels()[1] else None)
+            ax.bar_label(bar, labels=[f"{row['score']:.2f}"], label_type="center", fontsize=8, color="white")
+            if row["policy"] != "madakv":
+                ax.text(i + offset, 0.02, row["policy"], ha="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(cells)), [f"{budget:.0%} of the KV" for budget, *_ in cells])
+    ax.set(ylim=(0, 1.05), ylabel=f"mean score, n = {full['n']} (95 % interval)",
+           title="accuracy at a glance: SmolLM2-LLaVA judge, synthetic suite")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+    return fig
+
+
+PLOTS = {
+    "benchmarks/results/overhead.png": Plot("benchmarks/results/overhead.json", _module_draw("bench_overhead")),
+    "benchmarks/results/serving.png": Plot("benchmarks/results/serving.json", _module_draw("bench_serving")),
+    "benchmarks/results/serving-glance.png": Plot(
+        "benchmarks/results/serving.json",
+        lambda: functools.partial(_module_draw("bench_serving")(),
+                                  settings=_glance_settings(json.loads((RESULTS / "serving.json").read_text())))),
+    "benchmarks/results/video.png": Plot("benchmarks/results/video.json", _module_draw("bench_video")),
+    "benchmarks/results/layer_groups.png": Plot("benchmarks/results/layer_groups.json",
+                                                _module_draw("bench_layer_groups")),
+    "benchmarks/results/kernels_h200.png": Plot("benchmarks/results/kernels_h200.json", _module_draw("bench_kernels")),
+    "benchmarks/results/lengths.png": Plot("benchmarks/results/lengths.json", _module_draw("run_lengths")),
+    "benchmarks/results/ablation.png": Plot("benchmarks/results/ablation.json", _module_draw("run_ablation")),
+    "benchmarks/results/accuracy-glance.png": Plot("benchmarks/results/accuracy.json",
+                                                   lambda: draw_accuracy_glance, lambda _: _glance_stamps()),
+    **{f"benchmarks/results/{run}/scores.png": Plot(
+        f"benchmarks/results/{run}/accuracy.json", _scores_draw(kept),
+        functools.partial(lambda _, run: _run_stamp(run), run=run))
+       for run, kept in (("accuracy", "the policy's own kept share"), ("accuracy-vllm", "server counters"),
+                         ("accuracy-vllm-window32", "server counters"))},
+}
+
+
+def _plot_inputs(png: str):
+    plot = PLOTS[png]
+    result = json.loads((ROOT / plot.source).read_text())
+    return plot.draw(), result, plot.stamp(result)
+
+
+def plot_description(png: str) -> str:
+    """The "Description" the PNG must carry: drawn from its JSON as it is now, by today's code."""
+    from _stamp import plot_description as describe
+
+    draw, result, stamp = _plot_inputs(png)
+    return describe(draw, ROOT / PLOTS[png].source, stamp)
+
+
+def figure(png: str):
+    """One of PLOTS as a matplotlib figure, titled with its stamp (not saved)."""
+    from _stamp import make_figure
+
+    draw, result, stamp = _plot_inputs(png)
+    return make_figure(draw, result, stamp)
+
+
+def draw_plot(png: str, out: Path | None = None) -> str:
+    """Draw one of PLOTS from its JSON (to `out`, default: its committed place); returns its description."""
+    from _stamp import save_plot
+
+    draw, result, stamp = _plot_inputs(png)
+    return save_plot(draw, result, out or ROOT / png, ROOT / PLOTS[png].source, stamp)
+
+
+def embedded_plots() -> dict[str, list[str]]:
+    """PNG (relative to the repository root) -> the pages that embed it, over README.md and docs/*.md."""
+    found: dict[str, list[str]] = {}
+    for page in pages():
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+\.png)\)", page.read_text()):
+            png = (page.parent / target).resolve().relative_to(ROOT).as_posix()
+            found.setdefault(png, []).append(page.relative_to(ROOT).as_posix())
+    return found
+
+
+def _png_description(path: Path) -> str | None:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.text.get("Description")
+
+
+def stale() -> list[str]:
+    """What `python benchmarks/tables.py` would change: tables that differ from their rendering,
+    tables no page shows, plots whose PNG was drawn from other data or code."""
+    problems, shown = [], []
+    for page in pages():
+        for name, body in marked_tables(page):
+            shown.append(name)
+            if body != render(name):
+                problems.append(f"{page.relative_to(ROOT)}: table {name} is stale")
+    problems += [f"table {name} is on no page" for name in TABLES if name not in shown]
+    problems += [f"table {name} is on {shown.count(name)} pages" for name in TABLES if shown.count(name) > 1]
+    for png in PLOTS:
+        if not (ROOT / png).is_file() or _png_description(ROOT / png) != plot_description(png):
+            problems.append(f"{png} is stale")
+    problems += [f"{png} (on {', '.join(on)}) has no JSON source in tables.PLOTS"
+                 for png, on in embedded_plots().items() if png not in PLOTS]
+    return problems
+
+
 def main(argv=None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if args == ["--readme"]:
-        print(f"refreshed in {README.name}: {', '.join(refresh_readme()) or 'no marked tables'}")
+    args = list(argv if argv is not None else sys.argv[1:])
+    if args[:1] == ["--print"] or (args and not args[0].startswith("-")):
+        for name in [a for a in args if a != "--print"] or list(TABLES):
+            print(f"### {name}\n\n{render(name)}\n")
         return 0
-    for name in args or list(TABLES):
-        print(f"### {name}\n\n{render(name)}\n")
+    if args == ["--check"]:
+        problems = stale()
+        print("\n".join(problems) or "every table and plot is up to date")
+        return 1 if problems else 0
+    if args not in ([], ["--readme"]):
+        sys.exit(__doc__)
+    for page, names in refresh_tables().items():
+        print(f"tables in {page}: {', '.join(names)}")
+    for png in PLOTS:
+        draw_plot(png)
+        print(f"drew {png}")
     return 0
 
 

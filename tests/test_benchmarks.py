@@ -16,6 +16,38 @@ def test_kernel_benchmark_writes_stamped_results(tmp_path):
     (row,) = result["rows"]
     assert row["n"] == 512 and row["impl"] == "torch"
     assert row["score_gbps"] > 0 and row["compact_gbps"] > 0
+    # its plot, drawn by the same function tables.py redraws the committed ones with, says what it shows
+    from PIL import Image
+
+    with Image.open(out.with_suffix(".png")) as image:
+        description = image.text["Description"]
+    assert description.startswith("drawn from kernels.json (sha256 ")
+    assert description.endswith(f"commit {result['stamp']['commit']}, {result['stamp']['date'][:10]}")
+
+
+def test_each_plot_has_one_draw_function_that_tables_py_uses():
+    """Every benchmark draws its PNG with one module-level draw(plt, result) (no copy inside main),
+    and benchmarks/tables.py redraws the committed PNGs with those same functions."""
+    import functools
+    import importlib
+    import re
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tables
+
+    used = set()
+    for png in tables.PLOTS:
+        draw = tables.PLOTS[png].draw()
+        while isinstance(draw, functools.partial):
+            draw = draw.func
+        used.add(f"{draw.__module__}.{draw.__name__}")
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        source = path.read_text()
+        assert not re.search(r"^[ \t]+def draw\(", source, re.M), f"{path.name} draws inside a function"
+        if re.search(r"^def draw\(plt, result", source, re.M):
+            module = importlib.import_module(path.stem)
+            assert f"{module.__name__}.draw" in used, f"{path.name}: no committed plot is drawn by its draw()"
+    assert "madakv_vllm.evaluation.report.draw_scores" in used
 
 
 def test_accuracy_summary_of_a_stopped_run_has_n_and_intervals(tmp_path):

@@ -74,8 +74,63 @@ def results_rows(summary: list[dict], setting: str) -> list[dict]:
                  kv_kept=r["kv_kept"] if r["kv_kept"] != "" else None) for r in summary]
 
 
+def budget_axis(ax, budgets) -> None:
+    """A log x axis of KV budgets (ratios of the prompt) ticked at the budgets and labelled as
+    percentages (5 %, 10 %, ...), not as powers of ten."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(budgets))))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x * 100:.3g} %"))
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def draw_scores(plt, summary: list[dict], kept: str = "server counters"):
+    """The figure of `plot`: mean score (with its interval, each value written next to its point)
+    and KV kept vs budget per policy. `summary` rows are summarize()'s or results_rows()' (no
+    budget or KV kept: "" or None)."""
+    overall = [r for r in summary if r["task"] == "ALL"]
+    measured = any(r["kv_kept"] not in ("", None) for r in overall if r["policy"] != "none")
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(13 if measured else 7, 4.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]} if measured else None)
+    budgets = sorted({r["budget"] for r in overall if r["policy"] != "none"})
+    for i, policy in enumerate(sorted({r["policy"] for r in overall} - {"none"})):
+        mine = sorted((r for r in overall if r["policy"] == policy), key=lambda r: r["budget"])
+        xs, scores = [r["budget"] for r in mine], [r["score"] for r in mine]
+        errors = [[s - r["ci_low"] for s, r in zip(scores, mine)], [r["ci_high"] - s for s, r in zip(scores, mine)]]
+        axes[0][0].errorbar(xs, scores, yerr=errors, marker="o", capsize=3, label=policy, color=f"C{i}")
+        for x, score in zip(xs, scores):  # each value beside its point, on the policy's side
+            axes[0][0].annotate(f"{score:.2f}", (x, score), textcoords="offset points", fontsize=6.5,
+                                xytext=(9 if i % 2 else -9, 0), ha="left" if i % 2 else "right", va="center",
+                                color=f"C{i}")
+        if measured:
+            axes[0][1].plot(xs, [r["kv_kept"] or 1.0 for r in mine], marker="o", label=policy, color=f"C{i}")
+    for r in overall:
+        if r["policy"] == "none":
+            axes[0][0].axhline(r["score"], color="gray", linestyle="--",
+                               label=f"full cache {r['score']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]")
+            axes[0][0].axhspan(r["ci_low"], r["ci_high"], color="gray", alpha=0.15)
+    budget_axis(axes[0][0], budgets)
+    axes[0][0].set(xlabel="KV budget (share of the prompt)", ylabel="mean score over the tasks (95 % interval)",
+                   title="score vs budget", ylim=(-0.03, 1.05))
+    axes[0][0].margins(x=0.08)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    if measured:
+        kept_values = sorted({r["kv_kept"] or 1.0 for r in overall if r["policy"] != "none"})
+        axes[0][1].axhline(1.0, color="gray", linestyle="--", label="full cache")
+        budget_axis(axes[0][1], budgets)
+        axes[0][1].set_yscale("log")
+        axes[0][1].set_yticks(kept_values + [1.0], [f"{k * 100:.3g} %" for k in kept_values + [1.0]])
+        axes[0][1].yaxis.set_minor_locator(plt.NullLocator())
+        axes[0][1].set(xlabel="KV budget (share of the prompt)", ylabel=f"prompt KV kept ({kept})",
+                       title="memory vs budget")
+        axes[0][1].legend(fontsize=7)
+    return fig
+
+
 def plot(summary: list[dict], path: Path, kept: str = "server counters") -> bool:
-    """Score (with intervals) and KV kept vs budget; `kept` says where the kept share was measured."""
+    """Score (with intervals) and KV kept vs budget; `kept` says where the kept share was measured.
+    (benchmarks/tables.py redraws the committed plots with draw_scores, titled with their stamp.)"""
     try:
         import matplotlib
 
@@ -83,28 +138,8 @@ def plot(summary: list[dict], path: Path, kept: str = "server counters") -> bool
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    overall = [r for r in summary if r["task"] == "ALL"]
-    measured = any(r["kv_kept"] != "" for r in overall)
-    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(11 if measured else 6, 4), squeeze=False)
-    for policy in sorted({r["policy"] for r in overall} - {"none"}):
-        mine = sorted((r for r in overall if r["policy"] == policy), key=lambda r: r["budget"])
-        scores = [r["score"] for r in mine]
-        errors = [[s - r["ci_low"] for s, r in zip(scores, mine)], [r["ci_high"] - s for s, r in zip(scores, mine)]]
-        axes[0][0].errorbar([r["budget"] for r in mine], scores, yerr=errors, marker="o", capsize=3, label=policy)
-        if measured:
-            axes[0][1].plot([r["budget"] for r in mine], [r["kv_kept"] or 1.0 for r in mine], marker="o", label=policy)
-    for r in overall:
-        if r["policy"] == "none":
-            axes[0][0].axhline(r["score"], color="gray", linestyle="--", label="full cache")
-            axes[0][0].axhspan(r["ci_low"], r["ci_high"], color="gray", alpha=0.15)
-    axes[0][0].set(xscale="log", xlabel="KV budget (ratio of the prompt)", ylabel="mean score (95 % interval)",
-                   title="score vs budget")
-    axes[0][0].legend()
-    if measured:
-        axes[0][1].axhline(1.0, color="gray", linestyle="--", label="full cache")
-        axes[0][1].set(xscale="log", yscale="log", xlabel="KV budget (ratio of the prompt)",
-                       ylabel=f"prompt KV kept ({kept})", title="memory vs budget")
-        axes[0][1].legend()
+    fig = draw_scores(plt, summary, kept)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     return True
