@@ -51,6 +51,7 @@ def main():
     from vllm import LLM, SamplingParams
 
     from madakv_vllm.vllm.protocol import plans_of
+    from madakv_vllm.vllm.requests import CONFIG_KEY, LAYER_GROUPS_KEY
 
     model = build_model(HERE / ".models" / "smollm2-shaped-random", 4096)
     num_layers = 30
@@ -65,8 +66,8 @@ def main():
                            skip_tokenizer_init=True, enable_prefix_caching=False, max_model_len=4096,
                            max_num_seqs=max_seqs, max_num_batched_tokens=8192, seed=0, block_size=128,
                            num_gpu_blocks_override=pool * groups if pool else None,
-                           additional_config={"kv_eviction": {"policy": "snapkv", "budget": args.budget},
-                                              "kv_eviction_layer_groups": groups})
+                           additional_config={CONFIG_KEY: {"policy": "snapkv", "budget": args.budget},
+                                              LAYER_GROUPS_KEY: groups})
             self.engine = self.llm.llm_engine
             self.scheduler = self.engine.engine_core.engine_core.scheduler
             self.plans, schedule = [], self.scheduler.schedule

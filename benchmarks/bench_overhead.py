@@ -55,12 +55,14 @@ def main():
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
+    from madakv_vllm.vllm.requests import CONFIG_KEY
+
     max_len = max(args.lengths) + 256
     model = build_model(HERE / ".models" / "smollm2-shaped-random", max_len)
     llm = LLM(model=str(model), dtype="bfloat16", enforce_eager=True, distributed_executor_backend="uni",
               skip_tokenizer_init=True, enable_prefix_caching=False, max_model_len=max_len,
               max_num_seqs=1, seed=0,
-              additional_config={"kv_eviction": {"policy": "madakv", "budget": args.budget}})
+              additional_config={CONFIG_KEY: {"policy": "madakv", "budget": args.budget}})
     core = llm.llm_engine.engine_core.engine_core
     scheduler = core.scheduler
     worker = core.model_executor.driver_worker.worker.model_runner.kv_eviction

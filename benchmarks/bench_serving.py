@@ -61,6 +61,8 @@ def main():
     from PIL import Image
     from vllm import LLM, SamplingParams
 
+    from madakv_vllm.vllm.requests import CONFIG_KEY, XARG_BUDGET, XARG_POLICY
+
     model = smollm2_llava()
 
     def engine(blocks: int):
@@ -68,7 +70,7 @@ def main():
                    max_model_len=4096, max_num_seqs=args.requests, num_gpu_blocks_override=blocks,
                    block_size=args.block_size,
                    limit_mm_per_prompt={"image": 8}, seed=0,
-                   additional_config={"kv_eviction": {"policy": "madakv", "budget": args.budget}})
+                   additional_config={CONFIG_KEY: {"policy": "madakv", "budget": args.budget}})
 
     colors = ["red", "green", "blue", "yellow", "purple", "orange", "gray", "white"]
     sentence = "The weather was mild and the market in the old town was busy all day. "
@@ -81,8 +83,8 @@ def main():
         prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
     scenarios = [("prefill-heavy", args.max_tokens)] + ([("decode-heavy", args.decode_tokens)]
                                                          if args.decode_tokens else [])
-    policies = [(f"{p} {args.budget:.0%}", {"kv_eviction": p}) for p in args.policies]
-    sweep = [(f"madakv {b:.0%}", {"kv_eviction": "madakv", "kv_eviction_budget": b})
+    policies = [(f"{p} {args.budget:.0%}", {XARG_POLICY: p}) for p in args.policies]
+    sweep = [(f"madakv {b:.0%}", {XARG_POLICY: "madakv", XARG_BUDGET: b})
              for b in sorted(args.sweep) if b != args.budget]
 
     def measure(llm, label, scenario, max_tokens, xargs):
@@ -95,19 +97,19 @@ def main():
 
     rows = []
     llm = engine(args.blocks)
-    run(llm, prompts[:1], SamplingParams(max_tokens=2, extra_args={"kv_eviction": "none"}))  # warm-up
+    run(llm, prompts[:1], SamplingParams(max_tokens=2, extra_args={XARG_POLICY: "none"}))  # warm-up
     for scenario, max_tokens in scenarios:
-        for label, xargs in [("stock", {"kv_eviction": "none"})] + policies + (sweep if scenario == "prefill-heavy"
+        for label, xargs in [("stock", {XARG_POLICY: "none"})] + policies + (sweep if scenario == "prefill-heavy"
                                                                               else []):
             rows.append(measure(llm, label, scenario, max_tokens, xargs))
     prompt_tokens = len(llm.llm_engine.tokenizer.encode(prompts[0]["prompt"])) if llm.llm_engine.tokenizer else None
     llm.llm_engine.engine_core.shutdown()
     del llm
     reference = engine(args.blocks * args.reference_pool)  # stock with the memory eviction saves
-    run(reference, prompts[:1], SamplingParams(max_tokens=2, extra_args={"kv_eviction": "none"}))  # warm-up
+    run(reference, prompts[:1], SamplingParams(max_tokens=2, extra_args={XARG_POLICY: "none"}))  # warm-up
     for scenario, max_tokens in scenarios:
         rows.append(measure(reference, f"stock, {args.reference_pool}x KV pool", scenario, max_tokens,
-                            {"kv_eviction": "none"}))
+                            {XARG_POLICY: "none"}))
     for scenario, _ in scenarios:
         in_scenario = [r for r in rows if r["scenario"] == scenario]
         stock, ref = in_scenario[0], in_scenario[-1]

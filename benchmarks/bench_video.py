@@ -57,6 +57,7 @@ def main():
     from vllm import LLM, SamplingParams
 
     from madakv_vllm.testing.models import build
+    from madakv_vllm.vllm.requests import CONFIG_KEY, XARG_POLICY
 
     model = HERE / ".models" / "tiny-qwen25vl"
     if not (model / "config.json").is_file():
@@ -80,14 +81,14 @@ def main():
                   max_model_len=min(4096, (args.blocks - 1) * BLOCK_SIZE), max_num_seqs=args.requests, block_size=BLOCK_SIZE,
                   num_gpu_blocks_override=args.blocks, limit_mm_per_prompt={"image": 0, "video": 1}, seed=0,
                   video_pruning_rate=rate,
-                  additional_config={"kv_eviction": {"policy": "madakv", "budget": args.budget}})
+                  additional_config={CONFIG_KEY: {"policy": "madakv", "budget": args.budget}})
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         counters = scheduler.eviction_counters.values
         for policy in ("none", "madakv"):
             label = " + ".join(filter(None, [f"EVS {rate:.0%}" if rate else None,
                                              f"MadaKV {args.budget:.0%}" if policy == "madakv" else None])) or "stock"
             params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True,
-                                    extra_args={"kv_eviction": policy})
+                                    extra_args={XARG_POLICY: policy})
             freed_before = counters["blocks_freed"]
             result = drive(llm, prompts, params)
             done, wall = result["requests"], result["wall_s"]

@@ -33,6 +33,7 @@ def main() -> int:
 
     from madakv_vllm.testing.models import build
     from madakv_vllm.testing.stress import engine_settings, run
+    from madakv_vllm.vllm.requests import CONFIG_KEY
 
     model = Path(HERE) / ".models" / "qwen2vl-tiny"
     if not (model / "config.json").is_file():
@@ -42,7 +43,7 @@ def main() -> int:
     with tqdm(total=args.requests, desc="stress", unit="req") as bar:
         report = run(llm, args.requests, seed=args.seed, solo_sample=args.solo_sample, progress=bar)
     result = dict(stamp=stamp(), engine={k: v for k, v in settings.items() if k != "additional_config"},
-                  eviction=settings["additional_config"]["kv_eviction"], layer_groups=args.layer_groups, seed=args.seed,
+                  eviction=settings["additional_config"][CONFIG_KEY], layer_groups=args.layer_groups, seed=args.seed,
                   report=dataclasses.asdict(report), ok=report.ok())
     for key, value in dataclasses.asdict(report).items():
         print(f"{key:24s} {value}")

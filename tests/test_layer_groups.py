@@ -167,3 +167,127 @@ def test_reports_that_arrive_a_step_late_still_plan_safely(engines):
     print(report, f"plans with decoded tokens: {len(late_plans)}")
     assert report.ok(), report.leaks
     assert late_plans, "late reports should make some plans carry decoded tokens"
+
+
+def test_each_group_builder_gets_its_exact_lengths_and_clean_rows(engines):
+    """The contract host-planning backends (FlashInfer) rely on, checked on what every group's
+    metadata builder really receives in every step: device seq_lens == host
+    seq_lens_cpu_upper_bound == logical - E_g per request, max_seq_len their max; after a swap the
+    request's block-table row names nothing past its new blocks (not the old, freed ones); a
+    dummy run afterwards sees its own lengths in every group, not the last step's offsets."""
+    llm = engines.get("qwen2vl", num_gpu_blocks_override=64 * 2, max_num_seqs=8, max_num_batched_tokens=256,
+                      max_model_len=1536, additional_config=eviction(2, budget=0.2, window=16))
+    engine, worker = llm.llm_engine, worker_of(llm)
+    runner, batch = worker.runner, worker.runner.input_batch
+    received, problems = [], []
+
+    def expected_lengths(g: int) -> list[int]:
+        n = batch.num_reqs
+        scheduled = runner.query_start_loc.np[1 : n + 1] - runner.query_start_loc.np[:n]
+        lengths = []
+        for i, req_id in enumerate(batch.req_ids[:n]):
+            state = worker.requests.get(req_id)
+            evicted = state.evicted[g] if state is not None and state.evicted is not None else 0
+            lengths.append(int(batch.num_computed_tokens_cpu[i]) + int(scheduled[i]) - evicted)
+        return lengths
+
+    def recording(build, g):
+        def build_and_record(common_prefix_len, metadata, *args, **kwargs):
+            n = batch.num_reqs
+            got = (metadata.seq_lens[:n].tolist(), metadata.seq_lens_cpu_upper_bound[:n].tolist(), metadata.max_seq_len)
+            want = expected_lengths(g) if not dummy else got[0]
+            received.append((g, dummy, got))
+            if got != (want, want, max(want)):
+                problems.append(f"group {g}{' dummy' if dummy else ''}: got {got}, want {want}")
+            return build(common_prefix_len, metadata, *args, **kwargs)
+
+        return build_and_record
+
+    builders = [(g, builder) for g, groups in enumerate(runner.attn_groups) for group in groups
+                for builder in group.metadata_builders]
+    for g, builder in builders:
+        builder.build = recording(builder.build, g)
+    apply_plan, swaps = worker.apply_plan, []
+
+    def apply_plan_and_check_row(req_id, plan):
+        row = batch.req_id_to_index.get(req_id)
+        before = [batch.block_table[g].num_blocks_per_row[row] for g in range(2)]
+        apply_plan(req_id, plan)
+        for g in range(2):
+            table = batch.block_table[g]
+            held = table.num_blocks_per_row[row]
+            swaps.append((before[g], held))
+            if table.block_table.np[row, held:].any():
+                problems.append(f"{req_id} group {g}: row keeps {table.block_table.np[row, held:before[g]].tolist()}")
+
+    worker.apply_plan, dummy = apply_plan_and_check_row, False
+    try:
+        rng = random.Random(5)
+        for i in range(6):
+            engine.add_request(f"x{i}", text_prompt(rng.randint(500, 900), seed=i), sampling(kv_eviction="pyramidkv"))
+        while engine.has_unfinished_requests():
+            engine.step()
+            if any(s.evicted is not None and len(set(s.evicted)) > 1 for s in worker.requests.values()) and \
+                    not any(d for _, d, _ in received):
+                dummy = True  # mid-run, with groups' offsets differing: a padding step's dummy run
+                runner._dummy_run(8, force_attention=True)
+                dummy = False
+    finally:
+        del worker.apply_plan
+        for _, builder in builders:
+            del builder.build
+    assert not problems, problems[:5]
+    assert any(g == 1 and not d and got[0] != [] for g, d, got in received)
+    assert any(d for _, d, _ in received), "the dummy run should have built metadata"
+    assert swaps and all(held < before for before, held in swaps), swaps
+
+
+def test_preempted_requests_drop_their_scores_and_idle_resets_free_pending_blocks(engines):
+    """Scores (outside vLLM's memory budget) are dropped when a request is preempted between
+    scoring and compaction; and reset_prefix_cache() succeeds when nothing runs even if a plan's
+    old blocks were still waiting for a step that will not come back."""
+    llm = engines.get("qwen2vl", num_gpu_blocks_override=64 * 2, max_num_seqs=8, max_num_batched_tokens=256,
+                      max_model_len=1536, additional_config=eviction(2, budget=0.2, window=16))
+    engine, worker, scheduler = llm.llm_engine, worker_of(llm), scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+
+    def start(name: str, seed: int) -> str:
+        """Add a request and return the id vLLM gave it."""
+        engine.add_request(name, text_prompt(700, seed=seed), sampling(kv_eviction="pyramidkv"))
+        engine.step()
+        return next(r.request_id for r in scheduler.running if r.request_id.startswith(name))
+
+    def step_until(condition) -> None:
+        for _ in range(100):
+            if condition():
+                return
+            engine.step()
+        raise AssertionError("never reached")
+
+    # 1. scored, its per-group counts reported, then preempted before its plan
+    p = start("p", 1)
+    step_until(lambda: p in scheduler.reported_kept)
+    assert worker.requests[p].scores is not None and worker.requests[p].evicted is None
+    request = next(r for r in scheduler.running if r.request_id == p)
+    scheduler.running.remove(request)
+    scheduler._preempt_request(request, 0.0)
+    scheduler.waiting.remove_requests([request])  # held back: not resumed in the same step
+    start("x", 4)  # a step that tells the worker of the preemption
+    assert p not in worker.requests
+    scheduler.waiting.prepend_request(request)
+    step_until(lambda: not engine.has_unfinished_requests())
+
+    # 2. a plan scheduled whose step never runs (the request is aborted first): idle reset works
+    q = start("q", 2)
+    step_until(lambda: any(scheduler._compaction_due(r) for r in scheduler.running))
+    scheduler.schedule()  # plans the compaction: old blocks wait for this step's output
+    assert scheduler.frees_after_step
+    engine.abort_request(["q"])
+    assert not scheduler.running and q not in scheduler.requests
+    assert scheduler.reset_prefix_cache() is True
+    assert pool.get_num_free_blocks() == free_at_start and not scheduler.frees_after_step
+    # the engine goes on: the next request runs, and the aborted one leaves nothing behind
+    start("r", 3)
+    step_until(lambda: not engine.has_unfinished_requests())
+    assert pool.get_num_free_blocks() == free_at_start and q not in worker.requests

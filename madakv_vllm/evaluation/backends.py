@@ -69,7 +69,9 @@ class Endpoint:
 
         self.url, self.concurrency = url.rstrip("/"), concurrency
         self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url  # /metrics etc.
-        self.client = openai.OpenAI(base_url=self.url, api_key="EMPTY")
+        # a server started with --api-key (the deploy manifests always are) needs it on every request
+        api_key = os.environ.get("VLLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.client = openai.OpenAI(base_url=self.url, api_key=api_key)
         try:
             self.model = model or self.client.models.list().data[0].id
         except openai.APIConnectionError:
@@ -104,8 +106,9 @@ class Endpoint:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(urllib.request.Request(f"{self.root}/reset_prefix_cache", method="POST"),
-                                        timeout=60) as response:
+            request = urllib.request.Request(f"{self.root}/reset_prefix_cache", method="POST",
+                                             headers={"Authorization": f"Bearer {self.client.api_key}"})
+            with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status == 200
         except OSError:  # HTTPError included (404 outside dev mode)
             return False

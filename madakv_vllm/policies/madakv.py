@@ -40,14 +40,14 @@ class MadaKV(EvictionPolicy):
     tokens by their scores max-pooled over `pool` neighbours of the same modality (odd; 1 = no
     pooling, as in the paper), so spans such as multi-token numbers survive together."""
 
-    window: int = 8  # 32 (SnapKV's) measured worse at every budget on the README's judge (ablation there)
+    window: int = 8  # 32 (SnapKV's) measured worse at every budget on the judge (docs/evaluation.md, ablation)
     theta: float = 0.9
-    mpa: bool = True  # the method; off measured better on the README's small judge (ablation there)
-    hcc: bool = True  # uniform layers measured better (README ablation): vLLM runs them by default (one KV-cache group)
-    hcc_variant: str = "balanced"  # measured better than "paper" (README, benchmarks/run_ablation.py)
+    mpa: bool = True  # the method; off measured better on the small judge (docs/evaluation.md)
+    hcc: bool = True  # uniform layers measured better (docs/evaluation.md): vLLM runs them by default (one KV-cache group)
+    hcc_variant: str = "balanced"  # measured better than "paper" (docs/evaluation.md)
     hcc_mix: float = 0.5
     min_layer_ratio: float = 0.01
-    pool: int = 1  # 7 measured worse at 5-10 %, better at 20-50 % (README ablation): no winner, keep the paper's
+    pool: int = 1  # 7 measured worse at 5-10 %, better at 20-50 % (docs/evaluation.md): no winner, keep the paper's
     name: ClassVar[str] = "madakv"
 
     def __post_init__(self):

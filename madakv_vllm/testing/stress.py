@@ -93,6 +93,18 @@ def random_request(rng: random.Random, shared_prefix: list[int], images):
     return prompt, xargs, max_tokens
 
 
+def scores_held_while_waiting(llm, scheduler) -> list[str]:
+    """Requests back in the waiting queue (preempted) whose worker still holds their score
+    buffer, which lives outside vLLM's memory budget (empty when the worker is out of reach)."""
+    try:
+        worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.kv_eviction
+    except AttributeError:
+        return []
+    waiting = {request.request_id for request in scheduler.waiting}
+    return [f"{req_id}: scores kept while preempted" for req_id, state in worker.requests.items()
+            if state.scores is not None and req_id in waiting]
+
+
 def _worker_leftovers(llm):
     """Request ids the worker keeps eviction state for but vLLM's own runner has forgotten (the
     runner learns of finished requests with the next scheduled step, so its own live requests
@@ -166,7 +178,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
                 if out.finished and out.request_id in requests:
                     outputs[out.request_id] = list(out.outputs[0].token_ids)
             report.steps += 1
-            report.leaks += blocks_held_mismatches(scheduler)
+            report.leaks += blocks_held_mismatches(scheduler) + scores_held_while_waiting(llm, scheduler)
             if (request_id := abort_at.pop(report.steps, None)) and request_id not in outputs:
                 engine.abort_request([request_id])
                 report.aborted += 1

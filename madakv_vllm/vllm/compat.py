@@ -197,7 +197,7 @@ def check_parallel_and_runner(vllm_config) -> None:
 
 
 # `--kv-eviction-layer-groups auto`: one KV-cache group per bucket of layers, at most this many
-# buckets (the largest divisor of the layer count not above it). See README "Layer groups".
+# buckets (the largest divisor of the layer count not above it). See docs/serving.md "Layer groups".
 AUTO_LAYER_GROUPS_MAX = 4
 
 
