@@ -77,13 +77,13 @@ def main():
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _stamp import stamp, write_results
-
     import madakv_kernels as mk
+    from _stamp import stamp, write_results
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    lengths = [512, 2048] if args.quick else args.lengths or ([8192, 32768, 131072] if device == "cuda" else [2048, 8192, 32768])
+    lengths = [512, 2048] if args.quick else args.lengths or ([8192, 32768, 131072] if device == "cuda"
+                                                              else [2048, 8192, 32768])
     timer = make_timer(device, 3 if (args.quick or device == "cpu") else 20)
     num_q, num_kv, head_dim, window = 28, 4, 128, 32
     block_size = 16 if device == "cuda" else 128
@@ -122,12 +122,14 @@ def main():
     if device == "cuda" and not args.no_tune:  # pick tile sizes at the longest context, then use them everywhere
         tune_n = max(lengths)
         keys, values, src, dst, queries, keep, kept = setup(tune_n)
-        for block_r, block_n, warps in [(128, 32, 4), (256, 32, 8), (128, 64, 4), (256, 64, 8), (128, 128, 8), (256, 32, 4), (64, 64, 4)]:
+        for block_r, block_n, warps in [(128, 32, 4), (256, 32, 8), (128, 64, 4), (256, 64, 8), (128, 128, 8),
+                                        (256, 32, 4), (64, 64, 4)]:
             t = timer(lambda: mk.window_scores_triton(keys, src, queries, tune_n, layout, block_r=block_r,
                                                       block_n=block_n, num_warps=warps))
             tuning.append(dict(kernel="score", n=tune_n, block_r=block_r, block_n=block_n, num_warps=warps, ms=t * 1e3))
         for block_t, warps in [(64, 4), (128, 4), (128, 8), (256, 8)]:
-            t = timer(lambda: mk.compact_kv_triton(keys, values, src, dst, keep, layout, block_t=block_t, num_warps=warps))
+            t = timer(lambda: mk.compact_kv_triton(keys, values, src, dst, keep, layout, block_t=block_t,
+                                                   num_warps=warps))
             tuning.append(dict(kernel="compact", n=tune_n, block_t=block_t, num_warps=warps, ms=t * 1e3))
         for row in tuning:
             print("tune", row, flush=True)
@@ -136,7 +138,8 @@ def main():
         s_kw = dict(block_r=best_s["block_r"], block_n=best_s["block_n"], num_warps=best_s["num_warps"])
         c_kw = dict(block_t=best_c["block_t"], num_warps=best_c["num_warps"])
         print(f"chosen: score {s_kw}, compact {c_kw}", flush=True)
-        impls["triton"] = (functools.partial(mk.window_scores_triton, **s_kw), functools.partial(mk.compact_kv_triton, **c_kw))
+        impls["triton"] = (functools.partial(mk.window_scores_triton, **s_kw),
+                           functools.partial(mk.compact_kv_triton, **c_kw))
         if "triton-fp32dot" in impls:
             impls["triton-fp32dot"] = (functools.partial(mk.window_scores_triton, tensor_cores=False, **s_kw),
                                        impls["triton"][1])

@@ -117,7 +117,8 @@ def main():
             if started is None:
                 return float("nan"), time.perf_counter() - first, peak, float("nan")
             decode_ms = 1000 * (time.perf_counter() - started) / max(1, steps)
-            return decode_ms, time.perf_counter() - first, peak, 1000 * (self.host_seconds - host_before) / max(1, steps)
+            return (decode_ms, time.perf_counter() - first, peak,
+                    1000 * (self.host_seconds - host_before) / max(1, steps))
 
         def stop(self):
             self.engine.engine_core.shutdown()
@@ -144,7 +145,8 @@ def main():
                                    blocks_before=-(-plan.prompt_len // block_size), kept_per_group=plan.kept))
             pressure.append(dict(groups=groups, policy=policy, output_tok_s=32 * args.pressure_requests / seconds,
                                  peak_running=peak, model_blocks_per_request=sum(held) / max(1, len(held))))
-            tqdm.write(f"groups {groups:2d} {policy:9s}: {pressure[-1]['output_tok_s']:.1f} tok/s, peak running {peak}, "
+            tqdm.write(f"groups {groups:2d} {policy:9s}: {pressure[-1]['output_tok_s']:.1f} tok/s, "
+                       f"peak running {peak}, "
                        f"{pressure[-1]['model_blocks_per_request']:.2f} model-wide blocks per request after "
                        f"compaction (kept per group, last request: {tight.plans[-1].kept})")
         tight.stop()

@@ -117,7 +117,8 @@ def main():
             for key in ("output_tok_s", "requests_s", "peak_running", "ttft_p50_s", "ttft_p95_s", "decode_ms_token"):
                 row[f"{key}_vs_stock"] = row[key] / stock[key] if stock[key] else None
             row["output_tok_s_vs_big_pool"] = row["output_tok_s"] / ref["output_tok_s"]
-    result = dict(stamp=stamp(), model=f"SmolLM2-LLaVA ({args.dtype})", kv_blocks=args.blocks, block_size=args.block_size,
+    result = dict(stamp=stamp(), model=f"SmolLM2-LLaVA ({args.dtype})",
+                  kv_blocks=args.blocks, block_size=args.block_size,
                   requests=args.requests, images_per_request=8, prompt_text_tokens=prompt_tokens,
                   max_tokens=args.max_tokens, decode_tokens=args.decode_tokens, budget=args.budget, sweep=args.sweep,
                   reference_pool=args.reference_pool, prefix_cache=PREFIX_CACHE_NOTE, rows=rows)

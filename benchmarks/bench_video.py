@@ -78,7 +78,8 @@ def main():
         rates = [None]
     for rate in rates:
         llm = LLM(model=str(model), dtype="bfloat16", enforce_eager=True, distributed_executor_backend="uni",
-                  max_model_len=min(4096, (args.blocks - 1) * BLOCK_SIZE), max_num_seqs=args.requests, block_size=BLOCK_SIZE,
+                  max_model_len=min(4096, (args.blocks - 1) * BLOCK_SIZE), max_num_seqs=args.requests,
+                  block_size=BLOCK_SIZE,
                   num_gpu_blocks_override=args.blocks, limit_mm_per_prompt={"image": 0, "video": 1}, seed=0,
                   video_pruning_rate=rate,
                   additional_config={CONFIG_KEY: {"policy": "madakv", "budget": args.budget}})
@@ -121,7 +122,8 @@ def draw(plt, result: dict):
     from _stamp import bar_panels
 
     return bar_panels(plt, result["rows"], [
-        ("prompt_blocks_held", f"prompt KV blocks held per request\n(blocks of {result['block_size']} tokens)", "{:.1f}"),
+        ("prompt_blocks_held", "prompt KV blocks held per request\n"
+                               f"(blocks of {result['block_size']} tokens)", "{:.1f}"),
         ("peak_running", "peak running requests", "{:d}"), ("output_tok_s", "output tok/s", "{:.1f}")], width=11)
 
 

@@ -109,7 +109,6 @@ def run(args) -> list[dict]:
 
 def write(args, rows: list[dict], seconds: float | None) -> None:
     from _stamp import stamp, write_results
-
     from madakv_vllm.evaluation.report import paired_p, summarize
 
     summary = summarize(rows, {})

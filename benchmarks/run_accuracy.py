@@ -104,7 +104,6 @@ def _machine() -> str:
 def run_hf(args, data: Path) -> None:
     """The sweep on the HF reference path: the same files as madakv-eval writes."""
     from _stamp import hf_judge, hf_sweep, suite_samples
-
     from madakv_vllm.evaluation.backends import settings
     from madakv_vllm.policies import make_policy
 
@@ -182,7 +181,8 @@ def markdown_table(*sources: Path | tuple[Path, str]) -> str:
         summary_csv, suffix = source if isinstance(source, tuple) else (source, "")
         with open(summary_csv) as f:
             for r in csv.DictReader(f):
-                setting = ("full cache" if r["policy"] == "none" else f"{r['policy']} {float(r['budget']):.0%}") + suffix
+                setting = ("full cache" if r["policy"] == "none"
+                           else f"{r['policy']} {float(r['budget']):.0%}") + suffix
                 cells[setting][r["task"]] = (f"{float(r['score']):.2f} [{float(r['ci_low']):.2f}, "
                                              f"{float(r['ci_high']):.2f}]")
                 n[r["task"]] = r["samples"]

@@ -31,7 +31,6 @@ def main():
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     from _stamp import hf_judge, hf_sweep, stamp, synthetic_suite, write_results
-
     from madakv_vllm.evaluation.milebench import list_tasks, load_task
     from madakv_vllm.evaluation.report import interval
     from madakv_vllm.policies import make_policy

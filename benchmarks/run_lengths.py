@@ -34,9 +34,9 @@ def main():
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     import torch
-    from _stamp import hf_inputs, hf_judge, stamp, synthetic_suite, write_results
     from tqdm import tqdm
 
+    from _stamp import hf_inputs, hf_judge, stamp, synthetic_suite, write_results
     from madakv_vllm.evaluation.milebench import list_tasks, load_task, scorer_for
     from madakv_vllm.evaluation.report import interval
 

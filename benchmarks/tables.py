@@ -111,14 +111,16 @@ def lengths(r: dict) -> str:
     order = ["1k", "2k", "4k", "8k"]
     names = sorted({row["length"] for row in r["rows"]}, key=lambda x: order.index(x) if x in order else 9)
     tokens = {row["length"]: row["tokens"] for row in r["rows"]}
-    cell = {(row["task"], row["length"]): f"{row['score']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}], n={row['n']}"
+    cell = {(row["task"], row["length"]): f"{row['score']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}], "
+                                          f"n={row['n']}"
             for row in r["rows"]}
     minutes = round(sum(r["seconds"].values()) / 60)
     return _markdown(
         f"`python benchmarks/run_lengths.py` ({_where(r)}, {minutes} min; full cache, HF reference path; "
         "score with its Wilson 95 % interval and samples per task):",
         ["task"] + [f"{name} (~{tokens[name]} tokens)" for name in names],
-        [[task] + [cell.get((task, name), "") for name in names] for task in sorted({row["task"] for row in r["rows"]})])
+        [[task] + [cell.get((task, name), "") for name in names]
+         for task in sorted({row["task"] for row in r["rows"]})])
 
 
 def ablation(r: dict) -> str:
@@ -157,7 +159,8 @@ def layer_buckets(r: dict) -> str:
     settings = list(dict.fromkeys((row["policy"], row["budget"], row["layer_buckets"]) for row in r["rows"]))
 
     def cell(setting, task):
-        (row,) = [x for x in r["rows"] if (x["policy"], x["budget"], x["layer_buckets"]) == setting and x["task"] == task]
+        (row,) = [x for x in r["rows"]
+                  if (x["policy"], x["budget"], x["layer_buckets"]) == setting and x["task"] == task]
         return f"{row['score']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
 
     def name(policy, budget, buckets):

@@ -13,8 +13,17 @@ from ._paged import dense_as_paged, gather_tokens, paged_dims
 from ._triton import HAS_TRITON
 from .compaction import compact_kv_torch, compact_kv_triton
 from .scoring import window_scores_torch, window_scores_triton
-from .selection import (IMAGE, MODALITY_TAGS, TEXT, VIDEO, coverage_demand, keep_indices, modality_mass, split_quota,
-                        topk_mask)
+from .selection import (
+    IMAGE,
+    MODALITY_TAGS,
+    TEXT,
+    VIDEO,
+    coverage_demand,
+    keep_indices,
+    modality_mass,
+    split_quota,
+    topk_mask,
+)
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from ._paged import as_token_major, paged_dims, paged_strides
-
 from ._triton import HAS_TRITON, tl, triton
 
 

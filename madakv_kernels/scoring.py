@@ -17,7 +17,6 @@ import os
 import torch
 
 from ._paged import paged_dims, paged_strides, request_keys
-
 from ._triton import HAS_TRITON, tl, triton
 
 
@@ -85,7 +84,8 @@ if HAS_TRITON:
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NATIVE: tl.constexpr):
         # Keys of logical tokens offs_n (< end), found through the request's block table.
         blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=offs_n < end, other=0).to(tl.int64)
-        ptrs = k_ptr + blk[:, None] * s_kb + (offs_n % BLOCK_SIZE)[:, None] * s_kt + kv_head * s_kh + offs_d[None, :] * s_kd
+        ptrs = (k_ptr + blk[:, None] * s_kb + (offs_n % BLOCK_SIZE)[:, None] * s_kt + kv_head * s_kh
+                + offs_d[None, :] * s_kd)
         k = tl.load(ptrs, mask=(offs_n[:, None] < end) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         return k if NATIVE else k.to(tl.float32)
 
@@ -119,7 +119,8 @@ if HAS_TRITON:
         hi = tl.minimum(lo + CHUNK_N, N)
         for n_start in range(lo, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            k = _load_keys(k_ptr, bt_ptr, offs_n, offs_d, hi, kv_head, s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM, NATIVE)
+            k = _load_keys(k_ptr, bt_ptr, offs_n, offs_d, hi, kv_head, s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM,
+                           NATIVE)
             visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < hi)
             s = tl.where(visible, _dot(q, tl.trans(k), NATIVE) * scale_log2, float("-inf"))  # [rows, keys], base 2
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -167,7 +168,8 @@ if HAS_TRITON:
         out = psi_ptr + (row_block * tl.num_programs(0) + kv_head) * N
         for n_start in range(lo, tl.minimum(hi, last_pos), BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            k = _load_keys(k_ptr, bt_ptr, offs_n, offs_d, hi, kv_head, s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM, NATIVE)
+            k = _load_keys(k_ptr, bt_ptr, offs_n, offs_d, hi, kv_head, s_kb, s_kt, s_kh, s_kd, BLOCK_SIZE, HEAD_DIM,
+                           NATIVE)
             visible = (offs_n[:, None] <= q_pos[None, :]) & (offs_n[:, None] < hi)
             s = tl.where(visible, _dot(k, q_t, NATIVE) * scale_log2, float("-inf"))  # [keys, rows]
             tl.store(out + offs_n, tl.sum(tl.exp2(s - lse[None, :]), 1), mask=offs_n < hi)

@@ -44,7 +44,8 @@ def topk_mask(scores: torch.Tensor, member: torch.Tensor, counts: torch.Tensor) 
     return (rank < counts[:, None]) & member
 
 
-def split_quota(total: int, visual_share: torch.Tensor, n_visual: int, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_quota(total: int, visual_share: torch.Tensor, n_visual: int,
+                n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head (visual, text) counts summing to `total`, visual ~ round(total * share).
 
     A modality with fewer tokens than its share gives the surplus to the other one.

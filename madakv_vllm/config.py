@@ -46,7 +46,8 @@ class EvictionConfig:
 
     def __post_init__(self):
         if self.policy not in POLICY_NAMES:
-            raise EvictionConfigError(f"unknown eviction policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+            raise EvictionConfigError(f"unknown eviction policy {self.policy!r}; "
+                                      f"choose one of {', '.join(POLICY_NAMES)}")
         object.__setattr__(self, "budget", parse_budget(self.budget))
         self.build_policy()  # validates window and options now, not at the first request
 

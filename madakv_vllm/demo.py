@@ -90,7 +90,8 @@ def main(argv=None) -> None:
     command = [str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
                "--served-model-name", "demo", "--kv-eviction", args.policy, "--kv-eviction-budget", args.budget,
                "--max-model-len", "4096", "--limit-mm-per-prompt", f'{{"image": {images}}}']
-    if not args.model:  # the built models: fp32 (CPU eviction refuses AMX's bf16 layout), small blocks so the freed ones show
+    # the built models: fp32 (CPU eviction refuses AMX's bf16 layout), small blocks so the freed ones show
+    if not args.model:
         command += ["--dtype", "float32", "--enforce-eager", "--block-size", "32"]
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1" if not args.model else "0"),
            "VLLM_NO_USAGE_STATS": "1"}

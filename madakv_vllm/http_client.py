@@ -24,7 +24,8 @@ def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 60
     while True:
         try:
             urllib.request.urlopen(base + "/v1/models", timeout=5)
-            print(("\r" if sys.stdout.isatty() else "") + f"server ready after {time.time() - started:.0f} s" + " " * 20)
+            print(("\r" if sys.stdout.isatty() else "") + f"server ready after {time.time() - started:.0f} s"
+                  + " " * 20)
             return
         except OSError:
             pass

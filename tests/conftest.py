@@ -26,7 +26,8 @@ def tiny_model_dir(tmp_path_factory):
 
     def get(arch: str, num_layers: int = 2):
         if (arch, num_layers) not in built:
-            built[arch, num_layers] = build(arch, tmp_path_factory.mktemp(f"{arch}-{num_layers}"), num_layers=num_layers)
+            built[arch, num_layers] = build(arch, tmp_path_factory.mktemp(f"{arch}-{num_layers}"),
+                                            num_layers=num_layers)
         return built[arch, num_layers]
 
     return get

@@ -66,7 +66,8 @@ def test_accuracy_summary_of_a_stopped_run_has_n_and_intervals(tmp_path):
     run_accuracy.summarize_samples(tmp_path)
     table = run_accuracy.markdown_table(tmp_path / "summary.csv")
     lines = table.splitlines()
-    assert lines[0] == "| setting | SyntheticPasskeyNeedle (n=10) | SyntheticTextNeedle (n=10) | mean (n=20) | KV kept |"
+    assert lines[0] == ("| setting | SyntheticPasskeyNeedle (n=10) | SyntheticTextNeedle (n=10) | mean (n=20) "
+                        "| KV kept |")
     assert lines[2].startswith("| full cache | 1.00 [0.72, 1.00] | 0.80 [0.49, 0.94] | 0.90 [0.70, 0.97] |")
     assert lines[3].startswith("| snapkv 20% | 0.30 [0.11, 0.60] |") and lines[3].endswith("| 20.9% |")
     results = json.loads((tmp_path / "accuracy.json").read_text())

@@ -11,10 +11,18 @@ import pytest
 from PIL import Image
 
 from madakv_vllm.evaluation import cli, synthetic
+from madakv_vllm.evaluation.milebench import (
+    all_words_match,
+    choice_accuracy,
+    exact_match,
+    list_tasks,
+    load_task,
+    rouge_l,
+    scorer_for,
+    substring_match,
+)
 from madakv_vllm.testing import vision
 from madakv_vllm.vllm.metrics import parse_metrics_page, sum_modalities
-from madakv_vllm.evaluation.milebench import (all_words_match, choice_accuracy, exact_match, list_tasks, load_task,
-                                              rouge_l, scorer_for, substring_match)
 
 
 @pytest.fixture

@@ -8,9 +8,17 @@ import math
 import pytest
 import torch
 
-from madakv_kernels import (compact_kv, compact_kv_torch, compact_kv_triton, dense_as_paged, gather_tokens,
-                            modality_mass, window_scores, window_scores_torch, window_scores_triton)
-
+from madakv_kernels import (
+    compact_kv,
+    compact_kv_torch,
+    compact_kv_triton,
+    dense_as_paged,
+    gather_tokens,
+    modality_mass,
+    window_scores,
+    window_scores_torch,
+    window_scores_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -183,7 +191,8 @@ def test_compact_kv_dispatch_matches_reference():
     keys, table, _ = make_paged(40, 2, 32, 16, "HND", spare_blocks=3)
     values = keys.clone() * 3
     keep = torch.stack([torch.arange(0, 40, 2), torch.arange(1, 40, 2)]).to(DEVICE)
-    dst = torch.tensor([k for k in range(keys.shape[0]) if k not in table.tolist()][:2], dtype=torch.int32, device=DEVICE)
+    dst = torch.tensor([k for k in range(keys.shape[0]) if k not in table.tolist()][:2], dtype=torch.int32,
+                       device=DEVICE)
     k2, v2 = keys.clone(), values.clone()
     compact_kv(keys, values, table, dst, keep, "HND")
     compact_kv_torch(k2, v2, table, dst, keep, "HND")

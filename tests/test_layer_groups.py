@@ -142,9 +142,10 @@ def test_reports_that_arrive_a_step_late_still_plan_safely(engines):
     """Async scheduling (GPU) schedules step s+1 before step s's output, so the per-group counts
     arrive one schedule() later than on this CPU (synchronous). Simulated by holding every report
     back one output: compactions then carry a decoded token, nothing leaks, solo reruns match."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
     from madakv_vllm.testing.stress import run
     from madakv_vllm.vllm.protocol import REPORT_ATTR, plans_of, report_of
-    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
     llm = stress_engine(engines, layer_groups=2)
     scheduler = scheduler_of(llm)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from madakv_kernels import coverage_demand, split_quota, topk_mask
-from madakv_vllm.policies import POLICIES, H2O, LookM, MadaKV, PyramidKV, SnapKV, StreamingLLM, make_policy
+from madakv_vllm.policies import H2O, POLICIES, LookM, MadaKV, PyramidKV, SnapKV, StreamingLLM, make_policy
 
 
 def scores_and_tags(num_layers=6, heads=4, n=300, images=((20, 120), (150, 230)), seed=0):
@@ -228,7 +228,7 @@ def test_hcc_conserves_total_and_respects_floor(seed, budget, variant):
     num_layers, n = 12, 800
     gen = torch.Generator().manual_seed(seed)
     # layers alternate between spread and concentrated attention: unequal demands
-    sharpness = torch.tensor([1.0 if l % 3 else 8.0 for l in range(num_layers)])[:, None, None]
+    sharpness = torch.tensor([1.0 if layer % 3 else 8.0 for layer in range(num_layers)])[:, None, None]
     scores = torch.rand(num_layers, 4, n, generator=gen) ** sharpness
     tags = torch.zeros(n, dtype=torch.int8)
     tags[100:500] = 1
@@ -261,14 +261,15 @@ def test_balanced_hcc_follows_demand_and_never_starves_a_layer():
         policy = MadaKV(budget=0.2, window=16, hcc_variant="balanced", hcc_mix=mix)
         per_layer = policy.kept_tokens(600) - 16
         budgets = policy.layer_budgets(scores[..., :n_select], tags[:n_select], per_layer)
-        demands = [policy.layer_demand(scores[l, :, :n_select], tags[:n_select]) for l in range(4)]
+        demands = [policy.layer_demand(scores[layer, :, :n_select], tags[:n_select]) for layer in range(4)]
         assert sum(budgets) == per_layer * 4
         # each layer gets (1 - mix) of its share plus mix of the total in proportion to demand
         expected = [(1 - mix) * per_layer + mix * per_layer * 4 * d / sum(demands) for d in demands]
         assert all(abs(b - e) <= 1 for b, e in zip(budgets, expected)), (mix, budgets, expected)
         assert min(budgets) >= int((1 - mix) * per_layer)
     # the paper variant, on the same scores, lets layer 0 take more than the balanced one does
-    paper = MadaKV(budget=0.2, window=16, hcc_variant="paper").layer_budgets(scores[..., :n_select], tags[:n_select], per_layer)
+    paper = MadaKV(budget=0.2, window=16, hcc_variant="paper").layer_budgets(
+        scores[..., :n_select], tags[:n_select], per_layer)
     balanced = MadaKV(budget=0.2, window=16).layer_budgets(  # the default variant
         scores[..., :n_select], tags[:n_select], per_layer)
     assert paper[0] > balanced[0] > per_layer and min(balanced) > min(paper)

@@ -44,7 +44,8 @@ def run_engine(tmp_path, model, tp: int, groups: int = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TRITON_INTERPRET",
                                                             "MADAKV_METRICS_DIR")}
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == 2 else "auto")
-    result = subprocess.run([sys.executable, str(script), str(model), str(tp), str(groups)], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, str(script), str(model), str(tp), str(groups)],
+                            env=env, capture_output=True,
                             text=True, timeout=900)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stdout[-2000:] + result.stderr[-4000:]

@@ -250,7 +250,8 @@ def test_edge_request_values_never_reach_a_worker_as_a_crash(engines):
     pool = scheduler_of(llm).kv_cache_manager.block_pool
     free_at_start = pool.get_num_free_blocks()
     cases = [({"kv_eviction_window": 0}, 2), ({"kv_eviction_window": 0}, 1), ({"kv_eviction_window": 0}, 40),
-             ({"kv_eviction_budget": 0.001}, 3), ({"kv_eviction_budget": 1}, 30), ({"kv_eviction_budget": 2, "kv_eviction_window": 1}, 3),
+             ({"kv_eviction_budget": 0.001}, 3), ({"kv_eviction_budget": 1}, 30),
+             ({"kv_eviction_budget": 2, "kv_eviction_window": 1}, 3),
              ({"kv_eviction_window": 5000}, 50), ({"kv_eviction": "h2o", "kv_eviction_budget": 0.01}, 9),
              ({"kv_eviction": "streamingllm", "kv_eviction_window": 0, "kv_eviction_budget": 0.01}, 70),
              ({"kv_eviction": "pyramidkv", "kv_eviction_budget": 0.05}, 300)]

@@ -6,10 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from madakv_vllm.config import PRESETS_DIR, EvictionConfigError
+from madakv_vllm.config import PRESETS_DIR, EvictionConfig, EvictionConfigError
 from madakv_vllm.vllm import compat, plugin
 from madakv_vllm.vllm.requests import eviction_target, request_config, request_policy
-from madakv_vllm.config import EvictionConfig
 
 
 def parse(*flags):
@@ -500,7 +499,8 @@ def test_compaction_bookkeeping_reads_the_device_once():
         counts = kept_and_evicted_by_modality(keep, tags)
     assert reads.count == 1
     kept_image = sum(int((tags[k] == 1).sum()) for k in keep) / 12
-    assert counts["kept_image"] == pytest.approx(kept_image) and counts["evicted_image"] == pytest.approx(160 - kept_image)
+    assert (counts["kept_image"] == pytest.approx(kept_image)
+            and counts["evicted_image"] == pytest.approx(160 - kept_image))
     assert counts["kept_text"] + counts["kept_image"] + counts.get("kept_video", 0) == pytest.approx(70)
 
     policy = make_policy("madakv", budget=0.2, window=8, layer_buckets=None)  # HCC: budgets follow the demands

@@ -166,7 +166,8 @@ def generate(out: str | Path, samples: int = 100, seed: int = 0, lengths=DEFAULT
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m madakv_vllm.evaluation.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m madakv_vllm.evaluation.synthetic",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("out")
     parser.add_argument("--samples", type=int, default=100, help="samples per task (default 100)")
     parser.add_argument("--seed", type=int, default=0)

@@ -162,7 +162,8 @@ def _new_report(model, input_ids: torch.Tensor) -> tuple[EvictionReport, torch.T
 def _check_sdpa(model) -> None:
     text_config = model.config.get_text_config()
     if text_config._attn_implementation != "sdpa":
-        raise ValueError(f"load the model with attn_implementation='sdpa' (it uses {text_config._attn_implementation!r})")
+        raise ValueError("load the model with attn_implementation='sdpa' "
+                         f"(it uses {text_config._attn_implementation!r})")
 
 
 def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, **generate_kwargs):

@@ -17,7 +17,6 @@ import torch
 
 from madakv_kernels import keep_indices, topk_mask
 
-
 MAX_TOKEN_COUNT = 2**31 - 1  # token counts beyond this are no real budget (and overflow int32 / msgpack)
 
 
@@ -95,9 +94,11 @@ class EvictionPolicy:
             raise ValueError(f"{self.name}: window must be an integer in [0, {MAX_TOKEN_COUNT}], got {self.window!r}")
         if self.layer_buckets is not None and (isinstance(self.layer_buckets, bool) or
                                                not isinstance(self.layer_buckets, int) or self.layer_buckets < 1):
-            raise ValueError(f"{self.name}: layer_buckets must be a positive integer or None, got {self.layer_buckets!r}")
+            raise ValueError(f"{self.name}: layer_buckets must be a positive integer or None, "
+                             f"got {self.layer_buckets!r}")
         if isinstance(self.budget, int) and self.window >= self.budget:
-            raise ValueError(f"{self.name}: window ({self.window}) must be smaller than the budget ({self.budget} tokens)")
+            raise ValueError(f"{self.name}: window ({self.window}) must be smaller than "
+                             f"the budget ({self.budget} tokens)")
 
     # ---- budget arithmetic (the scheduler and the workers must agree on it) -----------------
     def kept_tokens(self, n: int) -> int:

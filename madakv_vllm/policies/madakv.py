@@ -43,7 +43,8 @@ class MadaKV(EvictionPolicy):
     window: int = 8  # 32 (SnapKV's) measured worse at every budget on the judge (docs/evaluation.md, ablation)
     theta: float = 0.9
     mpa: bool = True  # the method; off measured better on the small judge (docs/evaluation.md)
-    hcc: bool = True  # uniform layers measured better (docs/evaluation.md): vLLM runs them by default (one KV-cache group)
+    # uniform layers measured better (docs/evaluation.md): vLLM runs them by default (one KV-cache group)
+    hcc: bool = True
     hcc_variant: str = "balanced"  # measured better than "paper" (docs/evaluation.md)
     hcc_mix: float = 0.5
     min_layer_ratio: float = 0.01
@@ -57,7 +58,8 @@ class MadaKV(EvictionPolicy):
         if not 0.0 <= self.min_layer_ratio < 1.0:
             raise ValueError(f"{self.name}: min_layer_ratio must be in [0, 1), got {self.min_layer_ratio}")
         if self.hcc_variant not in HCC_VARIANTS:
-            raise ValueError(f"{self.name}: hcc_variant must be one of {', '.join(HCC_VARIANTS)}, got {self.hcc_variant!r}")
+            raise ValueError(f"{self.name}: hcc_variant must be one of {', '.join(HCC_VARIANTS)}, "
+                             f"got {self.hcc_variant!r}")
         if not 0.0 <= self.hcc_mix <= 1.0:
             raise ValueError(f"{self.name}: hcc_mix must be in [0, 1], got {self.hcc_mix}")
         if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:

@@ -17,7 +17,8 @@ def key_value_views(kv_cache: torch.Tensor, impl) -> tuple[torch.Tensor, torch.T
         blocks, heads, block_size, twice_dim = kv_cache.shape
         head_dim = twice_dim // 2
         if kv_cache.stride()[2:] != (twice_dim, 1):
-            raise RuntimeError(f"KV eviction expects each CPU KV block to be contiguous, got strides {kv_cache.stride()}")
+            raise RuntimeError("KV eviction expects each CPU KV block to be contiguous, "
+                               f"got strides {kv_cache.stride()}")
         size, (s_block, s_head) = (blocks, heads, block_size, head_dim), kv_cache.stride()[:2]
         offset = kv_cache.storage_offset()
         keys = kv_cache.as_strided(size, (s_block, s_head, 1, block_size), offset)

@@ -18,11 +18,25 @@ from typing import Any
 
 from ..config import EvictionConfig, EvictionConfigError, parse_budget, preset_names
 from ..policies import POLICY_NAMES
-from .compat import (EvictionStartupError, check_engine_args, check_vllm_config, require_supported,
-                     resolve_layer_groups, unsupported_reason)
+from .compat import (
+    EvictionStartupError,
+    check_engine_args,
+    check_vllm_config,
+    require_supported,
+    resolve_layer_groups,
+    unsupported_reason,
+)
 from .metrics import ENV_DIR as METRICS_ENV_DIR
-from .requests import (CONFIG_KEY, LAYER_GROUPS_KEY, MAX_SCORE_BYTES_KEY, engine_config, layer_groups,
-                       max_score_bytes_from_env, request_config, request_policy)
+from .requests import (
+    CONFIG_KEY,
+    LAYER_GROUPS_KEY,
+    MAX_SCORE_BYTES_KEY,
+    engine_config,
+    layer_groups,
+    max_score_bytes_from_env,
+    request_config,
+    request_policy,
+)
 
 logger = logging.getLogger("madakv_vllm")
 

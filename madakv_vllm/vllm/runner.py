@@ -34,8 +34,8 @@ from madakv_kernels import MODALITY_TAGS, TEXT, compact_kv, paged_dims, window_s
 from ..policies import EvictionPolicy
 from .kv_layout import check_layout, key_value_views
 from .metrics import Counters
-from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, max_score_bytes, request_policy
 from .protocol import attach_report, plans_of
+from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, max_score_bytes, request_policy
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -86,7 +86,8 @@ class WorkerEviction:
         groups = runner.kv_cache_config.kv_cache_groups
         self.num_groups = layer_groups(runner.vllm_config.additional_config)
         if len(groups) != self.num_groups:
-            raise RuntimeError(f"KV eviction expected {self.num_groups} KV-cache group(s), this model has {len(groups)}")
+            raise RuntimeError(f"KV eviction expected {self.num_groups} KV-cache group(s), "
+                               f"this model has {len(groups)}")
         self.block_size = groups[0].kv_cache_spec.block_size
         sizes = [g.kv_cache_spec.block_size for g in groups] + list(getattr(runner, "_kernel_block_sizes", []))
         if set(sizes) != {self.block_size}:
@@ -277,7 +278,8 @@ class WorkerEviction:
         dst = [torch.tensor(ids, dtype=torch.int32, device=self.device) for ids in plan.block_ids]
         for layer, g, layer_keep in zip(self.layers, self.layer_group, keep):
             keys, values, layout = key_value_views(layer.kv_cache, layer.impl)
-            compact_kv(keys, values, src[g], dst[g], torch.cat([layer_keep.to(self.device), tail_tokens], dim=1), layout)
+            compact_kv(keys, values, src[g], dst[g], torch.cat([layer_keep.to(self.device), tail_tokens], dim=1),
+                       layout)
         req_state.block_ids = tuple(list(ids) for ids in plan.block_ids)
         row = self.runner.input_batch.req_id_to_index.get(req_id)
         if row is not None:
@@ -348,7 +350,8 @@ class WorkerEviction:
                 per_token = self.evicted_per_token[g]
                 per_token.np[:num_tokens] = np.repeat(evicted[g], scheduled)
                 physical = runner.positions[:num_tokens] - per_token.copy_to_gpu(num_tokens)
-                batch.block_table[g].compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
+                batch.block_table[g].compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1],
+                                                          physical)
         if self.num_groups > 1:  # every step: zeros clear the last step's offsets
             self.cpu_len_offsets[:] = 0
             self.cpu_len_offsets[:, :num_reqs] = evicted.min(axis=0) - evicted
@@ -373,7 +376,8 @@ class WorkerEviction:
             hi = min(done, prompt_len)
             if lo < hi:
                 first_row = int(starts[i]) + lo - int(computed[i])
-                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi, [table[i] for table in block_tables]))
+                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi,
+                                        [table[i] for table in block_tables]))
         self.step_rows, self.completing = rows, completing
 
     def _scoring_forward(self, layer_index: int, forward, impl):
