@@ -49,6 +49,8 @@ def variants(budget: float) -> dict:
     for window in (8, 64):
         out[f"MPA on, HCC off, window {window}"] = madakv(hcc=False, window=window)
     out["MPA on, HCC balanced, window 8"] = MadaKV(budget=budget)  # the policy's defaults
+    # what vLLM runs by default (one KV-cache group: uniform layers), with StreamingLLM's sinks
+    out["MPA on, HCC off, window 8, sinks 4"] = MadaKV(budget=budget, hcc=False, sinks=4)
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group

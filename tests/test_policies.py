@@ -96,6 +96,8 @@ def test_bad_settings_say_what_is_wrong():
         MadaKV(hcc_variant="balanced", hcc_mix=1.5)
     with pytest.raises(ValueError, match="pool must be an odd integer"):
         MadaKV(pool=4)
+    with pytest.raises(ValueError, match="sinks must be an integer"):
+        MadaKV(sinks=-1)
 
 
 # ---- policy-specific behaviour ------------------------------------------------------------------
@@ -108,6 +110,28 @@ def test_streamingllm_keeps_exactly_sinks_and_recent():
     assert len(keep) == 3
     for layer_keep in keep:
         assert (layer_keep == expected).all()
+
+
+@pytest.mark.parametrize("name", ["madakv", "snapkv", "h2o", "pyramidkv"])
+def test_sinks_are_kept_by_every_head_inside_the_budget(name):
+    """The first tokens stay whatever their scores (here the lowest of all; a layer whose budget
+    is smaller keeps as many as it can), the per-layer counts do not change, and the rest is what
+    the policy picks among the other tokens."""
+    scores, tags = scores_and_tags()
+    scores[..., :6] = 0.0  # the sinks would never win on their scores
+    plain = make_policy(name, budget=0.1, window=8)
+    with_sinks = make_policy(name, budget=0.1, window=8, sinks=6)
+    n = scores.shape[-1]
+    tail = plain.protected_tail(plain.kept_tokens(n))
+    keep, reference = with_sinks.select(scores, tags), plain.select(scores, tags)
+    for layer, (layer_keep, layer_reference) in enumerate(zip(keep, reference)):
+        assert layer_keep.shape == layer_reference.shape
+        count = layer_keep.shape[1] - tail  # selectable tokens this layer keeps
+        sinks = min(6, count)
+        assert (layer_keep[:, :sinks] == torch.arange(sinks)).all()
+        assert not (layer_reference[:, :sinks] < sinks).all(), "without sinks these tokens are not kept"
+        rest = with_sinks.choose(scores[layer, :, sinks:n - tail].float(), tags[sinks:n - tail], count - sinks)
+        assert torch.equal(layer_keep[:, sinks:count], rest.nonzero()[:, 1].view(rest.shape[0], -1) + sinks)
 
 
 def test_snapkv_pooling_keeps_neighbours_of_a_peak():

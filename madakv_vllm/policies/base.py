@@ -79,11 +79,13 @@ class EvictionPolicy:
     nothing. `layer_buckets`: None = every layer keeps its own budget (PyramidKV, MadaKV's HCC);
     1 = every layer keeps the same count (vLLM with one KV-cache group: all layers share one
     block table); N = N equal buckets of consecutive layers, one count each (vLLM with N
-    groups, `bucket_budgets`)."""
+    groups, `bucket_budgets`). `sinks`: the first prompt tokens every head keeps whatever their
+    scores, inside the budget (StreamingLLM's attention sinks; 0 = none, the ranking decides)."""
 
     budget: float | int = 0.2
     window: int = 32
     layer_buckets: int | None = None  # vLLM sets it to its KV-cache group count
+    sinks: int = 0
     name: ClassVar[str] = "base"
     needs_scores: ClassVar[bool] = True  # StreamingLLM ranks by position only
 
@@ -96,6 +98,8 @@ class EvictionPolicy:
                                                not isinstance(self.layer_buckets, int) or self.layer_buckets < 1):
             raise ValueError(f"{self.name}: layer_buckets must be a positive integer or None, "
                              f"got {self.layer_buckets!r}")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or not 0 <= self.sinks <= MAX_TOKEN_COUNT:
+            raise ValueError(f"{self.name}: sinks must be an integer in [0, {MAX_TOKEN_COUNT}], got {self.sinks!r}")
         if isinstance(self.budget, int) and self.window >= self.budget:
             raise ValueError(f"{self.name}: window ({self.window}) must be smaller than "
                              f"the budget ({self.budget} tokens)")
@@ -190,8 +194,16 @@ class EvictionPolicy:
         tags = modality_tags[:n_select]
         if budgets is None:
             budgets = self.plan_budgets(scores, modality_tags, selectable.shape[0])
-        return [keep_indices(self.choose(selectable[layer], tags, count), n, n_select)
+        return [keep_indices(self.choose_after_sinks(selectable[layer], tags, count), n, n_select)
                 for layer, count in enumerate(budgets)]
+
+    def choose_after_sinks(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
+        """`choose`, with the first `sinks` tokens kept ahead of it and counted in `count`."""
+        sinks = min(self.sinks, count, psi.shape[1])
+        if sinks == 0:
+            return self.choose(psi, modality_tags, count)
+        rest = self.choose(psi[:, sinks:], modality_tags[sinks:], count - sinks)
+        return torch.cat([torch.ones(psi.shape[0], sinks, dtype=torch.bool, device=psi.device), rest], dim=1)
 
 
 def bucket_budgets(budgets: list[int], buckets: int, cap: int) -> list[int]:

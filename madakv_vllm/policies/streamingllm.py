@@ -15,7 +15,7 @@ from .base import EvictionPolicy
 
 @dataclass
 class StreamingLLM(EvictionPolicy):
-    sinks: int = 4
+    sinks: int = 4  # the base policy keeps them first; choose() then takes the next tokens
     name: ClassVar[str] = "streamingllm"
     needs_scores: ClassVar[bool] = False
 
