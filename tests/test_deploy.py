@@ -219,3 +219,24 @@ def test_middleware_refuses_to_load_without_a_key(key):
     env["VLLM_API_KEY"] = "k"
     assert subprocess.run([sys.executable, "-B", "-c", "import require_api_key"], cwd=DEPLOY, env=env,
                           timeout=60).returncode == 0
+
+
+def test_network_policy_admits_only_the_namespace_and_prometheus_to_every_serving_pod():
+    policy = yaml.safe_load((DEPLOY / "k8s" / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    values = helm_values()
+    pod_labels = [yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["metadata"]
+                  ["labels"], values["servingEngineSpec"]["labels"], values["routerSpec"]["labels"]]
+    for labels in pod_labels:  # the Deployment's pod, the chart's engines and its router
+        assert selector.items() <= labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    same_namespace, prometheus = rule["from"]
+    assert same_namespace == {"podSelector": {}}  # no namespaceSelector: this namespace only
+    assert list(prometheus) == ["namespaceSelector"] and prometheus["namespaceSelector"]["matchLabels"]
+
+
+def test_service_stays_inside_the_cluster():
+    service = yaml.safe_load((DEPLOY / "k8s" / "service.yaml").read_text())
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
