@@ -9,6 +9,8 @@ unequal counts, unlike vLLM's one-block-table regime):
   the old default window 32, except "MPA on, HCC balanced, window 8", the policy's defaults,
 - max-pooling of the scores inside a modality over 3 / 7 neighbours (ours, beyond the paper),
 - uniform layers (`layer_buckets=1`: what vLLM runs with its default single KV-cache group),
+- issue 18's levers on what vLLM runs (MPA, HCC off, window 8): MPA off, sinks 4, whole spans of
+  8 / 16 tokens (`span`), MPA's coverage split (`mpa_split: coverage`),
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
@@ -32,6 +34,10 @@ HERE = Path(__file__).resolve().parent
 REFERENCE = "MPA on, HCC balanced"
 
 
+def reference_name(name: str) -> str:
+    return f"{name}, window 32" if name == REFERENCE else name
+
+
 def variants(budget: float) -> dict:
     from madakv_vllm.policies import MadaKV, PyramidKV, SnapKV, StreamingLLM
 
@@ -51,6 +57,10 @@ def variants(budget: float) -> dict:
     out["MPA on, HCC balanced, window 8"] = MadaKV(budget=budget)  # the policy's defaults
     # what vLLM runs by default (one KV-cache group: uniform layers), with StreamingLLM's sinks
     out["MPA on, HCC off, window 8, sinks 4"] = MadaKV(budget=budget, hcc=False, sinks=4)
+    out["MPA off, HCC off, window 8"] = MadaKV(budget=budget, hcc=False, mpa=False)
+    for span in (8, 16):
+        out[f"MPA on, HCC off, window 8, span {span}"] = MadaKV(budget=budget, hcc=False, span=span)
+    out["MPA coverage, HCC off, window 8"] = MadaKV(budget=budget, hcc=False, mpa_split="coverage")
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group
@@ -70,6 +80,9 @@ def main():
                                                  "only these variants' rows)")
     p.add_argument("--tasks", nargs="+", help="only these tasks (e.g. to split a run over processes)")
     p.add_argument("--start", type=int, default=0, help="skip each task's first samples (to extend a stopped run)")
+    p.add_argument("--seed", type=int, default=0, help="suite seed: 0 the dev split (options are chosen on it), "
+                                                       "1 the test split (never used to choose)")
+    p.add_argument("--reference", default=REFERENCE, help="the variant every other one is tested against")
     p.add_argument("--out", default=str(HERE / "results" / "ablation"), help="OUT.json, OUT.png, OUT-samples.jsonl")
     p.add_argument("--summarize", nargs="+", metavar="JSONL",
                    help="only tabulate these samples files (a run stopped early, or shards of one run)")
@@ -91,7 +104,7 @@ def main():
 def run(args) -> list[dict]:
     from _stamp import hf_judge, hf_sweep, suite_samples, synthetic_suite
 
-    data = synthetic_suite(args.samples)
+    data = synthetic_suite(args.samples, seed=args.seed)
     model, processor = hf_judge()
     policies = {("full cache", None): None}
     for budget in args.budgets:
@@ -102,7 +115,7 @@ def run(args) -> list[dict]:
     with open(f"{args.out}-samples.jsonl", "w") as jsonl:
         for sample, _, (name, budget), prediction, score, _ in hf_sweep(model, processor, samples, policies,
                                                                         args.max_new_tokens, "ablation"):
-            rows.append(dict(task=sample.task, sample_id=sample.sample_id, policy=name, budget=budget,
+            rows.append(dict(task=sample.task, sample_id=sample.sample_id, seed=args.seed, policy=name, budget=budget,
                              answer=sample.answer, prediction=prediction, score=score))
             jsonl.write(json.dumps(rows[-1]) + "\n")
             jsonl.flush()
@@ -121,7 +134,7 @@ def write(args, rows: list[dict], seconds: float | None) -> None:
     full = cell[("full cache", None, "ALL")]
     lines = [f"Mean score over {', '.join(tasks)} ({n} samples each, pooled Wilson 95 % interval); full cache "
              f"{full['score']:.2f} [{full['ci_low']:.2f}, {full['ci_high']:.2f}].", "",
-             f"Each other variant: its difference to the reference ({REFERENCE}, window 32) on the samples "
+             f"Each other variant: its difference to the reference ({reference_name(args.reference)}) on the samples "
              "both ran and the exact McNemar p of that difference on the same samples (p < 0.05: significant).", "",
              "| variant | " + " | ".join(f"{b:.0%}" for b in args.budgets) + " |",
              "|---" * (len(args.budgets) + 1) + "|"]
@@ -130,9 +143,9 @@ def write(args, rows: list[dict], seconds: float | None) -> None:
         paired[(r["policy"], r["budget"])][(r["task"], r["sample_id"])] = r["score"]
 
     def against_reference(name, budget) -> str:
-        if name == REFERENCE or (REFERENCE, budget) not in paired:
+        if name == args.reference or (args.reference, budget) not in paired:
             return ""
-        mine, reference = paired[(name, budget)], paired[(REFERENCE, budget)]
+        mine, reference = paired[(name, budget)], paired[(args.reference, budget)]
         shared = mine.keys() & reference.keys()
         diff = sum(mine[k] - reference[k] for k in shared) / len(shared)
         p = paired_p(mine, reference)
@@ -146,6 +159,7 @@ def write(args, rows: list[dict], seconds: float | None) -> None:
 
     write_results(args.out, dict(
         stamp=stamp(), model="SmolLM2-LLaVA judge fp32 (HF reference path)", budgets=args.budgets,
+        reference=args.reference, seeds=sorted({r.get("seed", 0) for r in rows}),
         samples_per_task=n, max_new_tokens=args.max_new_tokens, seconds=None if seconds is None else round(seconds),
         rows=[dict(variant=r["policy"], budget=r["budget"] or None, task=r["task"], score=r["score"], n=r["samples"],
                    ci_low=r["ci_low"], ci_high=r["ci_high"]) for r in summary],
@@ -157,6 +171,7 @@ def draw(plt, result: dict):
     score over the tasks, its 95 % interval and its value; the full cache as a line. The
     reference and vLLM's default ("MPA on, HCC off, window 8") are marked."""
     rows = [r for r in result["rows"] if r["task"] == "ALL"]
+    reference = result.get("reference", REFERENCE)
     (full,) = [r for r in rows if r["variant"] == "full cache"]
     tabled = [line.split(" | ")[0][2:] for line in result["markdown"].splitlines()[4:] if line.startswith("| ")]
     names = [name for name in tabled if name != "variant"] or [  # the table's order
@@ -167,7 +182,7 @@ def draw(plt, result: dict):
         cells = {r["variant"]: r for r in rows if r["budget"] == budget}
         ys = range(len(names))
         scores = [cells[n]["score"] if n in cells else 0 for n in names]
-        colors = ["C2" if n == "MPA on, HCC off, window 8" else "C1" if n == REFERENCE else "C0" for n in names]
+        colors = ["C2" if n == "MPA on, HCC off, window 8" else "C1" if n == reference else "C0" for n in names]
         ax.barh(ys, scores, color=colors, alpha=0.85, xerr=[
             [cells[n]["score"] - cells[n]["ci_low"] if n in cells else 0 for n in names],
             [cells[n]["ci_high"] - cells[n]["score"] if n in cells else 0 for n in names]], capsize=2,
@@ -182,7 +197,7 @@ def draw(plt, result: dict):
     axes[0].set_yticks(list(range(len(names))), names, fontsize=8)
     axes[0].invert_yaxis()
     fig.text(0.01, 0.01, f"{result['model']}; {result['samples_per_task']} samples per task; orange: the "
-                         f"reference ({REFERENCE}, window 32), green: what vLLM runs by default", fontsize=7)
+                         f"reference ({reference_name(reference)}), green: what vLLM runs by default", fontsize=7)
     return fig
 
 

@@ -44,6 +44,28 @@ def topk_mask(scores: torch.Tensor, member: torch.Tensor, counts: torch.Tensor) 
     return (rank < counts[:, None]) & member
 
 
+def span_ranks(psi: torch.Tensor, modality_tags: torch.Tensor, span: int) -> torch.Tensor:
+    """Ranking scores [H, n] under which tokens come in whole spans: each run of same-modality
+    tokens is cut into spans of `span` tokens from its start, spans rank by their summed score
+    and tokens inside a span by their own (so a top-k cut splits at most one span). Keeps
+    multi-token facts together (ChunkKV's observation); higher ranks first."""
+    heads, n = psi.shape
+    if span == 1 or n == 0:
+        return psi
+    pos = torch.arange(n, device=psi.device)
+    tags = modality_tags[:n]
+    run_starts = torch.ones(n, dtype=torch.bool, device=psi.device)
+    run_starts[1:] = tags[1:] != tags[:-1]
+    run_start = torch.where(run_starts, pos, 0).cummax(dim=0).values
+    span_id = (run_start + (pos - run_start) // span).expand(heads, -1)  # unique per span, < n
+    span_sum = torch.zeros(heads, n, device=psi.device).scatter_add_(1, span_id, psi.float()).gather(1, span_id)
+    by_own = psi.float().argsort(dim=1, descending=True, stable=True)
+    order = by_own.gather(1, span_sum.gather(1, by_own).argsort(dim=1, descending=True, stable=True))
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, pos.expand(heads, -1))
+    return (n - rank).float()
+
+
 def split_quota(total: int, visual_share: torch.Tensor, n_visual: int,
                 n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head (visual, text) counts summing to `total`, visual ~ round(total * share).

@@ -97,7 +97,8 @@ def test_generator_is_deterministic_and_spans_lengths(tmp_path, monkeypatch):
     synthetic.generate(tmp_path / "b", samples=4, seed=3, lengths=lengths)
     synthetic.generate(tmp_path / "c", samples=4, seed=4, lengths=lengths)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
-    assert list_tasks(tmp_path / "a") == ["SyntheticImageNeedle", "SyntheticMixedNeedle", "SyntheticPasskeyNeedle",
+    assert list_tasks(tmp_path / "a") == ["SyntheticImageNeedle", "SyntheticMixedNeedle",
+                                          "SyntheticNoisyPicturesNeedle", "SyntheticPasskeyNeedle",
                                           "SyntheticTextNeedle"]
     samples = load_task(tmp_path / "a", "SyntheticTextNeedle")
     words = [len(s.context.split()) for s in samples]
@@ -125,7 +126,7 @@ def test_generator_is_deterministic_and_spans_lengths(tmp_path, monkeypatch):
     monkeypatch.delitem(synthetic.TASKS, "SyntheticPasskeyNeedle")
     synthetic.generate(tmp_path / "d", samples=4, seed=3, lengths=lengths)
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["SyntheticImageNeedle", "SyntheticMixedNeedle",
-                                                                  "SyntheticTextNeedle"]
+                                                                  "SyntheticNoisyPicturesNeedle", "SyntheticTextNeedle"]
     assert digest(tmp_path / "d" / "SyntheticTextNeedle") == digest(tmp_path / "a" / "SyntheticTextNeedle")
 
 
@@ -157,6 +158,11 @@ def test_image_and_mixed_needles_put_the_answer_in_one_picture(tmp_path):
         assert s.context.index("{image#1}") < s.context.index("The secret color")
         assert s.context.endswith(synthetic.MIXED_QUESTION) and scorer_for(s) is all_words_match
     assert len({word_pictures(s)[0] for s in mixed}) > 1  # the needle picture moves
+    for s in load_task(tmp_path, "SyntheticNoisyPicturesNeedle"):  # six noise pictures per usual picture
+        assert len(s.image_paths) == 6 * 4 and word_pictures(s) == []
+        assert f"The secret word is {s.answer}." in s.context and s.context.endswith("What is the secret word?")
+        colours = len(Image.open(s.image_paths[0]).convert("RGB").getcolors(56 * 56) or range(56 * 56))
+        assert colours > 1000  # noise, not three squares on a background
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from madakv_kernels import coverage_demand, split_quota, topk_mask
+from madakv_kernels import coverage_demand, span_ranks, split_quota, topk_mask
 from madakv_vllm.policies import H2O, POLICIES, LookM, MadaKV, PyramidKV, SnapKV, StreamingLLM, make_policy
 
 
@@ -162,6 +162,68 @@ def test_madakv_pooling_keeps_a_span_within_its_modality():
     assert set(range(100, 103)) <= with_mpa
     plain = set(MadaKV(budget=12 + 8, window=8, hcc=False, mpa=False).select(psi, tags)[0][0].tolist())
     assert not set(range(101, 103)) <= plain or not set(range(148, 153)) <= plain  # pooling made the difference
+
+
+def test_span_ranks_order_whole_spans_by_their_sum_inside_modality_runs():
+    psi = torch.zeros(2, 24)
+    psi[:, 4:8] = 0.2       # text span [4, 8): sum 0.8, no token above 0.2
+    psi[:, 21] = 0.5        # a lone peak: its span [20, 24) sums to 0.5
+    psi[1, 13] = 0.9        # head 1: a peak in the image run [10, 14), its own span
+    visual = torch.zeros(24, dtype=torch.bool)
+    visual[10:14] = True    # runs: [0, 10) text -> spans [0,4) [4,8) [8,10); [10, 14) image; [14, 24) text
+    ranks = span_ranks(psi, visual, 4)
+    top4 = topk_mask(ranks, torch.ones(24, dtype=torch.bool), torch.tensor([4, 4]))
+    assert top4[0].nonzero().flatten().tolist() == [4, 5, 6, 7]   # the span beats the higher lone peak
+    assert top4[1].nonzero().flatten().tolist() == [10, 11, 12, 13]  # the image run is a span of its own
+    # a cut through a span takes its best tokens first, then the next span's
+    top5 = topk_mask(ranks, torch.ones(24, dtype=torch.bool), torch.tensor([5, 6]))
+    assert top5[0].nonzero().flatten().tolist() == [4, 5, 6, 7, 21]
+    assert top5[1].nonzero().flatten().tolist() == [4, 5, 10, 11, 12, 13]
+    assert torch.equal(span_ranks(psi, visual, 1), psi)
+
+
+def test_madakv_span_keeps_a_low_scoring_number_next_to_the_words_that_name_it():
+    """A pass-key-like fact: the words before a number draw the question's attention, the
+    digits do not; token top-k keeps the words only, span ranking keeps the number with them."""
+    n = 400
+    gen = torch.Generator().manual_seed(0)
+    psi = torch.rand(1, 3, n, generator=gen) * 0.01
+    psi[0, :, 200:203] = 0.3                 # "pass key is"
+    psi[0, :, 203:208] = 0.005               # the five digits (spans of 8 from 0: [200, 208) holds all)
+    psi[0, :, 300:310] = 0.02                # a few moderately attended tokens elsewhere
+    tags = torch.zeros(n, dtype=torch.int8)
+    digits = set(range(203, 208))
+    plain = set(MadaKV(budget=8 + 16, hcc=False).select(psi, tags)[0][0].tolist())
+    spans = set(MadaKV(budget=8 + 16, hcc=False, span=8).select(psi, tags)[0][0].tolist())
+    assert not digits <= plain and digits <= spans
+    with pytest.raises(ValueError, match="pool or span"):
+        MadaKV(pool=3, span=8)
+    with pytest.raises(ValueError, match="span must be"):
+        MadaKV(span=0)
+
+
+def test_madakv_coverage_split_gives_a_flat_low_mass_modality_its_needed_share():
+    """Pictures drawing 3 % of a head's mass spread over many tokens: the paper's split gives
+    them ~3 % of the slots, the coverage split about their share of the tokens needed to cover
+    theta of each modality's mass."""
+    n = 500
+    psi = torch.zeros(1, 2, n)
+    tags = torch.zeros(n, dtype=torch.int8)
+    tags[100:164] = 1                             # 64 picture tokens
+    psi[0, :, 100:164] = 0.03 / 64                # flat, 3 % of the mass
+    psi[0, :, 300:310] = 0.097                    # text: 97 % on ten tokens
+    psi[0, 1, 300:310] = 0.0
+    psi[0, 1, :100] = 0.97 / 100                  # head 1: text mass spread over 100 tokens
+    paper, coverage = MadaKV(hcc=False), MadaKV(hcc=False, mpa_split="coverage", theta=0.9)
+    selectable, selectable_tags = psi[0, :, : n - 8], tags[: n - 8]
+    assert torch.allclose(paper.visual_share(selectable, selectable_tags), torch.tensor([0.03, 0.03]))
+    share = coverage.visual_share(selectable, selectable_tags)
+    # head 0: pictures need 58 tokens (90 % of 64 flat ones), text 9: 58 / 67; head 1: 58 / (58 + 90)
+    assert torch.allclose(share, torch.tensor([58 / 67, 58 / 148]))
+    keep = coverage.select(psi, tags)
+    assert keep is not None and keep[0].shape == (2, int(0.2 * n + 0.5))
+    with pytest.raises(ValueError, match="mpa_split"):
+        MadaKV(mpa_split="tokens")
 
 
 def test_h2o_scores_with_every_query_and_keeps_half_recent():

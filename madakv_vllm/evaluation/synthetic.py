@@ -10,6 +10,10 @@ designed so that SmolLM2-135M-Instruct (the SmolLM2-LLaVA judge) answers them wi
   W.", see madakv_vllm/testing/vision.py); the other pictures show coloured squares.
 - SyntheticMixedNeedle: the question needs one picture (the secret word) and one sentence ("The
   secret color is C." inside a paragraph); both must be in the answer.
+- SyntheticNoisyPicturesNeedle: the text needle among six times as many pictures of random
+  noise, which carry nothing yet draw attention (about 8 % of a head's mass on 30 % of the
+  tokens, more per picture token than plain filler text gets): the other side of a modality
+  split, where a rule that hands pictures slots for what they draw or need starves the text.
 All ask their question before the text (in the task instruction) and again after it: a 135M
 model reads a long context for the question it already knows. They are scored by substring match
 (small models answer in a sentence, "The pass key is 27611."; the mixed task needs every word of
@@ -54,14 +58,21 @@ def _paragraph(rng: random.Random, words: int) -> str:
     return " ".join(out)
 
 
-def _haystack(rng, folder: Path, sample_id: int, total_words: int, images: int):
+def render_noise(rng: random.Random, size: int = 56):
+    """A haystack picture of random pixels: nothing to read, unlike anything the reader learnt."""
+    from PIL import Image
+
+    return Image.frombytes("RGB", (size, size), bytes(rng.randrange(256) for _ in range(size * size * 3)))
+
+
+def _haystack(rng, folder: Path, sample_id: int, total_words: int, images: int, picture=render_shapes):
     """Paragraph texts and image placeholders, alternating; returns (chunks, image file names)."""
     chunks, names = [], []
     per_chunk = max(20, total_words // (images + 1))
     for k in range(images):
         chunks.append(_paragraph(rng, per_chunk))
         name = f"s{sample_id}_img{k + 1}.png"
-        render_shapes(rng).save(folder / "images" / name)
+        picture(rng).save(folder / "images" / name)
         names.append(name)
         chunks.append(f"{{image#{k + 1}}}")
     chunks.append(_paragraph(rng, per_chunk))
@@ -77,13 +88,15 @@ def _insert_sentence(rng: random.Random, chunks: list[str], sentence: str) -> No
     chunks[text] = ". ".join(sentences) + "."
 
 
-def _needle(folder: Path, samples: int, rng: random.Random, lengths, plant, question: str) -> list[dict]:
+def _needle(folder: Path, samples: int, rng: random.Random, lengths, plant, question: str,
+            picture=render_shapes, pictures_per_image: int = 1) -> list[dict]:
     """Haystacks with a fact planted by `plant(rng, chunks, folder, picture names)`, which returns
-    the answer; the question follows the haystack."""
+    the answer; the question follows the haystack. `pictures_per_image`: pictures in place of
+    each of the length's images (drawn by `picture`)."""
     data = []
     for i in range(samples):
         words, images = LENGTHS[lengths[i % len(lengths)]]
-        chunks, names = _haystack(rng, folder, i, words, images)
+        chunks, names = _haystack(rng, folder, i, words, images * pictures_per_image, picture)
         answer = plant(rng, chunks, folder, names)
         context = " ".join(chunks) + " " + question
         data.append({"sample_id": i, "task_instruction_id": 0, "length": lengths[i % len(lengths)],
@@ -118,6 +131,11 @@ def text_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list
                    "What is the secret word?")
 
 
+def noisy_pictures_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
+    return _needle(folder, samples, rng, lengths, _sentence_fact(lambda r: r.choice(SECRETS), "The secret word is {}."),
+                   "What is the secret word?", picture=render_noise, pictures_per_image=6)
+
+
 def passkey_needle(folder: Path, samples: int, rng: random.Random, lengths) -> list[dict]:
     return _needle(folder, samples, rng, lengths,
                    _sentence_fact(lambda r: str(r.randrange(10000, 100000)),
@@ -144,6 +162,7 @@ TASKS = {  # name: (generator, instruction with the question, seed offset: tasks
     "SyntheticPasskeyNeedle": (passkey_needle, INSTRUCTION.format("What is the pass key?"), 2),
     "SyntheticImageNeedle": (image_needle, INSTRUCTION.format("What is the secret word?"), 3),
     "SyntheticMixedNeedle": (mixed_needle, INSTRUCTION.format(MIXED_QUESTION), 4),
+    "SyntheticNoisyPicturesNeedle": (noisy_pictures_needle, INSTRUCTION.format("What is the secret word?"), 5),
 }
 
 

@@ -2,8 +2,11 @@
 
 Scores are SnapKV-style proxy-window attention. Two parts, each switchable (the paper's ablation):
 - MPA (modality preference adaptation): each head splits its budget between visual (image +
-  video) and text tokens in proportion to the attention mass it gives each, then keeps its top
-  tokens inside each modality.
+  video) and text tokens in proportion to the attention mass it gives each (`mpa_split:
+  paper`), then keeps its top tokens inside each modality. `mpa_split: coverage` (ours) splits
+  in proportion to what each modality needs instead: the fewest of its tokens covering `theta`
+  of its mass (HCC's count), so a flat modality that draws little mass is not starved while a
+  modality that draws much mass on a few tokens does not take more than those.
 - HCC (hierarchical compression compensation): a layer's demand is the mean over heads of the
   fewest visual plus text tokens covering a fraction `theta` of each modality's mass. Two
   variants share that demand and conserve the total:
@@ -24,11 +27,12 @@ from typing import ClassVar
 
 import torch
 
-from madakv_kernels import TEXT, coverage_demand, modality_mass, split_quota, topk_mask
+from madakv_kernels import TEXT, coverage_demand, modality_mass, span_ranks, split_quota, topk_mask
 
 from .base import EvictionPolicy, distribute, max_pool_scores
 
 HCC_VARIANTS = ("paper", "balanced")
+MPA_SPLITS = ("paper", "coverage")
 
 
 @dataclass
@@ -38,7 +42,11 @@ class MadaKV(EvictionPolicy):
     two parts on or off. `hcc_variant`: "paper" or "balanced" (see the module docstring);
     `hcc_mix`: the share of the budget the balanced variant moves by demand. `pool`: ranks
     tokens by their scores max-pooled over `pool` neighbours of the same modality (odd; 1 = no
-    pooling, as in the paper), so spans such as multi-token numbers survive together."""
+    pooling, as in the paper), so spans such as multi-token numbers survive together. `span`:
+    ranks whole spans of up to `span` same-modality tokens by their summed score and keeps them
+    whole (`span_ranks`; 1 = single tokens, as in the paper). `mpa_split`: how MPA splits a
+    head's budget between the modalities, "paper" (attention mass) or "coverage" (the module
+    docstring)."""
 
     window: int = 8  # 32 (SnapKV's) measured worse at every budget on the judge (docs/evaluation.md, ablation)
     theta: float = 0.9
@@ -49,6 +57,8 @@ class MadaKV(EvictionPolicy):
     hcc_mix: float = 0.5
     min_layer_ratio: float = 0.01
     pool: int = 1  # 7 measured worse at 5-10 %, better at 20-50 % (docs/evaluation.md): no winner, keep the paper's
+    span: int = 1
+    mpa_split: str = "paper"
     name: ClassVar[str] = "madakv"
 
     def __post_init__(self):
@@ -64,6 +74,12 @@ class MadaKV(EvictionPolicy):
             raise ValueError(f"{self.name}: hcc_mix must be in [0, 1], got {self.hcc_mix}")
         if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"{self.name}: pool must be an odd integer >= 1, got {self.pool!r}")
+        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
+            raise ValueError(f"{self.name}: span must be an integer >= 1, got {self.span!r}")
+        if self.span > 1 and self.pool > 1:
+            raise ValueError(f"{self.name}: choose pool or span, not both (pool {self.pool}, span {self.span})")
+        if self.mpa_split not in MPA_SPLITS:
+            raise ValueError(f"{self.name}: mpa_split must be one of {', '.join(MPA_SPLITS)}, got {self.mpa_split!r}")
 
     def layer_demand(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> float:
         """Mean over heads of k_v + k_t (tokens covering theta of each modality's mass)."""
@@ -113,20 +129,31 @@ class MadaKV(EvictionPolicy):
         return distribute(targets, total, n_select)
 
     def rank_scores(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
+        if self.span > 1:
+            return span_ranks(psi, modality_tags != TEXT, self.span)  # image and video: one modality
         text = modality_tags == TEXT
         return max_pool_scores(psi, self.pool, groups=[text, ~text])
+
+    def visual_share(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
+        """Per head, the share of its budget that goes to visual tokens: [H]."""
+        text = modality_tags == TEXT
+        if self.mpa_split == "coverage":
+            w_visual = coverage_demand(psi, ~text, self.theta).float()
+            w_text = coverage_demand(psi, text, self.theta).float()
+        else:
+            mass = modality_mass(psi, modality_tags, psi.shape[1])  # [H, 3]
+            w_text, w_visual = mass[:, TEXT], mass[:, 1:].sum(dim=1)
+        total = w_text + w_visual
+        # A head with no mass at all (e.g. nothing selectable) splits by token counts.
+        count_share = torch.full_like(total, float((~text).sum()) / max(1, psi.shape[1]))
+        return torch.where(total > 0, w_visual / total.clamp(min=1e-30), count_share)
 
     def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
         if not self.mpa:
             return super().choose(psi, modality_tags, count)
         text = modality_tags == TEXT
-        mass = modality_mass(psi, modality_tags, psi.shape[1])  # [H, 3]
-        w_text, w_visual = mass[:, TEXT], mass[:, 1:].sum(dim=1)
-        total = w_text + w_visual
         n_visual = int((~text).sum())
-        # A head with no mass at all (e.g. nothing selectable) splits by token counts.
-        count_share = torch.full_like(total, n_visual / max(1, psi.shape[1]))
-        visual_share = torch.where(total > 0, w_visual / total.clamp(min=1e-30), count_share)
-        visual, text_count = split_quota(count, visual_share, n_visual, psi.shape[1] - n_visual)
-        ranked = self.rank_scores(psi, modality_tags)  # the shares above come from the raw mass
+        visual, text_count = split_quota(count, self.visual_share(psi, modality_tags), n_visual,
+                                         psi.shape[1] - n_visual)
+        ranked = self.rank_scores(psi, modality_tags)  # the shares above come from the raw scores
         return topk_mask(ranked, ~text, visual) | topk_mask(ranked, text, text_count)
