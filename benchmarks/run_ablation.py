@@ -10,7 +10,8 @@ unequal counts, unlike vLLM's one-block-table regime):
 - max-pooling of the scores inside a modality over 3 / 7 neighbours (ours, beyond the paper),
 - uniform layers (`layer_buckets=1`: what vLLM runs with its default single KV-cache group),
 - issue 18's levers on what vLLM runs (MPA, HCC off, window 8): MPA off, sinks 4, whole spans of
-  8 / 16 tokens (`span`), MPA's coverage split (`mpa_split: coverage`),
+  8 / 16 tokens (`span`), MPA's coverage split (`mpa_split: coverage`), value-weighted scores
+  (`value_weighted`),
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
@@ -61,6 +62,7 @@ def variants(budget: float) -> dict:
     for span in (8, 16):
         out[f"MPA on, HCC off, window 8, span {span}"] = MadaKV(budget=budget, hcc=False, span=span)
     out["MPA coverage, HCC off, window 8"] = MadaKV(budget=budget, hcc=False, mpa_split="coverage")
+    out["MPA on, HCC off, window 8, values"] = MadaKV(budget=budget, hcc=False, value_weighted=True)
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group

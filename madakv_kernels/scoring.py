@@ -62,6 +62,15 @@ def window_scores_torch(
     return psi
 
 
+def value_norms(value_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
+                layout: str = "NHD") -> torch.Tensor:
+    """L2 norm of each of the first `context_len` values of one request per KV head: [Hkv, N]
+    fp32. A token's share of a head's output is its attention times its value, so multiplying
+    the window scores by these ranks tokens by what they add (CriticalKV's observation). One
+    read of the request's values; torch on every device (a reduction, no kernel needed)."""
+    return request_keys(value_cache, block_table, context_len, layout).float().norm(dim=-1)
+
+
 if HAS_TRITON:
     _LOG2E = 1.4426950408889634
 

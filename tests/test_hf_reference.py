@@ -118,6 +118,28 @@ def test_sweep_after_one_prefill_equals_separate_generates(hf_model, arch):
     assert len(outputs) > 1, "the policies should not all give the same tokens"
 
 
+def test_value_weighted_policies_see_attention_times_value_norms(hf_model):
+    """`value_weighted`: the scores a policy ranks are the window attention scaled by each
+    token's value norm in that layer and KV head (the prefill cache's own values)."""
+    from madakv_vllm.policies import MadaKV
+
+    seen = {}
+
+    class Recording(MadaKV):
+        def select(self, scores, tags, *args, **kwargs):
+            seen[self.value_weighted] = scores.clone()
+            return super().select(scores, tags, *args, **kwargs)
+
+    model, processor = hf_model("qwen2vl")
+    inputs = mm_inputs(processor, 3)
+    for weighted in (False, True):
+        generate_with_eviction(model, inputs, Recording(budget=0.3, window=8, value_weighted=weighted), **GEN)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    norms = torch.stack([layer.values[0].float().norm(dim=-1) for layer in cache.layers])  # [L, Hkv, N]
+    torch.testing.assert_close(seen[True], seen[False] * norms)
+
+
 def test_evicted_generation_differs_from_stock_somewhere(hf_model):
     """Guards the oracle test: eviction must actually change attention, not be a no-op."""
     model, processor = hf_model("qwen2vl")

@@ -15,6 +15,7 @@ from madakv_kernels import (
     dense_as_paged,
     gather_tokens,
     modality_mass,
+    value_norms,
     window_scores,
     window_scores_torch,
     window_scores_triton,
@@ -136,6 +137,17 @@ def test_window_scores_rejects_bad_shapes():
         window_scores_torch(cache, table[:1], randn(4, 2, 32, seed=0), 40)
     with pytest.raises(ValueError, match="layout"):
         window_scores_torch(cache, table, randn(4, 2, 32, seed=0), 40, layout="XYZ")
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_norms_read_each_token_of_the_request_from_its_blocks(layout, dtype):
+    cache, block_table, dense = make_paged(203, 2, 80, 32, layout, dtype)
+    norms = value_norms(cache, block_table, 203, layout)
+    assert norms.dtype == torch.float32 and norms.shape == (2, 203)
+    torch.testing.assert_close(norms.cpu(), dense.float().norm(dim=-1).T)
+    dense_cache, table = dense_as_paged(dense.transpose(0, 1).to(DEVICE))  # the HF path's dense view
+    torch.testing.assert_close(value_norms(dense_cache, table, 203, "HND").cpu(), norms.cpu())
 
 
 def test_modality_mass_splits_scores_by_tag():

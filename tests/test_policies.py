@@ -224,6 +224,8 @@ def test_madakv_coverage_split_gives_a_flat_low_mass_modality_its_needed_share()
     assert keep is not None and keep[0].shape == (2, int(0.2 * n + 0.5))
     with pytest.raises(ValueError, match="mpa_split"):
         MadaKV(mpa_split="tokens")
+    with pytest.raises(ValueError, match="value_weighted"):
+        SnapKV(value_weighted="yes")
 
 
 def test_h2o_scores_with_every_query_and_keeps_half_recent():

@@ -104,6 +104,24 @@ def test_parity_with_hf_reference(engines, hf_model, arch, policy):
     assert report.kept_per_layer[0] == reference_policy.kept_tokens(n)
 
 
+def test_parity_with_hf_reference_for_the_selection_options(engines, hf_model):
+    """MadaKV's selection options (whole spans, MPA's coverage split, sinks, value-weighted
+    scores) set on the server: vLLM keeps what the HF path keeps (same tokens), and the options
+    change what is kept."""
+    options = {"span": 8, "mpa_split": "coverage", "sinks": 4, "value_weighted": True}
+    model, processor = hf_model("qwen2vl")
+    inputs = hf_inputs(processor, 3)
+    n = inputs["input_ids"].shape[1]
+    policy = make_policy("madakv", budget=0.3, window=8, layer_buckets=1, **options)
+    reference, report = generate_with_eviction(model, inputs, policy, max_new_tokens=MAX_TOKENS, do_sample=False)
+    default, _ = generate_with_eviction(model, inputs, make_policy("madakv", budget=0.3, window=8, layer_buckets=1),
+                                        max_new_tokens=MAX_TOKENS, do_sample=False)
+    assert not torch.equal(reference, default), "the options should change this output, or the test proves nothing"
+    llm = engines.get("qwen2vl", additional_config={"kv_eviction": {**EVICTION["kv_eviction"], **options}})
+    out = llm.chat(vllm_messages(3), greedy(), use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == reference[0, n:].tolist()
+
+
 # ---- memory: blocks really freed, more requests fit, nothing leaks ------------------------------
 BLOCK = 32
 

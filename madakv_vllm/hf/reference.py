@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from madakv_kernels import IMAGE, MODALITY_TAGS, TEXT, VIDEO, dense_as_paged, window_scores
+from madakv_kernels import IMAGE, MODALITY_TAGS, TEXT, VIDEO, dense_as_paged, value_norms, window_scores
 
 from ..policies import EvictionPolicy
 
@@ -137,6 +137,8 @@ def evict_cache(cache, queries: dict[int, torch.Tensor], scaling: dict[int, floa
         scores = torch.stack([
             window_scores(*dense_as_paged(layer.keys[0]), queries[i], n, layout="HND", scale=scaling[i])
             for i, layer in enumerate(layers)])
+        if policy.value_weighted:
+            scores *= torch.stack([value_norms(*dense_as_paged(layer.values[0]), n, layout="HND") for layer in layers])
         keep = policy.select(scores, tags)
     else:
         keep = policy.select(None, tags, num_layers=len(layers), num_kv_heads=layers[0].keys.shape[1])

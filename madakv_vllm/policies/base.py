@@ -80,12 +80,15 @@ class EvictionPolicy:
     1 = every layer keeps the same count (vLLM with one KV-cache group: all layers share one
     block table); N = N equal buckets of consecutive layers, one count each (vLLM with N
     groups, `bucket_budgets`). `sinks`: the first prompt tokens every head keeps whatever their
-    scores, inside the budget (StreamingLLM's attention sinks; 0 = none, the ranking decides)."""
+    scores, inside the budget (StreamingLLM's attention sinks; 0 = none, the ranking decides).
+    `value_weighted`: the scores the policy sees are the window attention times each token's
+    value norm per head (`madakv_kernels.value_norms`; the HF path and vLLM's runner apply it)."""
 
     budget: float | int = 0.2
     window: int = 32
     layer_buckets: int | None = None  # vLLM sets it to its KV-cache group count
     sinks: int = 0
+    value_weighted: bool = False
     name: ClassVar[str] = "base"
     needs_scores: ClassVar[bool] = True  # StreamingLLM ranks by position only
 
@@ -100,6 +103,8 @@ class EvictionPolicy:
                              f"got {self.layer_buckets!r}")
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or not 0 <= self.sinks <= MAX_TOKEN_COUNT:
             raise ValueError(f"{self.name}: sinks must be an integer in [0, {MAX_TOKEN_COUNT}], got {self.sinks!r}")
+        if not isinstance(self.value_weighted, bool):
+            raise ValueError(f"{self.name}: value_weighted must be true or false, got {self.value_weighted!r}")
         if isinstance(self.budget, int) and self.window >= self.budget:
             raise ValueError(f"{self.name}: window ({self.window}) must be smaller than "
                              f"the budget ({self.budget} tokens)")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from madakv_kernels import MODALITY_TAGS, TEXT, compact_kv, paged_dims, window_scores
+from madakv_kernels import MODALITY_TAGS, TEXT, compact_kv, paged_dims, value_norms, window_scores
 
 from ..policies import EvictionPolicy
 from .kv_layout import check_layout, key_value_views
@@ -392,7 +392,7 @@ class WorkerEviction:
 
     def _score(self, layer_index: int, impl, query: torch.Tensor, kv_cache: torch.Tensor) -> None:
         started = time.perf_counter()
-        keys, _, layout = key_value_views(kv_cache, impl)
+        keys, values, layout = key_value_views(kv_cache, impl)
         head_dim = keys.shape[-1]
         group = self.layer_group[layer_index]
         for rows in self.step_rows:
@@ -400,6 +400,8 @@ class WorkerEviction:
             psi = window_scores(keys, rows.block_tables[group], queries, rows.context_len, layout=layout,
                                 scale=impl.scale)
             state = rows.request
+            if state.policy.value_weighted:  # per token, so summing weighted parts over steps is the same
+                psi *= value_norms(values, rows.block_tables[group], rows.context_len, layout=layout)
             if state.scores is None:  # one buffer for all layers: no per-layer tensors, no stack copy
                 state.scores = torch.zeros(len(self.layers), psi.shape[0], state.target.prompt_len, device=psi.device)
             state.scores[layer_index, :, : rows.context_len] += psi
