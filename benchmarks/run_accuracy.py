@@ -47,22 +47,26 @@ def main():
     p.add_argument("--hf", action="store_true", help="run on the HF reference path instead of vllm serve")
     p.add_argument("--max-tokens", type=int, default=20, help="the mixed task's answer has two facts")
     p.add_argument("--tasks", nargs="+", help="(--hf) only these tasks (e.g. to split a run over processes)")
+    p.add_argument("--seed", type=int, default=0, help="suite seed: 0 the dev split (options are chosen on it, "
+                                                       "the default), 1 the test split (never used to choose)")
     p.add_argument("--summarize", type=int, metavar="MINUTES",
                    help="(--hf) only summarize OUT/samples.jsonl of a run that took MINUTES (stopped early, or "
                         "split over processes with --tasks and its samples files concatenated)")
     args = p.parse_args()
-    args.out = args.out or str(RESULTS / ("accuracy" if args.hf else "accuracy-vllm"))
+    args.out = args.out or str(RESULTS / run_dir(args.hf, args.seed))
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     from _stamp import smollm2_llava, synthetic_suite
+
+    data = None if args.summarize else synthetic_suite(args.samples, seed=args.seed)
 
     started = time.time()
     if args.summarize:
         summarize_samples(Path(args.out))
     elif args.hf:
-        run_hf(args, synthetic_suite(args.samples))
+        run_hf(args, data)
     else:
-        run_vllm(args, smollm2_llava(), synthetic_suite(args.samples))
+        run_vllm(args, smollm2_llava(), data)
     table = markdown_table(Path(args.out) / "summary.csv")
     took = (f"{args.summarize} min, tabled from its samples file" if args.summarize else
             f"{round((time.time() - started) / 60)} min")
@@ -87,9 +91,21 @@ def redraw_plots(out: Path) -> None:
             print(f"drew {png}")
 
 
+def run_dir(hf: bool, seed: int) -> str:
+    """Where a run's files go: accuracy(-vllm) for the dev split, with -test for the test split."""
+    from _stamp import DEV_SEED, TEST_SEED
+
+    if seed not in (DEV_SEED, TEST_SEED):
+        sys.exit(f"run_accuracy.py: --seed {seed} is neither the dev ({DEV_SEED}) nor the test ({TEST_SEED}) split")
+    return ("accuracy" if hf else "accuracy-vllm") + ("-test" if seed == TEST_SEED else "")
+
+
 def merge_results() -> None:
-    """benchmarks/results/accuracy.json: the rows of the vLLM and the HF run together."""
-    rows = [row for run in ("accuracy-vllm", "accuracy") if (RESULTS / run / "accuracy.json").is_file()
+    """benchmarks/results/accuracy.json: the rows of the vLLM and the HF runs together, each with
+    its split (dev: seed 0, test: seed 1)."""
+    rows = [{**row, "split": "test" if run.endswith("-test") else "dev"}
+            for run in (run_dir(hf, seed) for seed in (0, 1) for hf in (False, True))
+            if (RESULTS / run / "accuracy.json").is_file()
             for row in json.loads((RESULTS / run / "accuracy.json").read_text())]
     (RESULTS / "accuracy.json").write_text(json.dumps(rows, indent=1))
 

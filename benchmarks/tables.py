@@ -191,11 +191,17 @@ BASELINES = ("snapkv", "pyramidkv", "lookm", "streamingllm", "h2o")
 GLANCE_BUDGETS = (0.1, 0.2, 0.5)
 
 
+def _glance_split(rows: list[dict]) -> str:
+    """The split the glance shows: the test split once MadaKV has rows there, else the dev split."""
+    return "test" if any(r.get("split") == "test" and r["policy"] == "madakv" for r in rows) else "dev"
+
+
 def _glance_cells(rows: list[dict]) -> list[tuple[float, dict, dict, dict]]:
     """Per budget of GLANCE_BUDGETS: (budget, full cache, MadaKV, best baseline), means over the
-    tasks. MadaKV and the full cache as vLLM served them (the HF path's when vLLM has none), the
-    baseline with the highest mean at that budget (the HF path ran them)."""
-    mean = [r for r in rows if r["task"] == "ALL"]
+    tasks of one split (`_glance_split`). MadaKV and the full cache as vLLM served them (the HF
+    path's when vLLM has none), the baseline with the highest mean at that budget."""
+    split = _glance_split(rows)
+    mean = [r for r in rows if r["task"] == "ALL" and r.get("split", "dev") == split]
 
     def pick(policy, budget=None):
         for setting in ("endpoint", "hf"):
@@ -229,7 +235,8 @@ def accuracy_glance(rows: list) -> str | None:
     runs = "; ".join(f"{s['label']}{s['machine']}, commit {s['commit']}, {s['date']}" for s in _glance_stamps())
     return _markdown(
         f"`python benchmarks/run_accuracy.py` and `--hf` ({runs}): mean score of the SmolLM2-LLaVA judge over the "
-        f"four synthetic tasks, n = {n} per cell, with its Wilson 95 % interval; MadaKV and the full cache "
+        f"synthetic tasks ({_glance_split(rows)} split), n = {n} per cell, with its Wilson 95 % interval; MadaKV and "
+        "the full cache "
         f"{'served by vLLM (`--kv-eviction madakv`, its defaults)' if served else 'on the HF path'}, the best "
         "baseline (highest mean of SnapKV, PyramidKV, LOOK-M, StreamingLLM at that budget) from the HF path on "
         "the same samples:",

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -78,3 +80,35 @@ def test_accuracy_summary_of_a_stopped_run_has_n_and_intervals(tmp_path):
     assert [line.split(" | ")[0] for line in merged[2:]] == ["| full cache", "| full cache (vLLM)", "| snapkv 20%",
                                                             "| snapkv 20% (vLLM)"]
     assert merged[5].endswith("| 20.9% |")
+
+
+def test_accuracy_results_carry_their_split_and_the_glance_shows_the_test_split_once_it_exists(tmp_path,
+                                                                                              monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_accuracy
+    import tables
+
+    def rows(policy, score):
+        return [dict(setting="endpoint", policy=policy, budget=None if policy == "none" else budget, task="ALL",
+                     score=score, n=500, ci_low=score - 0.05, ci_high=score + 0.05, kv_kept=None)
+                for budget in tables.GLANCE_BUDGETS]
+
+    monkeypatch.setattr(run_accuracy, "RESULTS", tmp_path)
+    (tmp_path / "accuracy-vllm").mkdir()
+    (tmp_path / "accuracy-vllm" / "accuracy.json").write_text(json.dumps(rows("madakv", 0.5) + rows("none", 0.9)))
+    (tmp_path / "accuracy").mkdir()
+    (tmp_path / "accuracy" / "accuracy.json").write_text(json.dumps(rows("snapkv", 0.6)))
+    run_accuracy.merge_results()
+    merged = json.loads((tmp_path / "accuracy.json").read_text())
+    assert {r["split"] for r in merged} == {"dev"} and len(merged) == 9
+    assert [m["score"] for _, _, m, _ in tables._glance_cells(merged)] == [0.5] * 3
+    (tmp_path / "accuracy-vllm-test").mkdir()
+    (tmp_path / "accuracy-vllm-test" / "accuracy.json").write_text(json.dumps(rows("madakv", 0.7) + rows("none", 0.9)))
+    (tmp_path / "accuracy-test").mkdir()
+    (tmp_path / "accuracy-test" / "accuracy.json").write_text(json.dumps(rows("snapkv", 0.65)))
+    run_accuracy.merge_results()
+    merged = json.loads((tmp_path / "accuracy.json").read_text())
+    assert sorted({r["split"] for r in merged}) == ["dev", "test"] and tables._glance_split(merged) == "test"
+    assert [(m["score"], best["score"]) for _, _, m, best in tables._glance_cells(merged)] == [(0.7, 0.65)] * 3
+    with pytest.raises(SystemExit, match="neither the dev"):
+        run_accuracy.run_dir(False, 7)
