@@ -65,6 +65,7 @@ def variants(budget: float) -> dict:
     out["MPA on, HCC off, window 8, values"] = MadaKV(budget=budget, hcc=False, value_weighted=True)
     # the levers that won alone on the dev split, together
     out["MPA on, HCC off, window 8, span 8, sinks 4"] = MadaKV(budget=budget, hcc=False, span=8, sinks=4)
+    out["MPA off, HCC off, window 8, span 8, sinks 4"] = MadaKV(budget=budget, hcc=False, mpa=False, span=8, sinks=4)
     out["MPA on, HCC off, window 8, span 8, sinks 4, values"] = MadaKV(budget=budget, hcc=False, span=8, sinks=4,
                                                                        value_weighted=True)
     for pool in (3, 7):
