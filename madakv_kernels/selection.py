@@ -37,7 +37,7 @@ def coverage_demand(psi: torch.Tensor, member: torch.Tensor, theta: float) -> to
 
 def topk_mask(scores: torch.Tensor, member: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Bool [H, n]: per head h, the counts[h] highest-scoring member tokens (ties: lower position)."""
-    ranked_scores = scores.float().masked_fill(~member, float("-inf"))
+    ranked_scores = (scores if scores.dtype == torch.float64 else scores.float()).masked_fill(~member, float("-inf"))
     order = ranked_scores.sort(dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -45,10 +45,10 @@ def topk_mask(scores: torch.Tensor, member: torch.Tensor, counts: torch.Tensor) 
 
 
 def span_ranks(psi: torch.Tensor, modality_tags: torch.Tensor, span: int) -> torch.Tensor:
-    """Ranking scores [H, n] under which tokens come in whole spans: each run of same-modality
-    tokens is cut into spans of `span` tokens from its start, spans rank by their summed score
-    and tokens inside a span by their own (so a top-k cut splits at most one span). Keeps
-    multi-token facts together (ChunkKV's observation); higher ranks first."""
+    """Ranking scores [H, n] (float64) under which tokens come in whole spans: each run of
+    same-modality tokens is cut into spans of `span` tokens from its start, spans rank by their
+    summed score and tokens inside a span by their own (so a top-k cut splits at most one span).
+    Keeps multi-token facts together (ChunkKV's observation); higher ranks first."""
     heads, n = psi.shape
     if span == 1 or n == 0:
         return psi
@@ -57,13 +57,16 @@ def span_ranks(psi: torch.Tensor, modality_tags: torch.Tensor, span: int) -> tor
     run_starts = torch.ones(n, dtype=torch.bool, device=psi.device)
     run_starts[1:] = tags[1:] != tags[:-1]
     run_start = torch.where(run_starts, pos, 0).cummax(dim=0).values
-    span_id = (run_start + (pos - run_start) // span).expand(heads, -1)  # unique per span, < n
-    span_sum = torch.zeros(heads, n, device=psi.device).scatter_add_(1, span_id, psi.float()).gather(1, span_id)
-    by_own = psi.float().argsort(dim=1, descending=True, stable=True)
-    order = by_own.gather(1, span_sum.gather(1, by_own).argsort(dim=1, descending=True, stable=True))
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, pos.expand(heads, -1))
-    return (n - rank).float()
+    span_index = (run_starts | ((pos - run_start) % span == 0)).cumsum(dim=0) - 1  # 0 .. spans - 1
+    spans = int(span_index[-1]) + 1
+    sums = torch.zeros(heads, spans, dtype=torch.float64, device=psi.device)
+    sums.scatter_add_(1, span_index.expand(heads, -1), psi.double())
+    order = sums.argsort(dim=1, descending=True, stable=True)  # equal sums: the earlier span first
+    span_rank = torch.empty_like(order)
+    span_rank.scatter_(1, order, torch.arange(spans, device=psi.device).expand(heads, -1))
+    # integer part: the span's place; fraction in [0, 0.5]: the token's own score inside it
+    own = psi.double() / (2 * psi.double().amax(dim=1, keepdim=True)).clamp(min=1e-300)
+    return (spans - span_rank.gather(1, span_index.expand(heads, -1))).double() + own
 
 
 def split_quota(total: int, visual_share: torch.Tensor, n_visual: int,
