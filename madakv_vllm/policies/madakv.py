@@ -44,7 +44,8 @@ class MadaKV(EvictionPolicy):
     tokens by their scores max-pooled over `pool` neighbours of the same modality (odd; 1 = no
     pooling, as in the paper), so spans such as multi-token numbers survive together. `span`:
     ranks whole spans of up to `span` same-modality tokens by their summed score and keeps them
-    whole (`span_ranks`; 1 = single tokens, as in the paper). `mpa_split`: how MPA splits a
+    whole (`span_ranks`; 1 = single tokens, as in the paper; with `pool` too, spans sum the pooled
+    scores). `mpa_split`: how MPA splits a
     head's budget between the modalities, "paper" (attention mass) or "coverage" (the module
     docstring)."""
 
@@ -76,8 +77,6 @@ class MadaKV(EvictionPolicy):
             raise ValueError(f"{self.name}: pool must be an odd integer >= 1, got {self.pool!r}")
         if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
             raise ValueError(f"{self.name}: span must be an integer >= 1, got {self.span!r}")
-        if self.span > 1 and self.pool > 1:
-            raise ValueError(f"{self.name}: choose pool or span, not both (pool {self.pool}, span {self.span})")
         if self.mpa_split not in MPA_SPLITS:
             raise ValueError(f"{self.name}: mpa_split must be one of {', '.join(MPA_SPLITS)}, got {self.mpa_split!r}")
 
@@ -129,10 +128,9 @@ class MadaKV(EvictionPolicy):
         return distribute(targets, total, n_select)
 
     def rank_scores(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
-        if self.span > 1:
-            return span_ranks(psi, modality_tags != TEXT, self.span)  # image and video: one modality
         text = modality_tags == TEXT
-        return max_pool_scores(psi, self.pool, groups=[text, ~text])
+        pooled = max_pool_scores(psi, self.pool, groups=[text, ~text])
+        return span_ranks(pooled, ~text, self.span)  # image and video: one modality
 
     def visual_share(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
         """Per head, the share of its budget that goes to visual tokens: [H]."""
