@@ -325,7 +325,7 @@ def stress(r: dict) -> str:
 
 
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
-          "ablation": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
+          "ablation": ablation, "levers": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
           "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
           "kernels_h200": kernels_h200, "stress": stress}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
@@ -440,6 +440,7 @@ PLOTS = {
     "benchmarks/results/kernels_h200.png": Plot("benchmarks/results/kernels_h200.json", _module_draw("bench_kernels")),
     "benchmarks/results/lengths.png": Plot("benchmarks/results/lengths.json", _module_draw("run_lengths")),
     "benchmarks/results/ablation.png": Plot("benchmarks/results/ablation.json", _module_draw("run_ablation")),
+    "benchmarks/results/levers.png": Plot("benchmarks/results/levers.json", _module_draw("run_ablation")),
     "benchmarks/results/accuracy-glance.png": Plot("benchmarks/results/accuracy.json",
                                                    lambda: draw_accuracy_glance, lambda _: _glance_stamps()),
     **{f"benchmarks/results/{run}/scores.png": Plot(

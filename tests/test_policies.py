@@ -145,22 +145,22 @@ def test_snapkv_pooling_keeps_neighbours_of_a_peak():
 
 
 def test_madakv_pooling_keeps_a_span_within_its_modality():
-    """pool=5: the neighbours of a text peak rank with it, but never the image tokens next to it."""
+    """pool=5 (spans off): the neighbours of a text peak rank with it, but never the image tokens next to it."""
     psi = torch.full((1, 2, 200), 0.01)
     psi[0, :, 100] = 10.0  # a text peak right after an image run [90, 100)
     psi[0, :, 150] = 1.0   # and a weaker text peak inside text
     tags = torch.zeros(200, dtype=torch.int8)
     tags[90:100] = 1
-    policy = MadaKV(budget=12 + 8, window=8, pool=5, hcc=False, mpa=False)
+    policy = MadaKV(budget=12 + 8, window=8, pool=5, hcc=False, mpa=False, span=1)
     ranked = policy.rank_scores(psi[0], tags)
     assert (ranked[:, 98:100] == 0.01).all() and (ranked[:, 100:103] == 10.0).all()
     assert (ranked[:, 148:153] == 1.0).all()
     keep = set(policy.select(psi, tags)[0][0].tolist())
     assert set(range(100, 103)) | set(range(148, 153)) <= keep and not keep & set(range(90, 100))
     # with MPA too, the modality shares come from the raw scores and the pooled ones pick inside
-    with_mpa = set(MadaKV(budget=12 + 8, window=8, pool=5, hcc=False).select(psi, tags)[0][0].tolist())
+    with_mpa = set(MadaKV(budget=12 + 8, window=8, pool=5, hcc=False, span=1).select(psi, tags)[0][0].tolist())
     assert set(range(100, 103)) <= with_mpa
-    plain = set(MadaKV(budget=12 + 8, window=8, hcc=False, mpa=False).select(psi, tags)[0][0].tolist())
+    plain = set(MadaKV(budget=12 + 8, window=8, hcc=False, mpa=False, span=1).select(psi, tags)[0][0].tolist())
     assert not set(range(101, 103)) <= plain or not set(range(148, 153)) <= plain  # pooling made the difference
 
 
@@ -193,7 +193,7 @@ def test_madakv_span_keeps_a_low_scoring_number_next_to_the_words_that_name_it()
     psi[0, :, 300:310] = 0.02                # a few moderately attended tokens elsewhere
     tags = torch.zeros(n, dtype=torch.int8)
     digits = set(range(203, 208))
-    plain = set(MadaKV(budget=8 + 16, hcc=False).select(psi, tags)[0][0].tolist())
+    plain = set(MadaKV(budget=8 + 16, hcc=False, span=1).select(psi, tags)[0][0].tolist())
     spans = set(MadaKV(budget=8 + 16, hcc=False, span=8).select(psi, tags)[0][0].tolist())
     assert not digits <= plain and digits <= spans
     # pooling first, then spans over the pooled scores: a span next to the words wins too
@@ -276,7 +276,7 @@ def head_preferring(visual_heads, n=400, images=((50, 250),), heads=4, num_layer
 
 def test_mpa_quota_follows_each_heads_modality_preference():
     scores, tags = head_preferring(visual_heads={0, 2})
-    policy = MadaKV(budget=0.25, window=16, hcc=False)
+    policy = MadaKV(budget=0.25, window=16, hcc=False, span=1)  # single tokens: the paper's top-k inside a modality
     keep = policy.select(scores, tags)
     n_select = 400 - 16
     selectable = policy.kept_tokens(400) - 16
