@@ -42,8 +42,13 @@ def reference_name(name: str) -> str:
 def variants(budget: float) -> dict:
     from madakv_vllm.policies import MadaKV, PyramidKV, SnapKV, StreamingLLM
 
+    # Every variant names what it changes; the rest is pinned to the defaults it was measured
+    # against, so a later change of a default does not change what a name means.
     def madakv(**options):  # window 32 unless a variant names its window (the old default, see REFERENCE)
-        return MadaKV(budget=budget, **{"window": 32, **options})
+        return MadaKV(budget=budget, **{"window": 32, "span": 1, **options})
+
+    def uniform(**options):  # what vLLM ran by default before the levers: MPA on, HCC off, window 8, tokens
+        return MadaKV(budget=budget, **{"hcc": False, "window": 8, "span": 1, **options})
 
     out = {}
     for mpa in (False, True):
@@ -54,18 +59,18 @@ def variants(budget: float) -> dict:
         for theta in (0.8, 0.95):
             out[f"MPA on, HCC {hcc}, θ {theta}"] = madakv(hcc_variant=hcc, theta=theta)
     for window in (8, 64):
-        out[f"MPA on, HCC off, window {window}"] = madakv(hcc=False, window=window)
-    out["MPA on, HCC balanced, window 8"] = MadaKV(budget=budget)  # the policy's defaults
+        out[f"MPA on, HCC off, window {window}"] = madakv(hcc=False, window=window)  # window 8: uniform()
+    out["MPA on, HCC balanced, window 8"] = madakv(window=8)  # the policy's defaults then
     # what vLLM runs by default (one KV-cache group: uniform layers), with StreamingLLM's sinks
-    out["MPA on, HCC off, window 8, sinks 4"] = MadaKV(budget=budget, hcc=False, sinks=4)
-    out["MPA off, HCC off, window 8"] = MadaKV(budget=budget, hcc=False, mpa=False)
+    out["MPA on, HCC off, window 8, sinks 4"] = uniform(sinks=4)
+    out["MPA off, HCC off, window 8"] = uniform(mpa=False)
     for span in (8, 16):
-        out[f"MPA on, HCC off, window 8, span {span}"] = MadaKV(budget=budget, hcc=False, span=span)
-    out["MPA coverage, HCC off, window 8"] = MadaKV(budget=budget, hcc=False, mpa_split="coverage")
-    out["MPA on, HCC off, window 8, values"] = MadaKV(budget=budget, hcc=False, value_weighted=True)
+        out[f"MPA on, HCC off, window 8, span {span}"] = uniform(span=span)
+    out["MPA coverage, HCC off, window 8"] = uniform(mpa_split="coverage")
+    out["MPA on, HCC off, window 8, values"] = uniform(value_weighted=True)
     # with the lever that won alone on the dev split (span 8): does MPA still earn its place, do values add
-    out["MPA off, HCC off, window 8, span 8"] = MadaKV(budget=budget, hcc=False, mpa=False, span=8)
-    out["MPA on, HCC off, window 8, span 8, values"] = MadaKV(budget=budget, hcc=False, span=8, value_weighted=True)
+    out["MPA off, HCC off, window 8, span 8"] = uniform(mpa=False, span=8)
+    out["MPA on, HCC off, window 8, span 8, values"] = uniform(span=8, value_weighted=True)
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group
