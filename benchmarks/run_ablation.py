@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 # Every variant is tested against this one on the same samples: the policy's defaults before the
 # window ablation moved MadaKV's window from 32 to 8 (the variants keep 32 unless named otherwise).
 REFERENCE = "MPA on, HCC balanced"
+# what `--kv-eviction madakv` ran under vLLM (one KV-cache group), newest first
+VLLM_DEFAULTS = ("MPA on, HCC off, window 8, span 8", "MPA on, HCC off, window 8")
 
 
 def reference_name(name: str) -> str:
@@ -187,6 +189,8 @@ def draw(plt, result: dict):
     reference and vLLM's default ("MPA on, HCC off, window 8") are marked."""
     rows = [r for r in result["rows"] if r["task"] == "ALL"]
     reference = result.get("reference", REFERENCE)
+    # vLLM's default as of this result: the newest of them that the result has
+    vllm_default = next((n for n in VLLM_DEFAULTS if any(r["variant"] == n for r in rows)), None)
     (full,) = [r for r in rows if r["variant"] == "full cache"]
     tabled = [line.split(" | ")[0][2:] for line in result["markdown"].splitlines()[4:] if line.startswith("| ")]
     names = [name for name in tabled if name != "variant"] or [  # the table's order
@@ -197,7 +201,7 @@ def draw(plt, result: dict):
         cells = {r["variant"]: r for r in rows if r["budget"] == budget}
         ys = range(len(names))
         scores = [cells[n]["score"] if n in cells else 0 for n in names]
-        colors = ["C2" if n == "MPA on, HCC off, window 8" else "C1" if n == reference else "C0" for n in names]
+        colors = ["C2" if n == vllm_default else "C1" if n == reference else "C0" for n in names]
         ax.barh(ys, scores, color=colors, alpha=0.85, xerr=[
             [cells[n]["score"] - cells[n]["ci_low"] if n in cells else 0 for n in names],
             [cells[n]["ci_high"] - cells[n]["score"] if n in cells else 0 for n in names]], capsize=2,
@@ -212,7 +216,8 @@ def draw(plt, result: dict):
     axes[0].set_yticks(list(range(len(names))), names, fontsize=8)
     axes[0].invert_yaxis()
     fig.text(0.01, 0.01, f"{result['model']}; {result['samples_per_task']} samples per task; orange: the "
-                         f"reference ({reference_name(reference)}), green: what vLLM runs by default", fontsize=7)
+                         f"reference ({reference_name(reference)}), green: vLLM's default as of this result "
+                         f"({vllm_default})", fontsize=7)
     return fig
 
 
