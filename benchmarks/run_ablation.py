@@ -73,6 +73,7 @@ def variants(budget: float) -> dict:
     # with the lever that won alone on the dev split (span 8): does MPA still earn its place, do values add
     out["MPA off, HCC off, window 8, span 8"] = uniform(mpa=False, span=8)
     out["MPA on, HCC off, window 8, span 8, values"] = uniform(span=8, value_weighted=True)
+    out["MPA on, HCC off, window 8, span 8, sinks 4"] = uniform(span=8, sinks=4)
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group

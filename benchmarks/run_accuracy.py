@@ -49,6 +49,8 @@ def main():
     p.add_argument("--tasks", nargs="+", help="(--hf) only these tasks (e.g. to split a run over processes)")
     p.add_argument("--seed", type=int, default=0, help="suite seed: 0 the dev split (options are chosen on it, "
                                                        "the default), 1 the test split (never used to choose)")
+    p.add_argument("--resume", action="store_true", help="(vLLM) keep the settings OUT already finished and run "
+                                                         "the rest (a sweep stopped midway)")
     p.add_argument("--summarize", type=int, metavar="MINUTES",
                    help="(--hf) only summarize OUT/samples.jsonl of a run that took MINUTES (stopped early, or "
                         "split over processes with --tasks and its samples files concatenated)")
@@ -182,7 +184,8 @@ def run_vllm(args, model: Path, data: Path) -> None:
         wait_ready(f"http://127.0.0.1:{port}", server, log)
         subprocess.run([str(Path(sys.executable).with_name("madakv-eval")), "--data", str(data), "--endpoint",
                         f"http://127.0.0.1:{port}/v1", "--policies", *args.policies, "--budgets", *args.budgets,
-                        "--concurrency", "2", "--max-tokens", str(args.max_tokens), "--out", args.out], check=True)
+                        "--concurrency", "2", "--max-tokens", str(args.max_tokens), "--out", args.out,
+                        *(["--resume"] if args.resume else [])], check=True)
     finally:
         server.terminate()
         server.wait(timeout=60)

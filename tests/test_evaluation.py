@@ -261,6 +261,35 @@ def test_eval_cli_sweeps_policies_and_budgets_against_an_endpoint(tmp_path):
     assert int(memory[("madakv", "0.2")]["evicted_requests"]) == 3
 
 
+def test_eval_cli_resume_runs_only_the_settings_a_stopped_run_did_not_finish(tmp_path):
+    synthetic.generate(tmp_path / "data", samples=2, seed=0)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeOpenAI.seen, FakeOpenAI.counters = [], {}
+    out = tmp_path / "out"
+    sweep = ["--data", str(tmp_path / "data"), "--tasks", "SyntheticTextNeedle", "--endpoint",
+             f"http://127.0.0.1:{server.server_address[1]}/v1", "--policies", "none", "madakv", "--out", str(out)]
+    try:
+        assert cli.main(sweep + ["--budgets", "0.1"]) == 0  # the "stopped" run: two of its three settings
+        first = (out / "samples.jsonl").read_text()
+        # a setting cut mid-write: a line repeated, one cut short
+        (out / "samples.jsonl").write_text(first + first.splitlines()[-1] + "\n" + first.splitlines()[0][:30])
+        FakeOpenAI.seen = []
+        assert cli.main(sweep + ["--budgets", "0.1", "0.2", "--resume"]) == 0
+    finally:
+        server.shutdown()
+    assert [r["vllm_xargs"] for r in FakeOpenAI.seen] == [{"kv_eviction": "madakv", "kv_eviction_budget": 0.2}] * 2
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted((r["policy"], r["budget"]) for r in rows) == [("madakv", 0.1)] * 2 + [("madakv", 0.2)] * 2 + [
+        ("none", None)] * 2
+    with open(out / "summary.csv") as f:
+        memory = {(r["policy"], r["budget"]): r for r in csv.DictReader(f) if r["task"] == "ALL"}
+    # the finished setting's counters come back from memory.json, the new one's from the server
+    assert float(memory[("madakv", "0.1")]["kv_kept"]) == pytest.approx(0.1, abs=1e-3)
+    assert float(memory[("madakv", "0.2")]["kv_kept"]) == pytest.approx(0.2, abs=1e-3)
+    assert memory[("madakv", "0.1")]["samples"] == "2"
+
+
 def test_eviction_metrics_parser_sums_modalities():
     page = ('# TYPE vllm:kv_eviction_tokens_kept_total counter\n'
             'vllm:kv_eviction_tokens_kept_total{modality="text"} 10.0\n'

@@ -75,10 +75,44 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (endpoint)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the settings OUT already finished (samples.jsonl, memory.json) and run only the rest: "
+                        "a long sweep stopped midway goes on where it stopped")
     args = p.parse_args(argv)
     if not isinstance(args.engine_args, dict):
         p.error("--engine-args must be a JSON object")
     return args
+
+
+def _key(policy: str, budget: float | None) -> str:
+    return f"{policy} {budget}"
+
+
+def write_memory(out: Path, memory: dict) -> None:
+    """What each finished setting kept (the server's counters), next to its samples, for --resume."""
+    (out / "memory.json").write_text(json.dumps({_key(*k): v for k, v in memory.items()}, indent=1))
+
+
+def finished_settings(out: Path, samples: list) -> tuple[list[dict], dict]:
+    """The rows and counters of the settings an earlier run of OUT finished: every sample answered
+    and its counters recorded (a setting's rows are written together, when it ends)."""
+    if not (out / "memory.json").is_file() or not (out / "samples.jsonl").is_file():
+        return [], {}
+    recorded = json.loads((out / "memory.json").read_text())
+    wanted = {(s.task, s.sample_id) for s in samples}
+    by_setting = {}  # setting -> {sample: row}: a line repeated by an interrupted write counts once
+    for line in (out / "samples.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+        by_setting.setdefault((row["policy"], row["budget"]), {})[(row["task"], row["sample_id"])] = row
+    rows, memory = [], {}
+    for key, done in by_setting.items():
+        if _key(*key) in recorded and done.keys() >= wanted:
+            rows += [done[sample] for sample in sorted(wanted)]
+            memory[key] = recorded[_key(*key)]
+    return rows, memory
 
 
 def main(argv=None) -> int:
@@ -92,10 +126,18 @@ def main(argv=None) -> int:
     sweep = settings(args.policies, args.budgets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, memory, progress = [], {}, Progress(len(sweep) * len(samples))
+    rows, memory = finished_settings(out, samples) if args.resume else ([], {})
+    todo = [s for s in sweep if (s.policy, s.budget) not in memory]
+    if args.resume:
+        print(f"madakv-eval: resuming, {len(sweep) - len(todo)} of {len(sweep)} settings already done",
+              file=sys.stderr)
+    progress = Progress(len(todo) * len(samples))
     try:
         with open(out / "samples.jsonl", "w") as jsonl:
-            for setting in sweep:
+            # what a resumed run kept, rewritten first (drops a setting whose counters were never recorded)
+            for row in rows:
+                jsonl.write(json.dumps(row) + "\n")
+            for setting in todo:
                 # a later setting must not reuse an earlier one's cached prompt blocks
                 reset = backend.reset_prefix_cache()
                 before = backend.eviction_totals()
@@ -105,7 +147,9 @@ def main(argv=None) -> int:
                     prefix_cache="reset" if reset else "not reset (start the server with VLLM_SERVER_DEV_MODE=1)")
                 for row in done:
                     jsonl.write(json.dumps(row) + "\n")
+                jsonl.flush()
                 rows += done
+                write_memory(out, memory)
     finally:
         progress.close()
         backend.close()
