@@ -36,7 +36,8 @@ def coverage_demand(psi: torch.Tensor, member: torch.Tensor, theta: float) -> to
 
 
 def topk_mask(scores: torch.Tensor, member: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Bool [H, n]: per head h, the counts[h] highest-scoring member tokens (ties: lower position)."""
+    """Bool [H, n]: per head h, the counts[h] highest-scoring member tokens (ties: lower position).
+    `member`: bool [n], or [H, n] when heads may choose among different tokens."""
     ranked_scores = (scores if scores.dtype == torch.float64 else scores.float()).masked_fill(~member, float("-inf"))
     order = ranked_scores.sort(dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
@@ -69,14 +70,16 @@ def span_ranks(psi: torch.Tensor, modality_tags: torch.Tensor, span: int) -> tor
     return (spans - span_rank.gather(1, span_index.expand(heads, -1))).double() + own
 
 
-def split_quota(total: int, visual_share: torch.Tensor, n_visual: int,
-                n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_quota(total: int, visual_share: torch.Tensor, n_visual: int | torch.Tensor,
+                n_text: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head (visual, text) counts summing to `total`, visual ~ round(total * share).
+    `n_visual`, `n_text`: tokens of each modality there are, one count or one per head [H].
 
     A modality with fewer tokens than its share gives the surplus to the other one.
     """
     visual = torch.round(total * visual_share).long().clamp(0, total)
-    visual = visual.clamp(min=total - n_text, max=n_visual)
+    n_visual, n_text = (torch.as_tensor(c, device=visual.device) for c in (n_visual, n_text))
+    visual = torch.minimum(torch.maximum(visual, total - n_text), n_visual)
     return visual, total - visual
 
 
@@ -89,3 +92,11 @@ def keep_indices(keep: torch.Tensor, n_total: int, n_select: int) -> torch.Tenso
     if not bool((counts == counts[0]).all()):
         raise AssertionError(f"heads keep unequal counts {counts.tolist()}")
     return full.nonzero()[:, 1].view(heads, -1)
+
+
+def physical_indices(keep: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Where kept tokens sit in a compacted cache: `keep` [H, K] are logical positions, `present`
+    [H, n] bool marks the positions each head still holds, in order (a cache compacted before
+    holds its survivors densely). Returns the physical slots [H, K]."""
+    slot = present.long().cumsum(dim=1) - 1
+    return slot.gather(1, keep.long())

@@ -174,3 +174,127 @@ def test_rejects_batches_and_eager_attention(tiny_llama):
                                    **GEN)
     finally:
         tiny_llama.set_attn_implementation("sdpa")
+
+
+# ---- eviction during prefill (chunks) -----------------------------------------------------------
+def test_prefill_chunks_never_split_the_proxy_window():
+    from madakv_vllm.hf.reference import prefill_chunks
+
+    assert prefill_chunks(100, 32, 8) == [32, 64, 92, 100]  # 96 would cut the window [92, 100)
+    assert prefill_chunks(100, 30, 8) == [30, 60, 90, 100]
+    assert prefill_chunks(100, 200, 8) == [100]
+    assert prefill_chunks(10, 4, 0) == [4, 8, 10]
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        prefill_chunks(10, 0, 8)
+
+
+@contextlib.contextmanager
+def hidden_as_evicted_during_prefill(model, report, prompt_len):
+    """Oracle: a stock one-shot prefill and decode over the full cache, where each query sees
+    only what the chunked cache held when it ran: after the compaction following the chunk
+    that ended at e, tokens before e that it did not keep are hidden from every later query;
+    decode queries see the final keep sets."""
+    from transformers.modeling_utils import AttentionInterface
+
+    layer_of = {id(m): i for i, m in enumerate(decoder_attention_modules(model))}
+    mapping = AttentionInterface._global_mapping
+    original = mapping["sdpa"]
+    n = prompt_len
+
+    def visible_for(layer, heads_kv, key_len, query_positions):
+        visible = torch.ones(heads_kv, len(query_positions), key_len, dtype=torch.bool)
+        for row, q in enumerate(query_positions):
+            visible[:, row, q + 1:] = False  # causal
+            held = None
+            if q >= n:
+                held = (n, report.keep_indices[layer])
+            else:
+                before = [(end, keep[layer]) for end, keep in report.prefill_compactions if end <= q]
+                held = before[-1] if before else None
+            if held is not None:
+                end, keep = held
+                hidden = torch.ones(heads_kv, end, dtype=torch.bool)
+                hidden.scatter_(1, keep, False)
+                visible[:, row, :end] &= ~hidden
+        return visible
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        layer = layer_of.get(id(module))
+        if layer is not None:
+            heads_kv = key.shape[1]
+            key_len = key.shape[2]
+            positions = range(key_len - query.shape[2], key_len)
+            visible = visible_for(layer, heads_kv, key_len, positions)
+            attention_mask = visible.repeat_interleave(query.shape[1] // heads_kv, dim=0)[None]
+            kwargs.pop("is_causal", None)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    mapping["sdpa"] = attention
+    try:
+        yield
+    finally:
+        mapping["sdpa"] = original
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+def test_chunked_prefill_without_eviction_during_it_changes_nothing(hf_model, arch):
+    model, processor = hf_model(arch)
+    inputs = mm_inputs(processor, 3)
+    stock = model.generate(**inputs, output_scores=True, return_dict_in_generate=True, **GEN)
+    chunked, _ = generate_with_eviction(model, inputs, None, prefill_chunk=24, output_scores=True,
+                                        return_dict_in_generate=True, **GEN)
+    assert torch.equal(chunked.sequences, stock.sequences)
+    torch.testing.assert_close(chunked.scores[0], stock.scores[0], rtol=1e-4, atol=1e-4)
+    policy = make_policy("madakv", budget=0.3, window=8)
+    alone, report = generate_with_eviction(model, inputs, policy, **GEN)
+    in_chunks, chunked_report = generate_with_eviction(model, inputs, policy, prefill_chunk=24, **GEN)
+    assert torch.equal(alone, in_chunks) and chunked_report.prefill_compactions == []
+    assert all(torch.equal(a, b) for a, b in zip(report.keep_indices, chunked_report.keep_indices))
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("options", [dict(policy="madakv"), dict(policy="madakv", prefill_scores="running",
+                                                                       sinks=2),
+                                     dict(policy="snapkv"), dict(policy="streamingllm")],
+                         ids=["madakv", "madakv-running-sinks", "snapkv", "streamingllm"])
+def test_eviction_during_prefill_equals_hiding_what_each_chunk_no_longer_held(hf_model, arch, options):
+    model, processor = hf_model(arch)
+    inputs = mm_inputs(processor, 3)
+    n = inputs["input_ids"].shape[1]
+    options = dict(options)
+    policy = make_policy(options.pop("policy"), budget=0.2, window=8, during_prefill=True, prefill_slack=0.25,
+                         **options)
+    chunk = 24
+    out, report = generate_with_eviction(model, inputs, policy, prefill_chunk=chunk, output_scores=True,
+                                         return_dict_in_generate=True, **GEN)
+    kept = policy.kept_tokens(n)
+    assert len(report.prefill_compactions) >= 3, "the test prompt should be compacted several times"
+    assert report.peak_held <= kept + policy.slack_tokens(kept) + chunk
+    assert sum(report.kept_per_layer) == kept * len(report.kept_per_layer)  # HCC may move some between layers
+    for end, keep in report.prefill_compactions:  # between chunks every layer keeps the prompt's count
+        assert all(k.shape[1] == kept and int(k.max()) < end for k in keep)
+    with hidden_as_evicted_during_prefill(model, report, n):
+        oracle = model.generate(**inputs, output_scores=True, return_dict_in_generate=True, **GEN)
+    assert torch.equal(out.sequences, oracle.sequences)
+    for got, want in zip(out.scores, oracle.scores):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    generated = out.sequences.shape[1] - n
+    for layer, layer_kept in zip(out.past_key_values.layers, report.kept_per_layer):  # positions stayed logical
+        assert layer.keys.shape[-2] == layer_kept + generated - 1 and layer.get_seq_length() == n + generated - 1
+
+
+def test_during_prefill_needs_chunks(hf_model):
+    model, processor = hf_model("llava")
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        generate_with_eviction(model, mm_inputs(processor, 1), make_policy("madakv", during_prefill=True), **GEN)
+
+
+def test_sweep_runs_policies_that_evict_during_prefill_on_their_own(hf_model):
+    model, processor = hf_model("llava")
+    inputs = mm_inputs(processor, 3)
+    policies = {"one-shot": make_policy("madakv", budget=0.2, window=8),
+                "during prefill": make_policy("madakv", budget=0.2, window=8, during_prefill=True, prefill_slack=8)}
+    swept = generate_sweep(model, inputs, policies, max_new_tokens=GEN["max_new_tokens"], prefill_chunk=24)
+    alone, report = generate_with_eviction(model, inputs, policies["during prefill"], prefill_chunk=24, **GEN)
+    assert torch.equal(swept["during prefill"][0], alone) and swept["during prefill"][1].prefill_compactions
+    assert torch.equal(swept["one-shot"][0], generate_with_eviction(model, inputs, policies["one-shot"], **GEN)[0])

@@ -418,3 +418,67 @@ def test_demands_averaged_across_ranks_decide_the_budgets():
     flat = policy.plan_budgets(scores, tags, 4, average=lambda demands: torch.ones_like(demands))
     assert own != flat and len(set(flat)) == 1
     assert policy.plan_budgets(scores, tags, 4, average=lambda demands: demands) == own
+
+
+# ---- between prefill chunks: heads hold different tokens ---------------------------------------
+def random_present(scores, held, tail, seed):
+    """Per layer and head, `held` tokens still held: the last `tail` and a random rest."""
+    num_layers, heads, n = scores.shape
+    gen = torch.Generator().manual_seed(seed)
+    present = torch.zeros(num_layers, heads, n, dtype=torch.bool)
+    present[..., n - tail:] = True
+    for layer in range(num_layers):
+        for head in range(heads):
+            present[layer, head, torch.randperm(n - tail, generator=gen)[: held - tail]] = True
+    return present
+
+
+@pytest.mark.parametrize("policy", [
+    MadaKV(budget=0.1, window=8, span=1, hcc=False), MadaKV(budget=0.1, window=8, span=1, mpa_split="coverage",
+                                                            hcc=False),
+    MadaKV(budget=0.1, window=8, span=1, mpa=False, hcc=False), SnapKV(budget=0.1, window=8, kernel_size=1),
+    StreamingLLM(budget=0.1, window=8, sinks=0)], ids=lambda p: f"{p.name} {getattr(p, 'mpa_split', '')}")
+def test_selection_among_held_tokens_equals_selection_on_each_heads_compacted_cache(policy):
+    """`present` masks are the logical view of a compacted cache: per head, selecting among the
+    held tokens picks what the same policy picks on that head's tokens gathered densely."""
+    scores, tags = scores_and_tags(num_layers=3, heads=4, n=300)
+    kept, held = 30, 90
+    present = random_present(scores, held, policy.protected_tail(kept), seed=1)
+    keep = policy.select(scores, tags, kept=kept, present=present)
+    for layer, layer_keep in enumerate(keep):
+        assert layer_keep.shape == (4, kept)
+        for head in range(4):
+            assert present[layer, head, layer_keep[head]].all()
+            mine = present[layer, head].nonzero()[:, 0]  # the head's compacted cache, in order
+            dense = policy.select(scores[layer:layer + 1, head:head + 1, mine], tags[mine], kept=kept)
+            assert mine[dense[0][0]].tolist() == layer_keep[head].tolist()
+
+
+def test_selection_among_held_tokens_keeps_sinks_tail_and_moves_budget_between_layers():
+    scores, tags = scores_and_tags(num_layers=2, heads=3, n=400)
+    policy = MadaKV(budget=0.1, window=8, sinks=4, hcc=True)
+    kept, held = 40, 120
+    gen = torch.Generator().manual_seed(2)
+    present = torch.zeros(2, 3, 400, dtype=torch.bool)
+    present[..., :4] = present[..., 392:] = True  # sinks and the window survive every compaction
+    for layer in range(2):
+        for head in range(3):
+            present[layer, head, 4 + torch.randperm(388, generator=gen)[: held - 12]] = True
+    keep = policy.select(scores, tags, kept=kept, present=present)
+    assert sum(k.shape[1] for k in keep) == kept * 2  # HCC moves tokens between layers, the total stays
+    for layer, layer_keep in enumerate(keep):
+        assert layer_keep.shape[1] <= held
+        for head in range(3):
+            row = set(layer_keep[head].tolist())
+            assert set(range(4)) <= row and set(range(392, 400)) <= row
+            assert present[layer, head, layer_keep[head]].all()
+
+
+def test_prefill_options_are_checked():
+    assert MadaKV(budget=0.2).slack_tokens(100) == 50 and MadaKV(budget=0.2, prefill_slack=7).slack_tokens(100) == 7
+    for bad in (dict(prefill_slack=-1), dict(prefill_slack="x"), dict(prefill_scores="question"),
+                dict(during_prefill=1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MadaKV(budget=0.2, **bad)
+    with pytest.raises(ValueError, match="cannot evict during prefill"):
+        H2O(budget=0.2, during_prefill=True)

@@ -11,6 +11,12 @@ active for the duration of the call:
    continue from N while attention reads only the kept tokens.
 This is the oracle the vLLM path is compared with, token for token. Batch size 1.
 
+With `prefill_chunk=C` the prompt is prefilled in chunks as vLLM schedules one request with a
+token budget of C (`prefill_chunks`); a policy with `during_prefill` then also compacts the
+cache between chunks (`PrefillEviction`), so it never holds more than its kept count + slack +
+one chunk per head and layer. Compacted layers hold each head's survivors densely; their
+logical positions (`positions`) map scores and selections between the two views.
+
 `generate_sweep` gives the same tokens for many policies at the cost of one prefill (each
 policy evicts its own copy of the full cache): what the ablation benchmark uses.
 """
@@ -23,7 +29,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from madakv_kernels import IMAGE, MODALITY_TAGS, TEXT, VIDEO, dense_as_paged, value_norms, window_scores
+from madakv_kernels import (
+    IMAGE,
+    MODALITY_TAGS,
+    TEXT,
+    VIDEO,
+    dense_as_paged,
+    physical_indices,
+    value_norms,
+    window_scores,
+)
 
 from ..policies import EvictionPolicy
 
@@ -36,6 +51,10 @@ class EvictionReport:
     kept_per_layer: list[int] = field(default_factory=list)
     modality_counts: dict[str, int] = field(default_factory=dict)
     keep_indices: list[torch.Tensor] | None = None  # per layer [H, K_l]; None = nothing evicted
+    # during prefill (policy.during_prefill): (chunk end, per-layer logical keep indices) of each
+    # compaction between chunks, and the most tokens a head held in a layer at any time
+    prefill_compactions: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)
+    peak_held: int = 0
 
     @property
     def kept_ratio(self) -> float:
@@ -101,7 +120,7 @@ class _Capture:
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
             layer = self.layer_of.get(id(module))
             if layer is not None:
-                if not self.done and query.shape[2] > 1:  # the prefill forward
+                if not self.done:  # a prefill forward (or chunk): the last one scores the prompt
                     w = self.window(query.shape[2])
                     self.queries[layer] = query[0, :, -w:].transpose(0, 1).detach()
                     self.scaling[layer] = kwargs.get("scaling")
@@ -127,29 +146,132 @@ def _wrapped_sdpa(capture: _Capture):
         mapping["sdpa"] = original
 
 
-def evict_cache(cache, queries: dict[int, torch.Tensor], scaling: dict[int, float | None], tags: torch.Tensor,
-                policy: EvictionPolicy, report: EvictionReport) -> None:
-    """Shrink every layer of a DynamicCache in place to the tokens the policy keeps."""
+def held_scores(cache, queries: dict[int, torch.Tensor], scaling: dict[int, float | None], policy: EvictionPolicy,
+                positions: list[torch.Tensor] | None, n: int) -> torch.Tensor:
+    """Window scores [L, H, n] of the tokens each head holds, at their logical positions (0 for
+    tokens compacted away earlier; `positions`: per layer [H, held], None = all n held)."""
     layers = cache.layers
-    n = layers[0].keys.shape[-2]
-    report.prompt_len = n
-    if policy.needs_scores:
-        scores = torch.stack([
-            window_scores(*dense_as_paged(layer.keys[0]), queries[i], n, layout="HND", scale=scaling[i])
-            for i, layer in enumerate(layers)])
+    scores = []
+    for i, layer in enumerate(layers):
+        held = layer.keys.shape[-2]
+        psi = window_scores(*dense_as_paged(layer.keys[0]), queries[i], held, layout="HND", scale=scaling[i])
         if policy.value_weighted:
-            scores *= torch.stack([value_norms(*dense_as_paged(layer.values[0]), n, layout="HND") for layer in layers])
-        keep = policy.select(scores, tags)
+            psi = psi * value_norms(*dense_as_paged(layer.values[0]), held, layout="HND")
+        if positions is not None:
+            psi = torch.zeros(psi.shape[0], n, dtype=psi.dtype, device=psi.device).scatter_(
+                1, positions[i].to(psi.device), psi)
+        scores.append(psi)
+    return torch.stack(scores)
+
+
+def held_mask(positions: list[torch.Tensor] | None, n: int) -> torch.Tensor | None:
+    """Bool [L, H, n]: the logical tokens each head holds (None when nothing was compacted yet)."""
+    if positions is None:
+        return None
+    present = torch.zeros(len(positions), positions[0].shape[0], n, dtype=torch.bool, device=positions[0].device)
+    return present.scatter_(2, torch.stack(positions), True)
+
+
+def compact_cache(cache, keep: list[torch.Tensor], present: torch.Tensor | None, logical_len: int) -> None:
+    """Every layer keeps, per head, the logical tokens `keep[l]` [H, K_l] (sorted), densely."""
+    for i, (layer, idx) in enumerate(zip(cache.layers, keep)):
+        slots = idx if present is None else physical_indices(idx, present[i])
+        index = slots[None, :, :, None].expand(1, -1, -1, layer.keys.shape[-1]).to(layer.keys.device)
+        _evicted_layer(layer, layer.keys.gather(2, index), layer.values.gather(2, index), logical_len)
+
+
+def evict_cache(cache, queries: dict[int, torch.Tensor], scaling: dict[int, float | None], tags: torch.Tensor,
+                policy: EvictionPolicy, report: EvictionReport, positions: list[torch.Tensor] | None = None) -> None:
+    """Shrink every layer of a DynamicCache in place to the tokens the policy keeps of the whole
+    prompt. `positions`: what earlier compactions between prefill chunks left (None: all)."""
+    layers = cache.layers
+    n = tags.numel()
+    report.prompt_len = n
+    present = held_mask(positions, n)
+    if policy.needs_scores:
+        keep = policy.select(held_scores(cache, queries, scaling, policy, positions, n), tags, present=present)
     else:
-        keep = policy.select(None, tags, num_layers=len(layers), num_kv_heads=layers[0].keys.shape[1])
+        keep = policy.select(None, tags, num_layers=len(layers), num_kv_heads=layers[0].keys.shape[1],
+                             present=present)
     if keep is None:
-        report.kept_per_layer = [n] * len(layers)
+        report.kept_per_layer = [layer.keys.shape[-2] for layer in layers]
         return
-    for layer, idx in zip(layers, keep):
-        index = idx[None, :, :, None].expand(1, -1, -1, layer.keys.shape[-1]).to(layer.keys.device)
-        _evicted_layer(layer, layer.keys.gather(2, index), layer.values.gather(2, index), n)
+    compact_cache(cache, keep, present, n)
     report.kept_per_layer = [idx.shape[1] for idx in keep]
     report.keep_indices = keep
+
+
+def prefill_chunks(n: int, chunk: int, window: int) -> list[int]:
+    """Where the prefill chunks of an n-token prompt end when vLLM schedules it alone with a
+    token budget of `chunk`: every `chunk` tokens, except that the chunk holding the proxy window
+    (the last `window` tokens) is never split: the one before ends where the window starts."""
+    if chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {chunk}")
+    ends, start = [], 0
+    while start < n:
+        end = min(start + chunk, n)
+        if start < n - window < end < n:
+            end = n - window
+        ends.append(end)
+        start = end
+    return ends
+
+
+class PrefillEviction:
+    """Compaction between prefill chunks (`policy.during_prefill`). After a chunk ending at
+    logical position `end`, a cache holding more than kept + slack tokens per head is compacted
+    back to the whole prompt's kept count, each layer alike, scored by that chunk's own last
+    queries ("chunk") or by the running mean of every chunk's window scores ("running")."""
+
+    def __init__(self, policy: EvictionPolicy, tags: torch.Tensor, report: EvictionReport):
+        self.policy, self.tags, self.report = policy, tags, report
+        n = tags.numel()
+        self.kept = policy.kept_tokens(n)
+        self.limit = self.kept + policy.slack_tokens(self.kept)
+        self.positions: list[torch.Tensor] | None = None  # per layer [H, held]; None: every token so far
+        self.running: tuple[torch.Tensor, torch.Tensor] | None = None  # score sums and counts [L, H, n]
+
+    def sync(self, cache, end: int) -> list[torch.Tensor] | None:
+        """Account for the tokens the chunk ending at `end` appended after the survivors; returns
+        the logical positions every head holds (None: all of them)."""
+        held = cache.layers[0].keys.shape[-2]
+        self.report.peak_held = max(self.report.peak_held, held)
+        if self.positions is not None:
+            heads, survivors = self.positions[0].shape
+            new = torch.arange(end - (held - survivors), end, device=self.positions[0].device).expand(heads, -1)
+            self.positions = [torch.cat([p, new], dim=1) for p in self.positions]
+        return self.positions
+
+    def after_chunk(self, cache, queries, scaling, end: int) -> None:
+        layers = cache.layers
+        self.sync(cache, end)
+        held = layers[0].keys.shape[-2]
+        policy, n = self.policy, self.tags.numel()
+        running = policy.needs_scores and policy.prefill_scores == "running"
+        if held <= self.limit and not running:
+            return
+        scores = None
+        if policy.needs_scores:
+            scores = held_scores(cache, queries, scaling, policy, self.positions, n)[..., :end]
+            if running:  # every chunk's window adds to the sums of the tokens it saw
+                present = held_mask(self.positions, n)
+                seen = torch.ones_like(scores, dtype=torch.bool) if present is None else present[..., :end]
+                if self.running is None:
+                    self.running = (scores.new_zeros(*scores.shape[:2], n), scores.new_zeros(*scores.shape[:2], n))
+                sums, counts = self.running
+                sums[..., :end] += scores
+                counts[..., :end] += seen
+                scores = sums[..., :end] / counts[..., :end].clamp(min=1)
+        if held <= self.limit:
+            return
+        present = held_mask(self.positions, n)
+        present = None if present is None else present[..., :end]
+        tail = policy.protected_tail(self.kept)
+        keep = policy.select(scores, self.tags[:end], num_layers=len(layers), num_kv_heads=layers[0].keys.shape[1],
+                             budgets=[self.kept - tail] * len(layers), kept=self.kept, present=present)
+        compact_cache(cache, keep, present, end)
+        self.positions = keep
+        self.report.prefill_compactions.append((end, keep))
 
 
 def _new_report(model, input_ids: torch.Tensor) -> tuple[EvictionReport, torch.Tensor]:
@@ -168,47 +290,103 @@ def _check_sdpa(model) -> None:
                          f"(it uses {text_config._attn_implementation!r})")
 
 
-def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, **generate_kwargs):
+@contextlib.contextmanager
+def _prefill_in_chunks(model, ends: list[int], after_chunk: Callable[[int], None] | None):
+    """The decoder's prefill forward (the whole prompt, embeddings already merged with the images'
+    by the multimodal model) runs chunk by chunk, ending at `ends`, with `after_chunk(end)` between
+    chunks. Decode forwards pass through."""
+    decoder = model.get_decoder()
+    forward = decoder.forward
+
+    def chunked(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = decoder.get_input_embeddings()(input_ids)
+        if inputs_embeds.shape[1] != ends[-1]:  # not the prompt: a decode step
+            return forward(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                           **kwargs)
+        start = 0
+        for end in ends:
+            # batch 1, no padding: the 2-D mask only grows; M-RoPE ids are [3 or 4, 1, n]
+            output = forward(attention_mask=None if attention_mask is None else attention_mask[:, :end],
+                             position_ids=None if position_ids is None else position_ids[..., start:end],
+                             inputs_embeds=inputs_embeds[:, start:end], **kwargs)
+            if end < ends[-1] and after_chunk is not None:
+                after_chunk(end)
+            start = end
+        return output  # the last chunk's hidden states: what picks the first token
+
+    decoder.forward = chunked
+    try:
+        yield
+    finally:
+        del decoder.forward
+
+
+def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, prefill_chunk: int | None = None,
+                           **generate_kwargs):
     """`model.generate(**inputs, **generate_kwargs)` with the KV cache evicted after prefill.
+    `prefill_chunk`: prefill in chunks of that many tokens (as vLLM's chunked prefill); a policy
+    with `during_prefill` then also evicts between chunks (and needs it).
 
     Returns (generate's output, EvictionReport). policy None = stock generate.
     """
     from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
     report, tags = _new_report(model, inputs["input_ids"])
+    n = tags.numel()
+    if policy is not None and policy.during_prefill and prefill_chunk is None:
+        raise ValueError(f"{policy.name} evicts during prefill: pass prefill_chunk (tokens per chunk)")
+    ends = None if prefill_chunk is None else prefill_chunks(
+        n, prefill_chunk, policy.score_queries(n) if policy is not None and policy.needs_scores else 0)
     if policy is None:
-        return model.generate(**inputs, **generate_kwargs), report
+        with _prefill_in_chunks(model, ends, None) if ends else contextlib.nullcontext():
+            return model.generate(**inputs, **generate_kwargs), report
     _check_sdpa(model)
 
-    capture = _Capture(model, policy.score_queries)
+    capture = _Capture(model, lambda q_len: min(policy.score_queries(n), q_len))
     cache = DynamicCache(config=model.config)
+    prefill = PrefillEviction(policy, tags, report) if policy.during_prefill else None
+
+    def after_chunk(end: int) -> None:
+        prefill.after_chunk(cache, capture.queries, capture.scaling, end)
 
     class _EvictAfterPrefill(LogitsProcessor):
         def __call__(self, ids, scores):
             if not capture.done:
                 capture.done = True
-                evict_cache(cache, capture.queries, capture.scaling, tags.to(ids.device), policy, report)
+                positions = None if prefill is None else prefill.sync(cache, n)
+                evict_cache(cache, capture.queries, capture.scaling, tags.to(ids.device), policy, report, positions)
                 capture.queries.clear()
             return scores
 
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", []) or [])
     processors.insert(0, _EvictAfterPrefill())
-    with _wrapped_sdpa(capture):
+    chunks = _prefill_in_chunks(model, ends, after_chunk if prefill else None) if ends else contextlib.nullcontext()
+    with _wrapped_sdpa(capture), chunks:
         out = model.generate(**inputs, past_key_values=cache, logits_processor=processors, **generate_kwargs)
     return out, report
 
 
-def generate_sweep(model, inputs: dict, policies: Mapping[str, EvictionPolicy | None], max_new_tokens: int):
+def generate_sweep(model, inputs: dict, policies: Mapping[str, EvictionPolicy | None], max_new_tokens: int,
+                   prefill_chunk: int | None = None):
     """Greedy outputs of many policies after one shared prefill: {name: (ids, EvictionReport)}.
 
     Each policy evicts its own copy of the full prompt cache, then `generate` continues from
     the prefill's greedy token, so the ids equal `generate_with_eviction(..., do_sample=False)`
     (the tests check it). Only the prompt is re-used, so the models that keep positions in the
-    cache's length (LLaVA, Qwen2-VL's cached rope deltas) are the ones this supports.
+    cache's length (LLaVA, Qwen2-VL's cached rope deltas) are the ones this supports. Policies
+    that evict during prefill shape their own prefill: each runs alone, in `prefill_chunk` chunks.
     """
     from transformers import DynamicCache
 
     _check_sdpa(model)
+    alone = {name: p for name, p in policies.items() if p is not None and p.during_prefill}
+    results = {name: generate_with_eviction(model, inputs, p, prefill_chunk=prefill_chunk,
+                                            max_new_tokens=max_new_tokens, do_sample=False)
+               for name, p in alone.items()}
+    policies = {name: p for name, p in policies.items() if name not in alone}
+    if not policies:
+        return results
     input_ids = inputs["input_ids"]
     _, tags = _new_report(model, input_ids)
     n = input_ids.shape[1]
@@ -223,7 +401,6 @@ def generate_sweep(model, inputs: dict, policies: Mapping[str, EvictionPolicy | 
     ids = torch.cat([input_ids, first], dim=1)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    results = {}
     for name, policy in policies.items():
         report, _ = _new_report(model, input_ids)
         cache = copy.deepcopy(prompt_cache)

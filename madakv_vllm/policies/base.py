@@ -18,6 +18,7 @@ import torch
 from madakv_kernels import keep_indices, topk_mask
 
 MAX_TOKEN_COUNT = 2**31 - 1  # token counts beyond this are no real budget (and overflow int32 / msgpack)
+PREFILL_SCORES = ("chunk", "running")  # how tokens are scored between prefill chunks (during_prefill)
 
 
 def budget_error(budget) -> str | None:
@@ -82,13 +83,23 @@ class EvictionPolicy:
     groups, `bucket_budgets`). `sinks`: the first prompt tokens every head keeps whatever their
     scores, inside the budget (StreamingLLM's attention sinks; 0 = none, the ranking decides).
     `value_weighted`: the scores the policy sees are the window attention times each token's
-    value norm per head (`madakv_kernels.value_norms`; the HF path and vLLM's runner apply it)."""
+    value norm per head (`madakv_kernels.value_norms`; the HF path and vLLM's runner apply it).
+
+    `during_prefill`: also evict between prefill chunks, so a request never holds more than its
+    kept count + `prefill_slack` + one chunk (prompts larger than the KV pool fit). The slack is a
+    ratio of the kept count (float) or a token count (int). Early chunks do not see the question:
+    `prefill_scores` "chunk" scores with each chunk's own last `window` queries (SnapKV in chunks),
+    "running" with the mean of the window scores of every chunk that saw the token so far. The
+    compaction after the last chunk is the usual one (the question's window over the survivors)."""
 
     budget: float | int = 0.2
     window: int = 32
     layer_buckets: int | None = None  # vLLM sets it to its KV-cache group count
     sinks: int = 0
     value_weighted: bool = False
+    during_prefill: bool = False
+    prefill_slack: float | int = 0.5
+    prefill_scores: str = "chunk"
     name: ClassVar[str] = "base"
     needs_scores: ClassVar[bool] = True  # StreamingLLM ranks by position only
 
@@ -105,6 +116,15 @@ class EvictionPolicy:
             raise ValueError(f"{self.name}: sinks must be an integer in [0, {MAX_TOKEN_COUNT}], got {self.sinks!r}")
         if not isinstance(self.value_weighted, bool):
             raise ValueError(f"{self.name}: value_weighted must be true or false, got {self.value_weighted!r}")
+        if not isinstance(self.during_prefill, bool):
+            raise ValueError(f"{self.name}: during_prefill must be true or false, got {self.during_prefill!r}")
+        slack = self.prefill_slack
+        if isinstance(slack, bool) or not isinstance(slack, (int, float)) or not 0 <= slack <= MAX_TOKEN_COUNT:
+            raise ValueError(f"{self.name}: prefill_slack must be a ratio >= 0 of the kept count or a token count, "
+                             f"got {self.prefill_slack!r}")
+        if self.prefill_scores not in PREFILL_SCORES:
+            raise ValueError(f"{self.name}: prefill_scores must be one of {', '.join(PREFILL_SCORES)}, "
+                             f"got {self.prefill_scores!r}")
         if isinstance(self.budget, int) and self.window >= self.budget:
             raise ValueError(f"{self.name}: window ({self.window}) must be smaller than "
                              f"the budget ({self.budget} tokens)")
@@ -123,6 +143,11 @@ class EvictionPolicy:
     def score_queries(self, n: int) -> int:
         """How many trailing prompt queries score the tokens (the proxy window)."""
         return min(max(self.window, 1), n)
+
+    def slack_tokens(self, kept: int) -> int:
+        """With during_prefill: tokens a request may hold beyond its kept count before the next
+        compaction between prefill chunks."""
+        return int(self.prefill_slack * kept + 0.5) if isinstance(self.prefill_slack, float) else self.prefill_slack
 
     # ---- what subclasses specialise ------------------------------------------------------------
     def rank_scores(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
@@ -149,23 +174,27 @@ class EvictionPolicy:
         """Selectable tokens per head for each layer, summing to per_layer * num_layers."""
         return [per_layer] * num_layers
 
-    def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
-        """Bool [H, n_select]: exactly `count` tokens per head."""
+    def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int,
+               present: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool [H, n_select]: exactly `count` tokens per head. `present` (bool [H, n_select]):
+        the tokens each head still holds after earlier compactions (None: all)."""
         heads, n_select = psi.shape
-        everyone = torch.ones(n_select, dtype=torch.bool, device=psi.device)
+        member = torch.ones(n_select, dtype=torch.bool, device=psi.device) if present is None else present
         counts = torch.full((heads,), count, dtype=torch.long, device=psi.device)
-        return topk_mask(self.rank_scores(psi, modality_tags), everyone, counts)
+        return topk_mask(self.rank_scores(psi, modality_tags), member, counts)
 
     # ---- the one entry point -------------------------------------------------------------------
     def plan_budgets(self, scores: torch.Tensor | None, modality_tags: torch.Tensor, num_layers: int,
-                     average=None) -> list[int]:
+                     average=None, kept: int | None = None, held: int | None = None) -> list[int]:
         """Selectable tokens per head for each layer (beyond the protected tail) for this prompt,
         equal inside each of `layer_buckets` buckets. `average`: makes the [L] layer demands agree
-        across tensor-parallel ranks."""
+        across tensor-parallel ranks. `kept`: the count to keep (default: the budget of this
+        prompt); `held`: tokens each head holds now, when earlier compactions left fewer than the
+        prompt (no layer can keep more; absent tokens must score 0)."""
         n = modality_tags.numel()
-        kept = self.kept_tokens(n)
+        kept = self.kept_tokens(n) if kept is None else kept
         tail = self.protected_tail(kept)
-        n_select = n - tail
+        n_select = (n if held is None else held) - tail
         if self.layer_buckets == 1 or not self.varies_by_layer():
             return [kept - tail] * num_layers
         demands = None
@@ -177,12 +206,17 @@ class EvictionPolicy:
         return budgets if self.layer_buckets is None else bucket_budgets(budgets, self.layer_buckets, n_select)
 
     def select(self, scores: torch.Tensor | None, modality_tags: torch.Tensor, num_layers: int | None = None,
-               num_kv_heads: int | None = None, budgets: list[int] | None = None) -> list[torch.Tensor] | None:
+               num_kv_heads: int | None = None, budgets: list[int] | None = None, kept: int | None = None,
+               present: torch.Tensor | None = None) -> list[torch.Tensor] | None:
         """Keep indices per layer ([H, K_l], sorted), or None when nothing is evicted.
 
         scores: [L, H, N] float (None for policies with needs_scores False, then pass
         num_layers and num_kv_heads); modality_tags: [N] (0 text, 1 image, 2 video);
         budgets: selectable tokens per layer when already planned (`plan_budgets`).
+        Between prefill chunks (during_prefill): `kept`, the count to keep (the whole prompt's);
+        `present` [L, H, N] bool, the tokens each head still holds, the same number in every
+        head of a layer (positions stay logical; the caller maps them to its compacted cache,
+        `madakv_kernels.physical_indices`).
         """
         n = modality_tags.numel()
         if scores is None:
@@ -191,23 +225,32 @@ class EvictionPolicy:
             scores = torch.zeros(num_layers, num_kv_heads, n, device=modality_tags.device)
         if scores.shape[-1] != n:
             raise ValueError(f"scores cover {scores.shape[-1]} tokens but there are {n} modality tags")
-        kept = self.kept_tokens(n)
-        if kept >= n:
+        held = n if present is None else int(present[0, 0].sum())
+        kept = self.kept_tokens(n) if kept is None else kept
+        if kept >= held:
             return None
         n_select = n - self.protected_tail(kept)
+        if present is not None:  # tokens a head no longer holds weigh nothing (mass, demands)
+            scores = scores.masked_fill(~present, 0.0)
         selectable = scores[..., :n_select].float()
         tags = modality_tags[:n_select]
         if budgets is None:
-            budgets = self.plan_budgets(scores, modality_tags, selectable.shape[0])
-        return [keep_indices(self.choose_after_sinks(selectable[layer], tags, count), n, n_select)
+            budgets = self.plan_budgets(scores, modality_tags, selectable.shape[0], kept=kept,
+                                        held=None if present is None else held)
+        return [keep_indices(self.choose_after_sinks(selectable[layer], tags, count,
+                                                     None if present is None else present[layer, :, :n_select]),
+                             n, n_select)
                 for layer, count in enumerate(budgets)]
 
-    def choose_after_sinks(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
-        """`choose`, with the first `sinks` tokens kept ahead of it and counted in `count`."""
+    def choose_after_sinks(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int,
+                           present: torch.Tensor | None = None) -> torch.Tensor:
+        """`choose`, with the first `sinks` tokens kept ahead of it and counted in `count` (every
+        compaction keeps them, so they are still present)."""
         sinks = min(self.sinks, count, psi.shape[1])
         if sinks == 0:
-            return self.choose(psi, modality_tags, count)
-        rest = self.choose(psi[:, sinks:], modality_tags[sinks:], count - sinks)
+            return self.choose(psi, modality_tags, count, present)
+        rest = self.choose(psi[:, sinks:], modality_tags[sinks:], count - sinks,
+                           None if present is None else present[:, sinks:])
         return torch.cat([torch.ones(psi.shape[0], sinks, dtype=torch.bool, device=psi.device), rest], dim=1)
 
 

@@ -29,6 +29,9 @@ class H2O(EvictionPolicy):
             raise ValueError(f"{self.name}: recent_fraction must be in [0, 1), got {self.recent_fraction}")
         if isinstance(self.max_queries, bool) or not isinstance(self.max_queries, int) or self.max_queries < 0:
             raise ValueError(f"{self.name}: max_queries must be an integer >= 0, got {self.max_queries!r}")
+        if self.during_prefill:  # its scores add up over every prompt query, across chunks
+            raise ValueError(f"{self.name} scores with every prompt query: it cannot evict during prefill "
+                             "(use a window policy: madakv, snapkv, pyramidkv, streamingllm)")
 
     def score_queries(self, n: int) -> int:
         # accumulated attention of the prompt's queries (the last max_queries of them)

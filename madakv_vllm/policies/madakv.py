@@ -149,12 +149,13 @@ class MadaKV(EvictionPolicy):
         count_share = torch.full_like(total, float((~text).sum()) / max(1, psi.shape[1]))
         return torch.where(total > 0, w_visual / total.clamp(min=1e-30), count_share)
 
-    def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
+    def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int,
+               present: torch.Tensor | None = None) -> torch.Tensor:
         if not self.mpa:
-            return super().choose(psi, modality_tags, count)
+            return super().choose(psi, modality_tags, count, present)
         text = modality_tags == TEXT
-        n_visual = int((~text).sum())
-        visual, text_count = split_quota(count, self.visual_share(psi, modality_tags), n_visual,
-                                         psi.shape[1] - n_visual)
+        visual_member, text_member = (~text, text) if present is None else (~text & present, text & present)
+        visual, text_count = split_quota(count, self.visual_share(psi, modality_tags), visual_member.sum(dim=-1),
+                                         text_member.sum(dim=-1))
         ranked = self.rank_scores(psi, modality_tags)  # the shares above come from the raw scores
-        return topk_mask(ranked, ~text, visual) | topk_mask(ranked, text, text_count)
+        return topk_mask(ranked, visual_member, visual) | topk_mask(ranked, text_member, text_count)

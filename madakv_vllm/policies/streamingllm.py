@@ -10,6 +10,8 @@ from typing import ClassVar
 
 import torch
 
+from madakv_kernels import topk_mask
+
 from .base import EvictionPolicy
 
 
@@ -23,7 +25,12 @@ class StreamingLLM(EvictionPolicy):
         # recent tokens (never fewer than the window); the rest of the budget are sinks
         return max(kept - self.sinks, min(self.window, kept))
 
-    def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int) -> torch.Tensor:
-        keep = torch.zeros(psi.shape, dtype=torch.bool, device=psi.device)
-        keep[:, :count] = True
-        return keep
+    def choose(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int,
+               present: torch.Tensor | None = None) -> torch.Tensor:
+        if present is None:
+            keep = torch.zeros(psi.shape, dtype=torch.bool, device=psi.device)
+            keep[:, :count] = True
+            return keep
+        # the earliest tokens each head still holds
+        earliest = -torch.arange(psi.shape[1], device=psi.device, dtype=torch.float32).expand_as(psi)
+        return topk_mask(earliest, present, torch.full((psi.shape[0],), count, device=psi.device))
