@@ -463,7 +463,7 @@ def test_a_plan_for_a_request_the_worker_does_not_evict_fails_loudly():
     worker = object.__new__(WorkerEviction)
     worker.requests = {}
     worker.runner = SimpleNamespace(requests={"known": object()})
-    plan = CompactionPlan([[1, 2]], prompt_len=100, kept=[30], computed=100)
+    plan = CompactionPlan([[1, 2]], covered=100, kept=[30], computed=100)
     with pytest.raises(RuntimeError, match="does not evict"):
         worker.apply_plan("known", plan)
     with pytest.raises(RuntimeError, match="does not know"):

@@ -60,6 +60,9 @@ def add_cli_flags(parser) -> None:
                        help="KV-cache groups: consecutive layers in N equal buckets, each keeping its own "
                             "token count (HCC, PyramidKV) in its own blocks; 1 = every layer keeps the same "
                             "count; auto = at most 4. 1 when not given.")
+    group.add_argument("--kv-eviction-during-prefill", action="store_true", default=None,
+                       help="Also evict between prefill chunks, so a request never holds more than its kept "
+                            "tokens + a slack + one chunk: prompts larger than the KV pool can be served.")
     group.add_argument("--kv-eviction-config", default=None, metavar="PRESET|FILE.yaml",
                        help=f"Eviction preset by name ({', '.join(preset_names())}) or a YAML file; flags "
                             f"override it.")
@@ -69,7 +72,8 @@ def config_from_args(args: argparse.Namespace) -> EvictionConfig | None:
     """The eviction config the CLI flags describe, or None if no flag was given."""
     path = getattr(args, "kv_eviction_config", None)
     flags = dict(policy=getattr(args, "kv_eviction", None), budget=getattr(args, "kv_eviction_budget", None),
-                 window=getattr(args, "kv_eviction_window", None))
+                 window=getattr(args, "kv_eviction_window", None),
+                 during_prefill=getattr(args, "kv_eviction_during_prefill", None))
     if path is None and all(v is None for v in flags.values()):
         return None
     base = EvictionConfig.from_yaml(path) if path else EvictionConfig(policy="madakv")

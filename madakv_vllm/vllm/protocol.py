@@ -19,12 +19,13 @@ REPORT_ATTR = "kv_eviction_kept_per_group"
 class CompactionPlan:
     """Sent once the prompt is computed and every KV-cache group's kept count is known: in group
     g, move the kept prompt tokens (per head, `kept[g]` of them) and every token computed after
-    the prompt into `block_ids[g]`, in order."""
+    the prompt into `block_ids[g]`, in order. With eviction during prefill, also between prefill
+    chunks: then `covered` (the tokens selected from) is the computed part of the prompt."""
 
     block_ids: list[list[int]]
-    prompt_len: int
+    covered: int  # the prompt length, or the end of the chunk a compaction between chunks follows
     kept: list[int]
-    computed: int  # tokens [prompt_len, computed) are copied after the kept ones
+    computed: int  # tokens [covered, computed) are copied after the kept ones
 
 
 def attach_plans(scheduler_output, plans: dict[str, CompactionPlan]) -> None:

@@ -20,7 +20,8 @@ MAX_SCORE_BYTES_KEY = "kv_eviction_max_score_bytes"  # in VllmConfig.additional_
 XARG_POLICY = "kv_eviction"  # in SamplingParams.extra_args (vllm_xargs)
 XARG_BUDGET = "kv_eviction_budget"
 XARG_WINDOW = "kv_eviction_window"
-_XARGS = {XARG_POLICY: "policy", XARG_BUDGET: "budget", XARG_WINDOW: "window"}
+XARG_DURING_PREFILL = "kv_eviction_during_prefill"
+_XARGS = {XARG_POLICY: "policy", XARG_BUDGET: "budget", XARG_WINDOW: "window", XARG_DURING_PREFILL: "during_prefill"}
 
 
 def engine_config(additional_config: Mapping[str, Any] | None) -> EvictionConfig | None:
@@ -28,8 +29,17 @@ def engine_config(additional_config: Mapping[str, Any] | None) -> EvictionConfig
     data = (additional_config or {}).get(CONFIG_KEY)
     if not data:
         return None
-    config = EvictionConfig.from_mapping(data, source=f"additional_config[{CONFIG_KEY!r}]")
+    config = check_served(EvictionConfig.from_mapping(data, source=f"additional_config[{CONFIG_KEY!r}]"))
     return None if config.policy == "none" else config
+
+
+def check_served(config: EvictionConfig) -> EvictionConfig:
+    """What the HF reference path runs but vLLM does not (yet): raises EvictionConfigError."""
+    policy = config.build_policy()
+    if policy is not None and policy.during_prefill and policy.prefill_scores != "chunk":
+        raise EvictionConfigError(f"prefill_scores {policy.prefill_scores!r} runs on the HF reference path only; "
+                                  f"vLLM scores each prefill chunk with its own window (prefill_scores: chunk)")
+    return config
 
 
 def request_config(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -> EvictionConfig:
@@ -38,7 +48,7 @@ def request_config(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -
     if not overrides:
         return base
     try:
-        return base.merged(**overrides)
+        return check_served(base.merged(**overrides))
     except EvictionConfigError as exc:
         raise EvictionConfigError(f"bad vllm_xargs for KV eviction: {exc}") from None
 
@@ -68,12 +78,22 @@ class EvictionTarget:
     """What eviction will do to a request's prompt: keep `kept` of `prompt_len` tokens per
     head and layer on average, scored by the attention of the last `score_queries` prompt
     tokens. `reported_counts`: the KV-cache groups keep different counts that only the workers
-    can compute (from the scores, after the prompt); they report them to the scheduler."""
+    can compute (from the scores, after the prompt); they report them to the scheduler.
+    `limit` (eviction during prefill): after a prefill chunk, a request holding more than this
+    many tokens per head is compacted back to `kept` (None: only after the prompt)."""
 
     prompt_len: int
     kept: int
     score_queries: int
     reported_counts: bool = False
+    limit: int | None = None
+
+    def compacts_after_chunk(self, computed: int, held: int) -> bool:
+        """Whether a prefill chunk ending at `computed`, after which a head holds `held` tokens,
+        is followed by a compaction (scheduler and workers decide alike)."""
+        # never inside the proxy window: its scores must all be for the prompt's own compaction
+        return (self.limit is not None and held > self.limit
+                and computed < self.prompt_len and computed <= self.prompt_len - self.score_queries)
 
     @property
     def evicted(self) -> int:
@@ -130,4 +150,6 @@ def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_t
         logger.warning("KV eviction skipped for a %d-token prompt: %s keeps %d tokens scored by %d queries",
                        prompt_len, policy.name, kept, score_queries)
         return None
-    return EvictionTarget(prompt_len, kept, score_queries, reported_counts=groups > 1 and policy.varies_by_layer())
+    limit = kept + policy.slack_tokens(kept) if policy.during_prefill else None
+    return EvictionTarget(prompt_len, kept, score_queries, reported_counts=groups > 1 and policy.varies_by_layer(),
+                          limit=limit)

@@ -4,6 +4,9 @@ CPU runner subclasses), installed once its KV cache exists.
 - `_update_states` (after): track new requests; reset resumed ones; apply compaction plans:
   select keep indices from the accumulated scores, `compact_kv` every layer into the plan's
   blocks of its KV-cache group, swap the block-table rows, remember E_g = evicted tokens per group.
+  Between prefill chunks (`during_prefill`) the same, over the tokens computed so far: each
+  head's survivors are remembered by logical position (`survivors`), so later scores land at
+  logical positions and the next selection knows what each head still holds.
 - `_prepare_inputs` (after): for compacted requests give attention physical `seq_lens` and
   write slots at `position - E_g`; positions (RoPE, M-RoPE) stay logical. List the rows of this
   step's queries that score a prompt (the last `score_queries` prompt tokens).
@@ -29,7 +32,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from madakv_kernels import MODALITY_TAGS, TEXT, compact_kv, paged_dims, value_norms, window_scores
+from madakv_kernels import (
+    MODALITY_TAGS,
+    TEXT,
+    compact_kv,
+    paged_dims,
+    physical_indices,
+    value_norms,
+    window_scores,
+)
 
 from ..policies import EvictionPolicy
 from .kv_layout import check_layout, key_value_views
@@ -63,14 +74,39 @@ class RequestEviction:
     tags: torch.Tensor
     scores: torch.Tensor | None = None  # [layers, kv_heads, prompt_len] fp32, allocated at the first score
     scored_layers: set[int] = field(default_factory=set)
+    scores_for: int = 0  # the chunk end (or prompt length) the scores are gathered for
     evicted: list[int] | None = None  # per KV-cache group, once compacted
+    # between prefill chunks: per layer, the logical positions each head kept [H, S] (physical slots
+    # 0..S-1); tokens computed after `covered` follow them in order
+    survivors: list[torch.Tensor] | None = None
+    covered: int = 0
+    final: bool = False  # the prompt is compacted: nothing more to score
     seconds: float = 0.0  # scoring + compaction
+
+    def held_view(self, end: int) -> torch.Tensor | None:
+        """Bool [L, H, end]: the logical tokens each head holds (None: all of them)."""
+        if self.survivors is None:
+            return None
+        present = torch.zeros(len(self.survivors), self.survivors[0].shape[0], end, dtype=torch.bool,
+                              device=self.survivors[0].device)
+        present.scatter_(2, torch.stack(self.survivors), True)
+        present[..., self.covered:] = True
+        return present
+
+    def logical_positions(self, layer: int, held: int) -> torch.Tensor | None:
+        """[H, held]: the logical position of each physical slot (None: the same as the slot)."""
+        if self.survivors is None:
+            return None
+        survivors = self.survivors[layer]
+        later = torch.arange(self.covered, self.covered + held - survivors.shape[1], device=survivors.device)
+        return torch.cat([survivors, later.expand(survivors.shape[0], -1)], dim=1)
 
 
 @dataclass
 class ScoringRows:
-    """Rows [start, end) of this step's queries are prompt tokens [context_len - (end-start),
-    context_len) of a request that score its prompt."""
+    """Rows [start, end) of this step's queries are the last end - start of the first
+    `context_len` tokens the request holds (physical; logical when nothing is compacted yet) and
+    score them."""
 
     request: RequestEviction
     start: int
@@ -248,14 +284,16 @@ class WorkerEviction:
         for req_id, plan in plans_of(scheduler_output).items():
             self.apply_plan(req_id, plan)
 
-    def _scores_for_plan(self, req_id: str, state: RequestEviction) -> torch.Tensor | None:
+    def _scores_for_plan(self, req_id: str, state: RequestEviction, covered: int) -> torch.Tensor | None:
+        """The scores of the tokens held, [L, H, covered] at logical positions (0 where a head
+        no longer holds the token)."""
         if not state.policy.needs_scores:
             return None
         missing = sorted(set(range(len(self.layers))) - state.scored_layers)
-        if missing:
-            raise RuntimeError(f"KV eviction: request {req_id} reached compaction without scores for layers "
-                               f"{missing[:5]}")
-        return state.scores
+        if missing or state.scores_for != covered:
+            raise RuntimeError(f"KV eviction: request {req_id} reached compaction over {covered} tokens with scores "
+                               f"for {state.scores_for} tokens, layers {missing[:5]} missing")
+        return state.scores[..., :covered]
 
     def apply_plan(self, req_id: str, plan) -> None:
         state, req_state = self.requests.get(req_id), self.runner.requests.get(req_id)
@@ -266,29 +304,39 @@ class WorkerEviction:
             raise RuntimeError(f"KV eviction: the scheduler compacted request {req_id}, which this worker "
                                f"{'does not know' if req_state is None else 'does not evict'}")
         started = time.perf_counter()
-        scores = self._scores_for_plan(req_id, state)
-        tags = state.tags.to(self.device)
+        covered, target = plan.covered, state.target
+        scores = self._scores_for_plan(req_id, state, covered)
+        tags = state.tags[:covered].to(self.device)
+        present = state.held_view(covered)  # what earlier compactions between chunks left
         # the plan's per-group counts are what the scheduler allocated: select exactly those
-        tail = state.policy.protected_tail(state.target.kept)
+        tail = state.policy.protected_tail(target.kept)
         budgets = [plan.kept[g] - tail for g in self.layer_group]
         keep = state.policy.select(scores, tags, num_layers=len(self.layers), num_kv_heads=self.num_kv_heads,
-                                   budgets=budgets)
-        tail_tokens = torch.arange(plan.prompt_len, plan.computed, device=self.device).expand(self.num_kv_heads, -1)
+                                   budgets=budgets, kept=target.kept, present=present)
+        if keep is None:
+            raise RuntimeError(f"KV eviction: request {req_id} has nothing to evict at {covered} tokens")
+        before = state.evicted or [0] * self.num_groups
         src = [torch.tensor(ids, dtype=torch.int32, device=self.device) for ids in req_state.block_ids]
         dst = [torch.tensor(ids, dtype=torch.int32, device=self.device) for ids in plan.block_ids]
-        for layer, g, layer_keep in zip(self.layers, self.layer_group, keep):
+        for index, (layer, g, layer_keep) in enumerate(zip(self.layers, self.layer_group, keep)):
             keys, values, layout = key_value_views(layer.kv_cache, layer.impl)
-            compact_kv(keys, values, src[g], dst[g], torch.cat([layer_keep.to(self.device), tail_tokens], dim=1),
-                       layout)
+            slots = layer_keep if present is None else physical_indices(layer_keep, present[index])
+            # tokens computed after the selected ones (decoded since the prompt) follow them
+            later = torch.arange(covered - before[g], plan.computed - before[g], device=self.device)
+            compact_kv(keys, values, src[g], dst[g],
+                       torch.cat([slots.to(self.device), later.expand(self.num_kv_heads, -1)], dim=1), layout)
         req_state.block_ids = tuple(list(ids) for ids in plan.block_ids)
         row = self.runner.input_batch.req_id_to_index.get(req_id)
         if row is not None:
             # cleared first: entries past the new length would name the old blocks, freed soon
             self.runner.input_batch.block_table.clear_row(row)
             self.runner.input_batch.block_table.add_row(req_state.block_ids, row)
-        state.evicted = [plan.prompt_len - kept for kept in plan.kept]
-        state.scores, scores = None, None  # the largest per-request buffer: freed right after the plan
+        state.evicted = [covered - kept for kept in plan.kept]
+        state.survivors, state.covered, state.final = keep, covered, covered >= target.prompt_len
         state.seconds += time.perf_counter() - started
+        if not state.final:  # between prefill chunks: the next chunk scores afresh
+            return
+        state.scores, scores = None, None  # the largest per-request buffer: freed right after the plan
         counts = kept_and_evicted_by_modality(keep, tags)
         self.counters.add(**{key: value / self.tp_size for key, value in counts.items()})
         if self.tp_rank == 0:  # one observation per request; per-layer counts are per head, the same on every rank
@@ -305,8 +353,12 @@ class WorkerEviction:
                 continue
             started = time.perf_counter()
             tags = state.tags.to(self.device)
-            budgets = state.policy.plan_budgets(self._scores_for_plan(req_id, state), tags, len(self.layers),
-                                                average=self._average_over_ranks)
+            scores, present = self._scores_for_plan(req_id, state, state.target.prompt_len), None
+            if state.survivors is not None:  # compacted between chunks: no layer can keep more than it holds
+                present = state.held_view(state.target.prompt_len)
+                scores = None if scores is None else scores.masked_fill(~present, 0.0)
+            budgets = state.policy.plan_budgets(scores, tags, len(self.layers), average=self._average_over_ranks,
+                                                held=None if present is None else int(present[0, 0].sum()))
             tail = state.policy.protected_tail(state.target.kept)
             self.pending_reports[req_id] = [budgets[layer] + tail for layer in self.group_first_layer]
             state.seconds += time.perf_counter() - started
@@ -364,19 +416,29 @@ class WorkerEviction:
         rows, completing = [], []
         for i, req_id in enumerate(req_ids):
             state = self.requests.get(req_id)
-            if state is None or state.evicted is not None:
+            if state is None or state.final:
                 continue
-            prompt_len = state.target.prompt_len
-            done = int(computed[i]) + int(scheduled[i])
-            if int(computed[i]) < prompt_len <= done:
+            target, start = state.target, int(computed[i])
+            done = start + int(scheduled[i])
+            if start < target.prompt_len <= done:
                 completing.append(req_id)
-            if not state.target.score_queries:
+            if not target.score_queries:
                 continue
-            lo = max(int(computed[i]), prompt_len - state.target.score_queries)
-            hi = min(done, prompt_len)
+            before = state.evicted[0] if state.evicted else 0  # every group alike before the prompt's end
+            # the proxy window scores the prompt; during prefill, a chunk that will be compacted
+            # after scores with its own last queries (the scheduler decides alike)
+            lo, hi, scores_for = max(start, target.prompt_len - target.score_queries), min(done, target.prompt_len), \
+                target.prompt_len
+            if lo >= hi and target.compacts_after_chunk(done, done - before):
+                lo, hi, scores_for = max(start, done - target.score_queries), done, done
             if lo < hi:
-                first_row = int(starts[i]) + lo - int(computed[i])
-                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi,
+                if state.scores_for != scores_for:  # a new selection: the last one's scores are spent
+                    state.scores_for = scores_for
+                    state.scored_layers.clear()
+                    if state.scores is not None:
+                        state.scores.zero_()
+                first_row = int(starts[i]) + lo - start
+                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi - before,
                                         [table[i] for table in block_tables]))
         self.step_rows, self.completing = rows, completing
 
@@ -404,7 +466,11 @@ class WorkerEviction:
                 psi *= value_norms(values, rows.block_tables[group], rows.context_len, layout=layout)
             if state.scores is None:  # one buffer for all layers: no per-layer tensors, no stack copy
                 state.scores = torch.zeros(len(self.layers), psi.shape[0], state.target.prompt_len, device=psi.device)
-            state.scores[layer_index, :, : rows.context_len] += psi
+            positions = state.logical_positions(layer_index, rows.context_len)
+            if positions is None:
+                state.scores[layer_index, :, : rows.context_len] += psi
+            else:  # compacted between prefill chunks: each head's slots hold other logical tokens
+                state.scores[layer_index].scatter_add_(1, positions, psi)
             state.scored_layers.add(layer_index)
         elapsed = time.perf_counter() - started  # shared by this step's scored requests
         for rows in self.step_rows:

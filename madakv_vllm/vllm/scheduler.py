@@ -15,6 +15,12 @@ Timeline of one request (step numbers are scheduler steps):
        stay cached, with their hashes, for other requests).
 Preemption frees everything and resets E (re-prefill re-evicts); aborts free the plan's blocks
 through the same paths.
+
+Eviction during prefill (`during_prefill`): the same swap also follows a prefill chunk after
+which the request holds more than kept + slack tokens per head (`EvictionTarget.limit`); it keeps
+the prompt's kept count of the tokens computed so far (E grows with every such compaction, and
+later chunks are allocated and attend by physical length), and the usual compaction still
+follows the prompt's last chunk.
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ class EvictingManager:
     def __init__(self, manager):
         self.manager = manager
         self.evicted_tokens: dict[str, int] = {}
-        m, evicted = manager, self.evicted_tokens
+        self.covered: dict[str, int] = {}  # logical tokens the request's last compaction selected from
+        m, evicted, covered = manager, self.evicted_tokens, self.covered
         get_num_blocks_to_allocate, allocate_new_blocks = m.get_num_blocks_to_allocate, m.allocate_new_blocks
         cache_blocks, pop_blocks_for_free = m.cache_blocks, m.pop_blocks_for_free
 
@@ -63,6 +70,7 @@ class EvictingManager:
 
         def pop_blocks_for_free_and_forget(request_id):
             evicted.pop(request_id, None)
+            covered.pop(request_id, None)
             return pop_blocks_for_free(request_id)
 
         m.get_num_blocks_to_allocate = physical_get_num_blocks_to_allocate
@@ -77,7 +85,7 @@ class EvictingManager:
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.manager.req_to_blocks[request_id]]
 
-    def swap_in_private_blocks(self, request_id: str, num_tokens: int, evicted: int):
+    def swap_in_private_blocks(self, request_id: str, num_tokens: int, evicted: int, covered: int):
         """Give the request fresh blocks for num_tokens physical tokens; return its old blocks
         (the caller frees them once no in-flight step reads them). The caller checks the pool."""
         m = self.manager
@@ -86,6 +94,7 @@ class EvictingManager:
         old_blocks = m.req_to_blocks[request_id]
         m.req_to_blocks[request_id] = new_blocks
         self.evicted_tokens[request_id] = evicted
+        self.covered[request_id] = covered
         if m.records_new_block_ids:
             m.new_block_ids.extend(b.block_id for b in new_blocks)
         return old_blocks
@@ -187,9 +196,11 @@ class EvictingSchedulerMixin:
         for request in due:
             request_id = request.request_id
             target = self.eviction_targets[request_id]
-            kept = self._kept_per_group(request_id, target)
             computed = request.num_computed_tokens
-            physical = [k + computed - target.prompt_len for k in kept]
+            covered = min(computed, target.prompt_len)  # between prefill chunks: what is computed
+            kept = self._kept_per_group(request_id, target) if covered == target.prompt_len \
+                else [target.kept] * self.num_groups
+            physical = [k + computed - covered for k in kept]
             new_blocks = sum(-(-p // block_size) for p in physical)
             # after the swap this request needs blocks for its step token in the new layout
             need_after = sum(-(-(p + 1) // block_size) for p in physical) - new_blocks
@@ -198,10 +209,10 @@ class EvictingSchedulerMixin:
                 continue  # pool too short this step; tokens decoded meanwhile are carried over later
             old_blocks = []
             for manager, group_physical, group_kept in zip(managers, physical, kept):
-                old_blocks += manager.swap_in_private_blocks(request_id, group_physical, target.prompt_len - group_kept)
+                old_blocks += manager.swap_in_private_blocks(request_id, group_physical, covered - group_kept, covered)
             needs[request_id] = need_after
             frees.extend(old_blocks)
-            plans[request_id] = (CompactionPlan([], target.prompt_len, kept, computed), len(old_blocks))
+            plans[request_id] = (CompactionPlan([], covered, kept, computed), len(old_blocks))
         return frees, plans
 
     def _kept_per_group(self, request_id: str, target: EvictionTarget) -> list[int] | None:
@@ -211,11 +222,15 @@ class EvictingSchedulerMixin:
 
     def _compaction_due(self, request) -> bool:
         """The prompt was fully computed in an earlier step, the kept counts are known and the
-        request is not compacted yet."""
-        target = self.eviction_targets.get(request.request_id)
-        return (target is not None and request.request_id not in self.evicting_manager.evicted_tokens
-                and request.num_computed_tokens >= target.prompt_len
-                and self._kept_per_group(request.request_id, target) is not None)
+        prompt is not compacted yet; or (during prefill) a chunk left more than the limit."""
+        request_id, manager = request.request_id, self.evicting_manager
+        target = self.eviction_targets.get(request_id)
+        if target is None or manager.covered.get(request_id, 0) >= target.prompt_len:
+            return False
+        computed = request.num_computed_tokens
+        if computed >= target.prompt_len:
+            return self._kept_per_group(request_id, target) is not None
+        return target.compacts_after_chunk(computed, computed - manager.evicted_tokens.get(request_id, 0))
 
     def _blocks_this_step(self) -> dict[str, int]:
         """Blocks each running request will take in this step's schedule(), as vLLM schedules
@@ -249,7 +264,8 @@ class EvictingSchedulerMixin:
     def _take_report(self, request_id: str, kept) -> None:
         """Per-group kept counts from the workers, for a request still waiting for them."""
         target = self.eviction_targets.get(request_id)
-        if target is None or not target.reported_counts or request_id in self.evicting_manager.evicted_tokens:
+        if target is None or not target.reported_counts or \
+                self.evicting_manager.covered.get(request_id, 0) >= target.prompt_len:
             return  # finished, or already compacted (a late report after a preemption)
         kept = [int(k) for k in kept]
         if len(kept) != self.num_groups or not all(1 <= k <= target.prompt_len for k in kept) \
