@@ -142,7 +142,7 @@ def main():
             for plan in tight.plans[first:]:
                 held.append(sum(len(ids) for ids in plan.block_ids) * (num_layers // groups) / num_layers)
                 memory.append(dict(groups=groups, policy=policy, model_blocks=held[-1],
-                                   blocks_before=-(-plan.prompt_len // block_size), kept_per_group=plan.kept))
+                                   blocks_before=-(-plan.covered // block_size), kept_per_group=plan.kept))
             pressure.append(dict(groups=groups, policy=policy, output_tok_s=32 * args.pressure_requests / seconds,
                                  peak_running=peak, model_blocks_per_request=sum(held) / max(1, len(held))))
             tqdm.write(f"groups {groups:2d} {policy:9s}: {pressure[-1]['output_tok_s']:.1f} tok/s, "

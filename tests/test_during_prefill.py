@@ -53,3 +53,67 @@ def test_parity_with_the_hf_chunked_reference(engines, hf_model, arch, options):
     out = llm.chat(vllm_messages(3), greedy(), use_tqdm=False)[0]
     assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
     assert list(out.outputs[0].token_ids) == expected
+
+
+# ---- capacity: prompts larger than the KV pool --------------------------------------------------
+POOL_BLOCKS = 24  # x 32 tokens: 736 usable (one null block)
+HUGE = {"policy": "madakv", "budget": 0.05, "window": 8, "during_prefill": True, "prefill_slack": 0.25}
+
+
+def test_a_prompt_four_times_the_kv_pool_is_served_like_the_hf_reference(engines, hf_model):
+    from test_vllm_engine import sampling, text_prompt
+
+    llm = engines.get("qwen2vl", additional_config={"kv_eviction": HUGE}, num_gpu_blocks_override=POOL_BLOCKS,
+                      max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=2)
+    scheduler = scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    prompt = text_prompt(3000, seed=3)
+    assert len(prompt["prompt_token_ids"]) > 4 * (POOL_BLOCKS - 1) * BLOCK
+    engine = llm.llm_engine
+    engine.add_request("huge", prompt, sampling(max_tokens=MAX_TOKENS))
+    manager, peak, output = scheduler.evicting_manager, 0, None
+    limit = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                output = list(out.outputs[0].token_ids)
+        for request in scheduler.running:
+            evicted = manager.evicted_tokens.get(request.request_id, 0)
+            held = request.num_computed_tokens - evicted
+            blocks = len(manager.block_ids(request.request_id))
+            assert blocks == -(-held // BLOCK)
+            limit = scheduler.eviction_targets[request.request_id].limit
+            peak = max(peak, held)
+    assert pool.get_num_free_blocks() == free_at_start
+    assert peak <= limit + 64, (peak, limit)  # what a step starts with never exceeds kept + slack + one chunk
+    model, _ = hf_model("qwen2vl")
+    ids = torch.tensor([prompt["prompt_token_ids"]])
+    policy = make_policy("madakv", layer_buckets=1, **{k: v for k, v in HUGE.items() if k != "policy"})
+    expected, report = generate_with_eviction(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                              policy, prefill_chunk=64, max_new_tokens=MAX_TOKENS, do_sample=False,
+                                              min_new_tokens=MAX_TOKENS)
+    assert len(report.prefill_compactions) > 20
+    assert output == expected[0, ids.shape[1]:].tolist()
+
+
+def test_without_eviction_during_prefill_the_same_prompt_is_refused_in_one_line(engines):
+    from test_vllm_engine import sampling, text_prompt
+
+    llm = engines.get("qwen2vl", additional_config={"kv_eviction": HUGE}, num_gpu_blocks_override=POOL_BLOCKS,
+                      max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=2)
+    for xargs in ({"kv_eviction_during_prefill": False}, {"kv_eviction": "none"}):
+        with pytest.raises(ValueError, match="more than the 23 the KV cache has.*evict during prefill"):
+            llm.generate([text_prompt(3000, seed=3)], sampling(max_tokens=4, **xargs), use_tqdm=False)
+    with pytest.raises(ValueError, match="lower max_tokens"):  # the output is not evicted
+        llm.generate([text_prompt(1000, seed=3)], sampling(max_tokens=2000), use_tqdm=False)
+    assert len(llm.generate([text_prompt(3000, seed=4)], sampling(max_tokens=4), use_tqdm=False)[0]
+               .outputs[0].token_ids) == 4  # the engine goes on
+
+
+def test_stock_vllm_cannot_start_with_that_pool(tiny_model_dir):
+    from test_vllm_engine import make_llm
+
+    with pytest.raises(Exception, match="max seq len"):
+        make_llm(tiny_model_dir("qwen2vl"), additional_config={}, num_gpu_blocks_override=POOL_BLOCKS,
+                 max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=2)

@@ -118,7 +118,7 @@ def test_groups_hold_blocks_of_their_own_counts_and_return_the_rest(engines):
     assert finished == 8 and len(plans) >= 8
     for target, plan in plans:
         assert len(plan.kept) == 2 and sum(plan.kept) <= 2 * target.kept
-        assert [len(ids) for ids in plan.block_ids] == [-(-(k + plan.computed - plan.prompt_len) // BLOCK)
+        assert [len(ids) for ids in plan.block_ids] == [-(-(k + plan.computed - plan.covered) // BLOCK)
                                                         for k in plan.kept]
     assert any(len(set(plan.kept)) > 1 for _, plan in plans), "buckets should keep different counts"
     assert pool.get_num_free_blocks() == free_at_start
@@ -153,7 +153,7 @@ def test_reports_that_arrive_a_step_late_still_plan_safely(engines):
 
     def update_with_late_reports(scheduler_output, model_runner_output):
         nonlocal held
-        late_plans.extend(plan for plan in plans_of(scheduler_output).values() if plan.computed > plan.prompt_len)
+        late_plans.extend(plan for plan in plans_of(scheduler_output).values() if plan.computed > plan.covered)
         if model_runner_output is not EMPTY_MODEL_RUNNER_OUTPUT:
             arrived = report_of(model_runner_output)
             setattr(model_runner_output, REPORT_ATTR, held)

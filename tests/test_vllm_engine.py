@@ -233,7 +233,7 @@ def test_randomized_run_leaks_nothing_and_matches_solo_runs(tight_engine):
     def schedule_and_note(*args, **kwargs):
         output = schedule(*args, **kwargs)
         for request_id, plan in plans_of(output).items():
-            if plan.computed > plan.prompt_len:  # compaction waited for blocks: decoded with the full cache
+            if plan.computed > plan.covered:  # compaction waited for blocks: decoded with the full cache
                 decoded_with_full_cache.add(request_id.rsplit("-", 1)[0])
         return output
 

@@ -538,3 +538,41 @@ def test_counters_are_written_off_the_callers_path(monkeypatch, tmp_path):
             break
         threading.Event().wait(0.05)
     assert values.get("requests") == 3
+
+
+def test_during_prefill_flag_xargs_and_target():
+    config = plugin.config_from_args(parse("--kv-eviction", "madakv", "--kv-eviction-during-prefill"))
+    assert config.build_policy().during_prefill is True
+    assert plugin.config_from_args(parse("--kv-eviction", "madakv")).build_policy().during_prefill is False
+    base = EvictionConfig(policy="madakv", budget=0.2, window=8)
+    assert request_policy(base, {"kv_eviction_during_prefill": True}).during_prefill is True
+    with pytest.raises(EvictionConfigError, match="bad vllm_xargs.*during_prefill"):
+        request_config(base, {"kv_eviction_during_prefill": "yes"})
+    from madakv_vllm.vllm.requests import engine_config
+
+    with pytest.raises(EvictionConfigError, match="HF reference path only"):  # what vLLM does not run
+        engine_config({"kv_eviction": {"policy": "madakv", "during_prefill": True, "prefill_scores": "running"}})
+    target = eviction_target(request_policy(base, {"kv_eviction_during_prefill": True}), 1000, chunk=64)
+    assert (target.kept, target.limit) == (200, 300)  # slack 0.5 of the kept count
+    assert target.compacts_after_chunk(512, 301) and not target.compacts_after_chunk(512, 300)
+    assert not target.compacts_after_chunk(500, 400)  # only at multiples of the chunk: fixed points
+    assert not target.compacts_after_chunk(993, 400)  # inside the proxy window: the prompt's own compaction
+    assert target.next_compaction_point(500) == 512 and target.next_compaction_point(512) == 576
+    assert target.next_compaction_point(960) is None  # 1024 is past the window's start (992)
+    assert eviction_target(request_policy(base, None), 1000, chunk=64).limit is None
+
+
+def test_peak_blocks_count_what_a_request_holds_at_once():
+    from madakv_vllm.policies import make_policy
+    from madakv_vllm.vllm.requests import peak_blocks
+
+    during = make_policy("madakv", budget=0.05, window=8, during_prefill=True, prefill_slack=0.25)
+    # kept 150 of 3000, limit 188: a chunk of 64 on top (8 blocks of 32) while the copy of the
+    # kept tokens and the next chunk take 7 more; the kept prompt + output is far less
+    assert peak_blocks(during, 3000, 10, 64, 32) == 8 + 7
+    assert peak_blocks(during, 3000, 2000, 64, 32) == -(-(150 + 2000) // 32)  # the output is not evicted
+    assert peak_blocks(during, 60, 10, 64, 32) == -(-70 // 32)  # never more than the whole request
+    one_shot = make_policy("madakv", budget=0.05, window=8)
+    assert peak_blocks(one_shot, 3000, 10, 64, 32) == peak_blocks(None, 3000, 10, 64, 32) == -(-3010 // 32)
+    # scores too large for the limit: no eviction, the whole request
+    assert peak_blocks(during, 3000, 10, 64, 32, scores_per_token=100, score_bytes_limit=1000) == -(-3010 // 32)

@@ -218,13 +218,14 @@ def prefill_chunks(n: int, chunk: int, window: int) -> list[int]:
 
 
 class PrefillEviction:
-    """Compaction between prefill chunks (`policy.during_prefill`). After a chunk ending at
-    logical position `end`, a cache holding more than kept + slack tokens per head is compacted
-    back to the whole prompt's kept count, each layer alike, scored by that chunk's own last
-    queries ("chunk") or by the running mean of every chunk's window scores ("running")."""
+    """Compaction between prefill chunks (`policy.during_prefill`). After a chunk ending at a
+    multiple of `chunk` (vLLM's fixed compaction points), a cache holding more than kept + slack
+    tokens per head is compacted back to the whole prompt's kept count, each layer alike, scored
+    by that chunk's own last queries ("chunk") or by the running mean of every chunk's window
+    scores ("running")."""
 
-    def __init__(self, policy: EvictionPolicy, tags: torch.Tensor, report: EvictionReport):
-        self.policy, self.tags, self.report = policy, tags, report
+    def __init__(self, policy: EvictionPolicy, tags: torch.Tensor, report: EvictionReport, chunk: int):
+        self.policy, self.tags, self.report, self.chunk = policy, tags, report, chunk
         n = tags.numel()
         self.kept = policy.kept_tokens(n)
         self.limit = self.kept + policy.slack_tokens(self.kept)
@@ -248,7 +249,8 @@ class PrefillEviction:
         held = layers[0].keys.shape[-2]
         policy, n = self.policy, self.tags.numel()
         running = policy.needs_scores and policy.prefill_scores == "running"
-        if held <= self.limit and not running:
+        due = held > self.limit and end % self.chunk == 0  # compactions only at multiples of the chunk (as vLLM)
+        if not due and not running:
             return
         scores = None
         if policy.needs_scores:
@@ -262,7 +264,7 @@ class PrefillEviction:
                 sums[..., :end] += scores
                 counts[..., :end] += seen
                 scores = sums[..., :end] / counts[..., :end].clamp(min=1)
-        if held <= self.limit:
+        if not due:
             return
         present = held_mask(self.positions, n)
         present = None if present is None else present[..., :end]
@@ -345,7 +347,7 @@ def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, p
 
     capture = _Capture(model, lambda q_len: min(policy.score_queries(n), q_len))
     cache = DynamicCache(config=model.config)
-    prefill = PrefillEviction(policy, tags, report) if policy.during_prefill else None
+    prefill = PrefillEviction(policy, tags, report, prefill_chunk) if policy.during_prefill else None
 
     def after_chunk(end: int) -> None:
         prefill.after_chunk(cache, capture.queries, capture.scaling, end)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..policies import POLICY_NAMES
-from ..vllm.requests import CONFIG_KEY, LAYER_GROUPS_KEY, XARG_BUDGET, XARG_POLICY, XARG_WINDOW
+from ..vllm.requests import CONFIG_KEY, LAYER_GROUPS_KEY, XARG_BUDGET, XARG_DURING_PREFILL, XARG_POLICY, XARG_WINDOW
 
 IMAGE_PROMPT = "<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>picture of a cat " * 2
 WORDS = ("red", "cat", "river", "house", "dog", "green", "tree")
@@ -78,6 +78,8 @@ def random_request(rng: random.Random, shared_prefix: list[int], images):
         xargs[XARG_BUDGET] = rng.choice([0.01, 0.05, 0.1, 0.2, 0.5, 1.0, round(rng.random(), 3) or 0.5])
     if rng.random() < 0.4:
         xargs[XARG_WINDOW] = rng.choice([0, 1, 4, 16, 32, 64])
+    if rng.random() < 0.3:  # evict between prefill chunks too (H2O and LOOK-M refuse it: an HTTP 400)
+        xargs[XARG_DURING_PREFILL] = True
     kind = rng.random()
     if kind < 0.15:
         filler = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 300)))
@@ -135,15 +137,22 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
     report, requests, outputs = StressReport(), {}, {}
     abort_at: dict[int, str] = {}
     full_cache_first: set[str] = set()
-    schedule, preempt = scheduler.schedule, scheduler._preempt_request
+    schedule, preempt, plan_compactions = scheduler.schedule, scheduler._preempt_request, scheduler._plan_compactions
 
     def schedule_and_note(*args, **kwargs):
         output = schedule(*args, **kwargs)
         for request_id, plan in plans_of(output).items():
             report.compactions += 1
-            if plan.computed > plan.prompt_len:
+            if plan.computed > plan.covered:
                 full_cache_first.add(request_id.rsplit("-", 1)[0])
         return output
+
+    def plan_and_note_waits():
+        # a compaction that waits for blocks keeps more than a solo run would (the request goes on)
+        due = [request.request_id for request in scheduler.running if scheduler._compaction_due(request)]
+        frees, plans = plan_compactions()
+        full_cache_first.update(rid.rsplit("-", 1)[0] for rid in due if rid not in plans)
+        return frees, plans
 
     def preempt_and_note(request, *args, **kwargs):
         if request.request_id in scheduler.evicting_manager.evicted_tokens:
@@ -164,6 +173,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
             abort_at[report.steps + rng.randint(1, 12)] = request_id
 
     scheduler.schedule, scheduler._preempt_request = schedule_and_note, preempt_and_note
+    scheduler._plan_compactions = plan_and_note_waits
     started, added = time.perf_counter(), 0
     try:
         while added < num_requests or engine.has_unfinished_requests():
@@ -188,7 +198,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
                 scheduler._preempt_request(request, time.monotonic())
                 report.forced_preemptions += 1
     finally:
-        del scheduler.schedule, scheduler._preempt_request
+        del scheduler.schedule, scheduler._preempt_request, scheduler._plan_compactions
     report.seconds = time.perf_counter() - started
     report.requests = len(requests) + report.rejected
     aborted_ids = {rid for rid in requests if rid not in outputs}

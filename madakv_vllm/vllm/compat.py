@@ -48,7 +48,8 @@ HOOKED_SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
     "vllm.v1.engine.input_processor": {
         "InputProcessor.process_inputs": ("self", "request_id", "prompt", "params", "supported_tasks"),
     },
-    "vllm.v1.core.kv_cache_utils": {"get_kv_cache_groups": ("vllm_config", "kv_cache_spec")},
+    "vllm.v1.core.kv_cache_utils": {"get_kv_cache_groups": ("vllm_config", "kv_cache_spec"),
+                                    "_max_memory_usage_bytes_from_groups": ("vllm_config", "kv_cache_groups")},
     "vllm.v1.worker.utils": {
         "AttentionGroup.build_metadata": ("self", "common_attn_metadata", "ubatch_idx"),
         "AttentionGroup.build_metadata_for_cudagraph_capture": ("self", "common_attn_metadata", "ubatch_idx"),

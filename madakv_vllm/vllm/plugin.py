@@ -33,7 +33,10 @@ from .requests import (
     MAX_SCORE_BYTES_KEY,
     engine_config,
     layer_groups,
+    max_score_bytes,
     max_score_bytes_from_env,
+    peak_blocks,
+    prefill_chunk_tokens,
     request_config,
     request_policy,
 )
@@ -212,25 +215,60 @@ def _hook_openai_serving(module) -> None:
     serving_cls._with_kv_transfer_rejection_cleanup = validate_then_create
 
 
-def _hook_streaming_inputs(module) -> None:
-    """Streaming-input sessions (resumable requests) replace the prompt between chunks, which
-    compaction cannot follow: when eviction applies to such a request it is an HTTP 400."""
+def held_blocks(vllm_config, policy, prompt_len: int, max_tokens: int) -> int:
+    """KV blocks a request alone holds at most, over every KV-cache group (requests.peak_blocks)."""
+    model_config, parallel_config = vllm_config.model_config, vllm_config.parallel_config
+    groups = layer_groups(vllm_config.additional_config)
+    scores_per_token = model_config.get_num_layers(parallel_config) * model_config.get_num_kv_heads(parallel_config)
+    return groups * peak_blocks(policy, prompt_len, max_tokens, prefill_chunk_tokens(vllm_config),
+                                vllm_config.cache_config.block_size, scores_per_token,
+                                max_score_bytes(vllm_config.additional_config))
+
+
+def too_large_error(vllm_config, request) -> str | None:
+    """Why a request can never fit in the KV pool, or None. vLLM's own start-up check makes this
+    impossible unless eviction during prefill let max_model_len exceed the pool."""
+    base, pool = _state["server_config"], vllm_config.cache_config.num_gpu_blocks
+    params = request.sampling_params
+    if base is None or not pool or params is None or request.prompt_token_ids is None:
+        return None
+    usable = pool - 1  # vLLM's block pool holds one null block back
+    policy = request_policy(base, params.extra_args, layer_groups(vllm_config.additional_config))
+    prompt_len, max_tokens = len(request.prompt_token_ids), params.max_tokens or 1
+    need = held_blocks(vllm_config, policy, prompt_len, max_tokens)
+    if need <= usable:
+        return None
+    during = policy is not None and policy.during_prefill
+    advice = ("lower max_tokens (the output is not evicted) or the budget" if during else
+              "evict during prefill (vllm_xargs {\"kv_eviction_during_prefill\": true}), or send a shorter prompt")
+    return (f"KV eviction: this request would hold up to {need} KV-cache blocks at once ({prompt_len}-token prompt, "
+            f"up to {max_tokens} output tokens), more than the {usable} the KV cache has; {advice}")
+
+
+def _hook_input_processor(module) -> None:
+    """Requests eviction cannot serve are an HTTP 400 in the API server (ValueError offline):
+    streaming-input sessions (resumable requests), which replace the prompt between chunks that
+    compaction cannot follow, and requests that could never fit in the KV pool (too_large_error),
+    which would otherwise wait or be preempted forever."""
     require_supported(module.__name__)
     processor_cls = module.InputProcessor
     process_inputs = processor_cls.process_inputs
 
     @functools.wraps(process_inputs)
-    def process_inputs_refusing_evicted_sessions(self, request_id, prompt, params, *args, **kwargs):
+    def process_inputs_for_eviction(self, request_id, prompt, params, *args, **kwargs):
+        from vllm.exceptions import VLLMValidationError
+
         base = _state["server_config"]
         if kwargs.get("resumable") and base is not None and \
                 request_policy(base, getattr(params, "extra_args", None)) is not None:
-            from vllm.exceptions import VLLMValidationError
-
             raise VLLMValidationError("KV eviction does not support streaming-input sessions; send "
                                       "vllm_xargs {\"kv_eviction\": \"none\"} with them", parameter="vllm_xargs")
-        return process_inputs(self, request_id, prompt, params, *args, **kwargs)
+        request = process_inputs(self, request_id, prompt, params, *args, **kwargs)
+        if (error := too_large_error(self.vllm_config, request)) is not None:
+            raise VLLMValidationError(error)
+        return request
 
-    processor_cls.process_inputs = process_inputs_refusing_evicted_sessions
+    processor_cls.process_inputs = process_inputs_for_eviction
 
 
 def _hook_kv_cache_groups(module) -> None:
@@ -252,6 +290,28 @@ def _hook_kv_cache_groups(module) -> None:
         return split_into_buckets(groups, count)
 
     module.get_kv_cache_groups = get_kv_cache_groups_in_buckets
+
+    # vLLM checks at start-up that one max_model_len request fits in the pool; with eviction
+    # during prefill (the engine's default) a max_model_len prompt holds fewer blocks than that
+    usage = module._max_memory_usage_bytes_from_groups
+
+    @functools.wraps(usage)
+    def usage_of_a_prompt_held_while_evicted(vllm_config, kv_cache_groups, *args, **kwargs):
+        config = engine_config(vllm_config.additional_config)
+        policy = None if config is None else config.build_policy()
+        if policy is None or not policy.during_prefill:
+            return usage(vllm_config, kv_cache_groups, *args, **kwargs)
+        model_config = vllm_config.model_config
+        length = model_config.max_model_len
+        blocks = held_blocks(vllm_config, policy, length, 1) // layer_groups(vllm_config.additional_config)
+        held = min(length, blocks * vllm_config.cache_config.block_size)
+        model_config.max_model_len = held  # vLLM's own estimate varies it the same way
+        try:
+            return usage(vllm_config, kv_cache_groups, *args, **kwargs)
+        finally:
+            model_config.max_model_len = length
+
+    module._max_memory_usage_bytes_from_groups = usage_of_a_prompt_held_while_evicted
 
 
 def _hook_model_runner(module) -> None:
@@ -314,7 +374,7 @@ def register() -> None:
     for module_name, hook in (("vllm.v1.worker.gpu_model_runner", _hook_model_runner),
                               ("vllm.v1.core.kv_cache_utils", _hook_kv_cache_groups),
                               ("vllm.entrypoints.generate.base.serving", _hook_openai_serving),
-                              ("vllm.v1.engine.input_processor", _hook_streaming_inputs)):
+                              ("vllm.v1.engine.input_processor", _hook_input_processor)):
         if module_name in sys.modules:
             hook(sys.modules[module_name])
         else:

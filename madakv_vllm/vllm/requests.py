@@ -79,21 +79,31 @@ class EvictionTarget:
     head and layer on average, scored by the attention of the last `score_queries` prompt
     tokens. `reported_counts`: the KV-cache groups keep different counts that only the workers
     can compute (from the scores, after the prompt); they report them to the scheduler.
-    `limit` (eviction during prefill): after a prefill chunk, a request holding more than this
-    many tokens per head is compacted back to `kept` (None: only after the prompt)."""
+    `limit` (eviction during prefill): at every multiple of `chunk` prompt tokens, a request
+    holding more than this many tokens per head is compacted back to `kept` (None: only after
+    the prompt). Fixed points, and chunks never cross them (the scheduler cuts them there), so
+    what is kept does not depend on how the prompt's chunks shared steps with other requests."""
 
     prompt_len: int
     kept: int
     score_queries: int
     reported_counts: bool = False
     limit: int | None = None
+    chunk: int = 0
 
     def compacts_after_chunk(self, computed: int, held: int) -> bool:
         """Whether a prefill chunk ending at `computed`, after which a head holds `held` tokens,
         is followed by a compaction (scheduler and workers decide alike)."""
         # never inside the proxy window: its scores must all be for the prompt's own compaction
-        return (self.limit is not None and held > self.limit
+        return (self.limit is not None and held > self.limit and computed % self.chunk == 0
                 and computed < self.prompt_len and computed <= self.prompt_len - self.score_queries)
+
+    def next_compaction_point(self, computed: int) -> int | None:
+        """The first point after `computed` where a compaction between chunks may follow."""
+        if self.limit is None:
+            return None
+        point = (computed // self.chunk + 1) * self.chunk
+        return point if point <= self.prompt_len - self.score_queries and point < self.prompt_len else None
 
     @property
     def evicted(self) -> int:
@@ -129,8 +139,19 @@ def max_score_bytes(additional_config: Mapping[str, Any] | None) -> int:
     return MAX_SCORE_BYTES if value is None else int(value)
 
 
+def prefill_chunk_tokens(vllm_config) -> int:
+    """The most prompt tokens a request computes in one step (chunked prefill's chunk): where
+    compactions between chunks may happen (EvictionTarget.chunk)."""
+    scheduler_config = vllm_config.scheduler_config
+    if not scheduler_config.enable_chunked_prefill:
+        return vllm_config.model_config.max_model_len
+    chunk = scheduler_config.max_num_batched_tokens
+    threshold = getattr(scheduler_config, "long_prefill_token_threshold", 0) or 0
+    return min(chunk, threshold) if threshold > 0 else chunk
+
+
 def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_token: int = 0,
-                    groups: int = 1, score_bytes_limit: int = MAX_SCORE_BYTES) -> EvictionTarget | None:
+                    groups: int = 1, score_bytes_limit: int = MAX_SCORE_BYTES, chunk: int = 0) -> EvictionTarget | None:
     """None when nothing will be evicted (no policy, the budget covers the prompt, or its scores,
     `scores_per_token` fp32 values per prompt token, would exceed `score_bytes_limit`)."""
     if policy is None:
@@ -150,6 +171,23 @@ def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_t
         logger.warning("KV eviction skipped for a %d-token prompt: %s keeps %d tokens scored by %d queries",
                        prompt_len, policy.name, kept, score_queries)
         return None
-    limit = kept + policy.slack_tokens(kept) if policy.during_prefill else None
+    limit = kept + policy.slack_tokens(kept) if policy.during_prefill and chunk > 0 else None
     return EvictionTarget(prompt_len, kept, score_queries, reported_counts=groups > 1 and policy.varies_by_layer(),
-                          limit=limit)
+                          limit=limit, chunk=chunk)
+
+
+def peak_blocks(policy: EvictionPolicy | None, prompt_len: int, max_tokens: int, chunk: int, block_size: int,
+                scores_per_token: int = 0, score_bytes_limit: int = MAX_SCORE_BYTES) -> int:
+    """The most KV blocks one KV-cache group holds for a request alone, so that it can be served:
+    its whole length without eviction during prefill (a compaction that finds no room waits while
+    the request goes on, as vLLM would run it). With it: the tokens held after a chunk (limit +
+    chunk) while a compaction copies the kept ones into fresh blocks and the next chunk is
+    allocated, or the kept prompt plus the output, whichever is more, and never more than the
+    whole length."""
+    whole = -(-(prompt_len + max_tokens) // block_size)
+    target = eviction_target(policy, prompt_len, scores_per_token, score_bytes_limit=score_bytes_limit, chunk=chunk)
+    if target is None or target.limit is None:
+        return whole
+    blocks = lambda tokens: -(-tokens // block_size)  # noqa: E731
+    compacting = blocks(min(prompt_len, target.limit + chunk)) + blocks(min(prompt_len, target.kept + chunk))
+    return min(whole, max(compacting, blocks(target.kept + max_tokens)))

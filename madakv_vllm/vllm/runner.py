@@ -46,7 +46,15 @@ from ..policies import EvictionPolicy
 from .kv_layout import check_layout, key_value_views
 from .metrics import Counters
 from .protocol import attach_report, plans_of
-from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, max_score_bytes, request_policy
+from .requests import (
+    EvictionTarget,
+    engine_config,
+    eviction_target,
+    layer_groups,
+    max_score_bytes,
+    prefill_chunk_tokens,
+    request_policy,
+)
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -144,6 +152,7 @@ class WorkerEviction:
         self.num_kv_heads = heads.pop()
         self.scores_per_token = len(self.layers) * self.num_kv_heads  # the scheduler computes the same
         self.score_bytes_limit = max_score_bytes(runner.vllm_config.additional_config)  # the scheduler's too
+        self.prefill_chunk = prefill_chunk_tokens(runner.vllm_config)  # the scheduler's too
         self.requests: dict[str, RequestEviction] = {}
         self.step_rows: list[ScoringRows] = []
         # per-step inputs staged in pinned host memory (the runner's own buffer type)
@@ -261,7 +270,7 @@ class WorkerEviction:
         extra = req_state.sampling_params.extra_args if req_state.sampling_params is not None else None
         policy = request_policy(self.base_config, extra, self.num_groups)
         target = eviction_target(policy, req_state.num_prompt_tokens, self.scores_per_token, self.num_groups,
-                                 self.score_bytes_limit)
+                                 self.score_bytes_limit, self.prefill_chunk)
         if target is None:
             self.requests.pop(req_state.req_id, None)
             return

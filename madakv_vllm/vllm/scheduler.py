@@ -33,7 +33,15 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from .compat import check_parallel_and_runner, require_supported
 from .metrics import Counters
 from .protocol import CompactionPlan, attach_plans, plans_of, report_of
-from .requests import EvictionTarget, engine_config, eviction_target, layer_groups, max_score_bytes, request_policy
+from .requests import (
+    EvictionTarget,
+    engine_config,
+    eviction_target,
+    layer_groups,
+    max_score_bytes,
+    prefill_chunk_tokens,
+    request_policy,
+)
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -115,6 +123,7 @@ class EvictingSchedulerMixin:
         groups = self.kv_cache_config.kv_cache_groups
         self.scores_per_token = sum(len(g.layer_names) for g in groups) * groups[0].kv_cache_spec.num_kv_heads
         self.score_bytes_limit = max_score_bytes(self.vllm_config.additional_config)  # the workers read the same
+        self.prefill_chunk = prefill_chunk_tokens(self.vllm_config)  # the workers too
         self.evicting_managers = [EvictingManager(m) for m in managers]
         manager = self.evicting_managers[0]  # compaction state is per group; the first one answers "compacted?"
         self.evicting_manager = manager
@@ -143,7 +152,7 @@ class EvictingSchedulerMixin:
         # Streaming-input sessions replace the prompt between chunks: never compacted (the API
         # server refuses them when eviction applies; this is the engine's own line of defence).
         target = eviction_target(policy, request.num_prompt_tokens, self.scores_per_token, self.num_groups,
-                                 self.score_bytes_limit)
+                                 self.score_bytes_limit, self.prefill_chunk)
         self.eviction_targets[request.request_id] = None if getattr(request, "resumable", False) else target
         super().add_request(request)
 
@@ -152,6 +161,10 @@ class EvictingSchedulerMixin:
         target = self.eviction_targets.get(request.request_id)
         if target is None or not target.score_queries:
             return num_new_tokens
+        point = target.next_compaction_point(num_computed_tokens)
+        if point is not None and num_computed_tokens + num_new_tokens > point and not (
+                self.scheduler_config.disable_chunked_mm_input and inside_multimodal_item(request, point)):
+            num_new_tokens = point - num_computed_tokens  # a chunk never crosses a compaction point
         # Never split the scored queries across chunks: end this chunk just before them instead.
         start = target.prompt_len - target.score_queries
         end = num_computed_tokens + num_new_tokens
