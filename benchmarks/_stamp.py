@@ -252,9 +252,11 @@ def hf_judge():
     return model, AutoProcessor.from_pretrained(path)
 
 
-def hf_sweep(model, processor, samples, policies: dict, max_new_tokens: int, desc: str):
+def hf_sweep(model, processor, samples, policies: dict, max_new_tokens: int, desc: str,
+             prefill_chunk: int | None = None):
     """Every sample prefilled once on the HF reference path and decoded under every policy
-    (`generate_sweep`): yields (sample, prompt tokens, policy key, prediction, score, report)."""
+    (`generate_sweep`; policies that evict during prefill prefill alone, in `prefill_chunk`
+    chunks): yields (sample, prompt tokens, policy key, prediction, score, report)."""
     import torch
     from tqdm import tqdm
 
@@ -265,7 +267,8 @@ def hf_sweep(model, processor, samples, policies: dict, max_new_tokens: int, des
         inputs = hf_inputs(processor, sample)
         n = inputs["input_ids"].shape[1]
         with torch.inference_mode():
-            outputs = generate_sweep(model, inputs, policies, max_new_tokens=max_new_tokens)
+            outputs = generate_sweep(model, inputs, policies, max_new_tokens=max_new_tokens,
+                                     prefill_chunk=prefill_chunk)
         for key, (ids, report) in outputs.items():
             prediction = processor.decode(ids[0, n:], skip_special_tokens=True)
             yield sample, n, key, prediction, scorer_for(sample)(prediction, sample.answer, sample.choices), report

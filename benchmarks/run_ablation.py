@@ -74,6 +74,11 @@ def variants(budget: float) -> dict:
     out["MPA off, HCC off, window 8, span 8"] = uniform(mpa=False, span=8)
     out["MPA on, HCC off, window 8, span 8, values"] = uniform(span=8, value_weighted=True)
     out["MPA on, HCC off, window 8, span 8, sinks 4"] = uniform(span=8, sinks=4)
+    # eviction during prefill (--prefill-chunk tokens per chunk), each chunk scored by its own window
+    # or by the running mean of every chunk's window; slack 0.5 of the kept count
+    out["MPA on, HCC off, window 8, span 8, during prefill"] = uniform(span=8, during_prefill=True)
+    out["MPA on, HCC off, window 8, span 8, during prefill, running"] = uniform(span=8, during_prefill=True,
+                                                                                 prefill_scores="running")
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group
@@ -96,6 +101,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="suite seed: 0 the dev split (options are chosen on it), "
                                                        "1 the test split (never used to choose)")
     p.add_argument("--reference", default=REFERENCE, help="the variant every other one is tested against")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prefill chunk of the variants that evict "
+                                                                   "during prefill")
     p.add_argument("--no-full-cache", action="store_true", help="skip the full cache (another run of the same "
                                                                  "samples has it; --summarize both)")
     p.add_argument("--out", default=str(HERE / "results" / "ablation"), help="OUT.json, OUT.png, OUT-samples.jsonl")
@@ -132,7 +139,8 @@ def run(args) -> list[dict]:
     rows = []
     with open(f"{args.out}-samples.jsonl", "w") as jsonl:
         for sample, _, (name, budget), prediction, score, _ in hf_sweep(model, processor, samples, policies,
-                                                                        args.max_new_tokens, "ablation"):
+                                                                        args.max_new_tokens, "ablation",
+                                                                        args.prefill_chunk):
             rows.append(dict(task=sample.task, sample_id=sample.sample_id, seed=args.seed, policy=name, budget=budget,
                              answer=sample.answer, prediction=prediction, score=score))
             jsonl.write(json.dumps(rows[-1]) + "\n")

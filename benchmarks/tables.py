@@ -324,10 +324,28 @@ def stress(r: dict) -> str:
           len(rep["leaks"]) or "none"]])
 
 
+def prefill_memory(r: dict) -> str:
+    """Peak blocks per request, one-shot vs during prefill: benchmarks/results/prefill_memory.json."""
+    lengths = sorted({row["prompt"] for row in r["rows"]})
+    settings = list(dict.fromkeys(row["setting"] for row in r["rows"]))
+    cell = {(row["setting"], row["prompt"]): row for row in r["rows"]}
+    c = r["capacity"]
+    return _markdown(
+        f"`python benchmarks/bench_prefill_memory.py` ({_where(r)}; {r['model']}, MadaKV {r['budget']:.0%}, prefill "
+        f"chunks of {r['chunk']} tokens, blocks of {r['block_size']}; one request at a time, 8 output tokens; most "
+        f"pool blocks in use at once, the compaction's copy included, and compactions made). A "
+        f"{c['prompt']}-token prompt in a pool of {c['pool_tokens']} tokens: "
+        f"{'served' if c['served'] else 'NOT served'} with eviction during prefill ({c['compactions']} compactions, "
+        f"peak {c['peak_blocks']} blocks, {c['seconds']} s); stock vLLM with that pool: \"{c['stock'][:160]}...\"",
+        ["prompt tokens", *settings],
+        [[_tokens(n), *(f"{cell[(s, n)]['peak_blocks']} blocks ({cell[(s, n)]['compactions']} compactions)"
+                        for s in settings)] for n in lengths])
+
+
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
           "ablation": ablation, "levers": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
           "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
-          "kernels_h200": kernels_h200, "stress": stress}
+          "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
 TABLE_SOURCES = {"accuracy": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
@@ -437,6 +455,8 @@ PLOTS = {
     "benchmarks/results/video.png": Plot("benchmarks/results/video.json", _module_draw("bench_video")),
     "benchmarks/results/layer_groups.png": Plot("benchmarks/results/layer_groups.json",
                                                 _module_draw("bench_layer_groups")),
+    "benchmarks/results/prefill_memory.png": Plot("benchmarks/results/prefill_memory.json",
+                                                  _module_draw("bench_prefill_memory")),
     "benchmarks/results/kernels_h200.png": Plot("benchmarks/results/kernels_h200.json", _module_draw("bench_kernels")),
     "benchmarks/results/lengths.png": Plot("benchmarks/results/lengths.json", _module_draw("run_lengths")),
     "benchmarks/results/ablation.png": Plot("benchmarks/results/ablation.json", _module_draw("run_ablation")),

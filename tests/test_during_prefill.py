@@ -73,8 +73,10 @@ def test_a_prompt_four_times_the_kv_pool_is_served_like_the_hf_reference(engines
     engine = llm.llm_engine
     engine.add_request("huge", prompt, sampling(max_tokens=MAX_TOKENS))
     manager, peak, output = scheduler.evicting_manager, 0, None
-    limit = None
+    limit, steps = None, 0
     while engine.has_unfinished_requests():
+        steps += 1
+        assert steps < 400, [(r.request_id, r.num_computed_tokens) for r in [*scheduler.running, *scheduler.waiting]]
         for out in engine.step():
             if out.finished:
                 output = list(out.outputs[0].token_ids)
@@ -98,14 +100,16 @@ def test_a_prompt_four_times_the_kv_pool_is_served_like_the_hf_reference(engines
 
 
 def test_without_eviction_during_prefill_the_same_prompt_is_refused_in_one_line(engines):
+    from vllm.exceptions import VLLMValidationError  # the server's HTTP 400
+
     from test_vllm_engine import sampling, text_prompt
 
     llm = engines.get("qwen2vl", additional_config={"kv_eviction": HUGE}, num_gpu_blocks_override=POOL_BLOCKS,
                       max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=2)
     for xargs in ({"kv_eviction_during_prefill": False}, {"kv_eviction": "none"}):
-        with pytest.raises(ValueError, match="more than the 23 the KV cache has.*evict during prefill"):
+        with pytest.raises(VLLMValidationError, match="more than the 23 the KV cache has.*evict during prefill"):
             llm.generate([text_prompt(3000, seed=3)], sampling(max_tokens=4, **xargs), use_tqdm=False)
-    with pytest.raises(ValueError, match="lower max_tokens"):  # the output is not evicted
+    with pytest.raises(VLLMValidationError, match="lower max_tokens"):  # the output is not evicted
         llm.generate([text_prompt(1000, seed=3)], sampling(max_tokens=2000), use_tqdm=False)
     assert len(llm.generate([text_prompt(3000, seed=4)], sampling(max_tokens=4), use_tqdm=False)[0]
                .outputs[0].token_ids) == 4  # the engine goes on
@@ -117,3 +121,30 @@ def test_stock_vllm_cannot_start_with_that_pool(tiny_model_dir):
     with pytest.raises(Exception, match="max seq len"):
         make_llm(tiny_model_dir("qwen2vl"), additional_config={}, num_gpu_blocks_override=POOL_BLOCKS,
                  max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=2)
+
+
+def test_prefix_hits_preemption_and_aborts_mid_prefill_lose_nothing(engines):
+    """Requests sharing a long prefix (hits only on blocks cached before their first compaction),
+    preempted and aborted between compactions: every block comes back, nothing is left behind,
+    and a request preempted mid-prefill re-prefills to the same tokens as when it ran alone."""
+    from madakv_vllm.testing.stress import blocks_held_mismatches
+    from test_vllm_engine import run_steps, sampling, text_prompt
+
+    llm = engines.get("qwen2vl", additional_config={"kv_eviction": HUGE}, num_gpu_blocks_override=80,
+                      max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=4)
+    scheduler = scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    prefix = text_prompt(1200, seed=11)["prompt_token_ids"]
+    requests = {f"p{i}": (text_prompt(1500 + 200 * i, seed=20 + i, prefix=prefix), sampling(max_tokens=6))
+                for i in range(4)}
+    solo = {rid: run_steps(llm, {rid + "-solo": request})[0][rid + "-solo"] for rid, request in requests.items()}
+    assert pool.get_num_free_blocks() == free_at_start  # the solo runs' cached blocks are free (and hashed)
+    outputs, _, preemptions = run_steps(llm, requests, abort_after={"p3": 10}, preempt_at=(6, 14))
+    assert preemptions > 0 and "p3" not in outputs
+    assert not blocks_held_mismatches(scheduler)
+    assert pool.get_num_free_blocks() == free_at_start
+    assert not scheduler.evicting_manager.evicted_tokens and not scheduler.evicting_manager.covered
+    assert not scheduler.eviction_targets
+    for rid in ("p0", "p1", "p2"):
+        assert outputs[rid] == solo[rid], rid

@@ -292,3 +292,23 @@ def test_preempted_requests_drop_their_scores_and_idle_resets_free_pending_block
     start("r", 3)
     step_until(lambda: not engine.has_unfinished_requests())
     assert pool.get_num_free_blocks() == free_at_start and q not in worker.requests
+
+
+@pytest.mark.parametrize("arch", ["qwen2vl", "llava"])
+def test_one_group_per_layer_with_eviction_during_prefill_matches_the_hf_reference(engines, hf4, arch):
+    """Compactions between chunks keep the prompt's count in every group; the one after the prompt
+    gives each layer its own HCC count over what each head still holds: the HF reference's tokens."""
+    model, processor = hf4(arch)
+    inputs = hf_inputs(processor, 3)
+    n = inputs["input_ids"].shape[1]
+    options = {"during_prefill": True, "prefill_slack": 0.25}
+    reference, report = generate_with_eviction(model, inputs, make_policy("madakv", budget=0.3, window=8, **options),
+                                               prefill_chunk=48, max_new_tokens=MAX_TOKENS, do_sample=False)
+    assert len(report.prefill_compactions) >= 2 and len(set(report.kept_per_layer)) > 1
+    config = eviction(LAYERS)
+    config["kv_eviction"].update(options)
+    llm = engines.get(arch, additional_config=config, max_num_batched_tokens=48, max_num_seqs=2)
+    before = layer_kept(llm)
+    out = llm.chat(vllm_messages(3), greedy(), use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == reference[0, n:].tolist()
+    assert [after - b for after, b in zip(layer_kept(llm), before)] == report.kept_per_layer

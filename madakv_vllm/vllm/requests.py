@@ -98,6 +98,29 @@ class EvictionTarget:
         return (self.limit is not None and held > self.limit and computed % self.chunk == 0
                 and computed < self.prompt_len and computed <= self.prompt_len - self.score_queries)
 
+    def prefill_peak_blocks(self, block_size: int) -> int:
+        """With eviction during prefill: the most blocks of one KV-cache group the prompt holds at
+        once, alone, when every compaction runs in time: up to limit + one chunk after a chunk,
+        while a compaction copies the kept tokens into fresh blocks and the next chunk (or the
+        first output token) is allocated (copy-on-compact). A pool that holds the whole request
+        needs no more: a compaction that finds no room waits while the request goes on."""
+        blocks = lambda tokens: -(-tokens // block_size)  # noqa: E731
+        if self.limit is None:
+            return blocks(self.prompt_len)
+        held, copy = min(self.prompt_len, self.limit + self.chunk), min(self.prompt_len, self.kept + self.chunk)
+        return blocks(held) + blocks(copy)
+
+    def first_scored_query(self) -> int:
+        """Prefix-cache hits must stop here: the first queries that score a compaction (the first
+        compaction between chunks, or the prompt's own) are computed, so a request that hits
+        compacts exactly where it would have without the hit."""
+        first = self.prompt_len - self.score_queries
+        if self.limit is not None:
+            point = (self.limit // self.chunk + 1) * self.chunk  # nothing compacted yet: held = point
+            if point <= first and point < self.prompt_len:
+                first = point - self.score_queries
+        return first
+
     def next_compaction_point(self, computed: int) -> int | None:
         """The first point after `computed` where a compaction between chunks may follow."""
         if self.limit is None:
@@ -188,6 +211,4 @@ def peak_blocks(policy: EvictionPolicy | None, prompt_len: int, max_tokens: int,
     target = eviction_target(policy, prompt_len, scores_per_token, score_bytes_limit=score_bytes_limit, chunk=chunk)
     if target is None or target.limit is None:
         return whole
-    blocks = lambda tokens: -(-tokens // block_size)  # noqa: E731
-    compacting = blocks(min(prompt_len, target.limit + chunk)) + blocks(min(prompt_len, target.kept + chunk))
-    return min(whole, max(compacting, blocks(target.kept + max_tokens)))
+    return min(whole, max(target.prefill_peak_blocks(block_size), -(-(target.kept + max_tokens) // block_size)))

@@ -434,12 +434,14 @@ class WorkerEviction:
             if not target.score_queries:
                 continue
             before = state.evicted[0] if state.evicted else 0  # every group alike before the prompt's end
-            # the proxy window scores the prompt; during prefill, a chunk that will be compacted
-            # after scores with its own last queries (the scheduler decides alike)
+            # the proxy window scores the prompt; during prefill, the last queries before a point
+            # where a compaction will follow score the tokens held there (the scheduler decides
+            # alike), over one or two chunks as they come
             lo, hi, scores_for = max(start, target.prompt_len - target.score_queries), min(done, target.prompt_len), \
                 target.prompt_len
-            if lo >= hi and target.compacts_after_chunk(done, done - before):
-                lo, hi, scores_for = max(start, done - target.score_queries), done, done
+            point = target.next_compaction_point(start)
+            if lo >= hi and point is not None and target.compacts_after_chunk(point, point - before):
+                lo, hi, scores_for = max(start, point - target.score_queries), min(done, point), point
             if lo < hi:
                 if state.scores_for != scores_for:  # a new selection: the last one's scores are spent
                     state.scores_for = scores_for

@@ -136,15 +136,42 @@ class EvictingSchedulerMixin:
         get_computed_blocks = self.kv_cache_manager.get_computed_blocks
 
         def get_computed_blocks_leaving_scored_queries(request):
-            """Prefix hits stop before the queries that score the prompt: they must be computed."""
+            """Prefix hits stop before the first queries that score a compaction: they must be computed."""
             blocks, num_hit, boundary = get_computed_blocks(request)
             target = self.eviction_targets.get(request.request_id)
-            if target is not None and num_hit > target.prompt_len - target.score_queries:
-                limit = (target.prompt_len - target.score_queries) // manager.block_size * manager.block_size
+            if target is not None and num_hit > target.first_scored_query():
+                limit = target.first_scored_query() // manager.block_size * manager.block_size
                 blocks, num_hit = self.kv_cache_manager.truncate_computed_blocks(blocks, limit), limit
             return blocks, num_hit, boundary
 
         self.kv_cache_manager.get_computed_blocks = get_computed_blocks_leaving_scored_queries
+        self._admit_by_held_blocks()
+
+    def _admit_by_held_blocks(self) -> None:
+        """vLLM admits a request only when its whole prompt fits in the free blocks
+        (`scheduler_reserve_full_isl`). A request that evicts during prefill never holds its whole
+        prompt: it is admitted when what it will hold at most fits (`prefill_peak_blocks`)."""
+        import inspect
+
+        kv_cache_manager = self.kv_cache_manager
+        allocate_slots = kv_cache_manager.allocate_slots
+        if "full_sequence_must_fit" not in inspect.signature(allocate_slots).parameters:
+            raise RuntimeError("madakv-vllm cannot hook this vLLM: KVCacheManager.allocate_slots has no "
+                               "full_sequence_must_fit")
+        pool, block_size = kv_cache_manager.block_pool, self.evicting_manager.block_size
+
+        def allocate_slots_admitting_by_held_blocks(request, *args, full_sequence_must_fit=False, **kwargs):
+            target = self.eviction_targets.get(request.request_id)
+            if full_sequence_must_fit and target is not None and target.limit is not None:
+                full_sequence_must_fit = False
+                replayed = max(0, request.num_tokens - target.prompt_len)  # a resumed request's output
+                whole = -(-request.num_tokens // block_size)  # what vLLM's own gate asks
+                need = self.num_groups * min(whole, target.prefill_peak_blocks(block_size) + -(-replayed // block_size))
+                if need > pool.get_num_free_blocks():
+                    return None
+            return allocate_slots(request, *args, full_sequence_must_fit=full_sequence_must_fit, **kwargs)
+
+        kv_cache_manager.allocate_slots = allocate_slots_admitting_by_held_blocks
 
     def add_request(self, request) -> None:
         policy = request_policy(self.eviction_config, request.sampling_params.extra_args
