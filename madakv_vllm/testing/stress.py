@@ -32,6 +32,7 @@ class StressReport:
     rejected: int = 0  # refused at add_request (the server's HTTP 400)
     forced_preemptions: int = 0
     compactions: int = 0
+    prefill_compactions: int = 0  # of those, between prefill chunks (eviction during prefill)
     decoded_with_full_cache: int = 0
     solo_compared: int = 0
     solo_equal: int = 0
@@ -68,8 +69,10 @@ def blocks_held_mismatches(scheduler) -> list[str]:
     return problems
 
 
-def random_request(rng: random.Random, shared_prefix: list[int], images):
-    """(prompt, extra_args, max_tokens) of one random request."""
+def random_request(rng: random.Random, shared_prefix: list[int], images, mode_rng: random.Random | None = None):
+    """(prompt, extra_args, max_tokens) of one random request; `mode_rng` (a stream of its own, so
+    the requests stay those of earlier runs with the same seed) turns on eviction during prefill
+    for 30 % of them (H2O and LOOK-M refuse it: an HTTP 400)."""
     xargs = {XARG_POLICY: rng.choice(POLICY_NAMES)}
     roll = rng.random()
     if roll < 0.15:
@@ -78,8 +81,6 @@ def random_request(rng: random.Random, shared_prefix: list[int], images):
         xargs[XARG_BUDGET] = rng.choice([0.01, 0.05, 0.1, 0.2, 0.5, 1.0, round(rng.random(), 3) or 0.5])
     if rng.random() < 0.4:
         xargs[XARG_WINDOW] = rng.choice([0, 1, 4, 16, 32, 64])
-    if rng.random() < 0.3:  # evict between prefill chunks too (H2O and LOOK-M refuse it: an HTTP 400)
-        xargs[XARG_DURING_PREFILL] = True
     kind = rng.random()
     if kind < 0.15:
         filler = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 300)))
@@ -92,6 +93,8 @@ def random_request(rng: random.Random, shared_prefix: list[int], images):
             ids[:400] = shared_prefix
         prompt = {"prompt_token_ids": ids}
     max_tokens = rng.choice([1, 1, rng.randint(2, 8), rng.randint(8, 40)])
+    if mode_rng is not None and mode_rng.random() < 0.3:
+        xargs[XARG_DURING_PREFILL] = True
     return prompt, xargs, max_tokens
 
 
@@ -127,7 +130,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
 
     from ..vllm.protocol import plans_of
 
-    rng = random.Random(seed)
+    rng, mode_rng = random.Random(seed), random.Random(f"during prefill {seed}")
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
@@ -143,6 +146,8 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
         output = schedule(*args, **kwargs)
         for request_id, plan in plans_of(output).items():
             report.compactions += 1
+            target = scheduler.eviction_targets.get(request_id)
+            report.prefill_compactions += target is not None and plan.covered < target.prompt_len
             if plan.computed > plan.covered:
                 full_cache_first.add(request_id.rsplit("-", 1)[0])
         return output
@@ -160,7 +165,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
         return preempt(request, *args, **kwargs)
 
     def add(index: int) -> None:
-        prompt, xargs, max_tokens = random_request(rng, shared_prefix, images)
+        prompt, xargs, max_tokens = random_request(rng, shared_prefix, images, mode_rng)
         request_id = f"s{seed}-{index}"
         try:
             params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=xargs)
