@@ -11,7 +11,8 @@ fresh, one after another in this process.
   the peak is the most pool blocks in use at once during the request (the transient copy a
   compaction makes included), read after every step; "eviction off" for reference.
 - capacity: an engine whose whole pool is a quarter of `--capacity-prompt` tokens serves that
-  prompt with eviction during prefill (the tokens it answered, the compactions it made); stock
+  prompt with eviction during prefill at `--capacity-budget` (at 4x the pool, the kept tokens,
+  the slack, a chunk and the compaction's copy must fit: about 7 % of the prompt or less); stock
   vLLM with the same pool and max_model_len refuses to start (its error is recorded).
 Writes benchmarks/results/prefill_memory.json (+ .png).
 """
@@ -33,6 +34,7 @@ def main():
     p.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens: the prefill chunk")
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--capacity-prompt", type=int, default=8192)
+    p.add_argument("--capacity-budget", type=float, default=0.05)
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     from _stamp import in_process_vllm_env, stamp, write_results
@@ -103,14 +105,15 @@ def main():
 
     n = args.capacity_prompt
     pool = n // BLOCK // 4 + 1  # a quarter of the prompt, plus vLLM's null block
-    capacity = dict(prompt=n, pool_blocks=pool, pool_tokens=(pool - 1) * BLOCK, chunk=args.chunk)
+    capacity = dict(prompt=n, pool_blocks=pool, pool_tokens=(pool - 1) * BLOCK, chunk=args.chunk,
+                    budget=args.capacity_budget)
     try:
         stock = engine(pool, n + 64, None)
         capacity["stock"] = "started (unexpected)"
         stock.llm_engine.engine_core.shutdown()
     except Exception as exc:  # noqa: BLE001 - vLLM's start-up check: recorded, it is the point
         capacity["stock"] = " ".join(str(exc).split())[:300]
-    llm = engine(pool, n + 64, {**eviction, "during_prefill": True})
+    llm = engine(pool, n + 64, {**eviction, "budget": args.capacity_budget, "during_prefill": True})
     result = run_one(llm, prompts[n], {})
     capacity.update(served=result["tokens"] is not None and len(result["tokens"]) == 8, **result)
     llm.llm_engine.engine_core.shutdown()
@@ -138,7 +141,8 @@ def draw(plt, result: dict):
     ax.legend(fontsize=8)
     c = result["capacity"]
     fig.text(0.01, 0.01, f"capacity: a {c['prompt']}-token prompt in a {c['pool_tokens']}-token pool: "
-                         f"{'served' if c['served'] else 'not served'} during prefill ({c['compactions']} compactions, "
+                         f"{'served' if c['served'] else 'not served'} during prefill at {c['budget']:.0%} "
+                         f"({c['compactions']} compactions, "
                          f"peak {c['peak_blocks']} blocks); stock vLLM refuses to start", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig

@@ -337,7 +337,8 @@ def prefill_memory(r: dict) -> str:
         f"chunks of {r['chunk']} tokens, blocks of {r['block_size']}; one request at a time, 8 output tokens; most "
         f"pool blocks in use at once, the compaction's copy included, and compactions made). A "
         f"{c['prompt']}-token prompt in a pool of {c['pool_tokens']} tokens: "
-        f"{'served' if c['served'] else 'NOT served'} with eviction during prefill ({c['compactions']} compactions, "
+        f"{'served' if c['served'] else 'NOT served'} with eviction during prefill at {c['budget']:.0%} "
+        f"({c['compactions']} compactions, "
         f"peak {c['peak_blocks']} blocks, {c['seconds']} s); stock vLLM with that pool: \"{c['stock'][:160]}...\"",
         ["prompt tokens", *settings],
         [[_tokens(n), *(f"{cell[(s, n)]['peak_blocks']} blocks ({cell[(s, n)]['compactions']} compactions)"

@@ -546,8 +546,13 @@ def test_during_prefill_flag_xargs_and_target():
     assert plugin.config_from_args(parse("--kv-eviction", "madakv")).build_policy().during_prefill is False
     base = EvictionConfig(policy="madakv", budget=0.2, window=8)
     assert request_policy(base, {"kv_eviction_during_prefill": True}).during_prefill is True
-    with pytest.raises(EvictionConfigError, match="bad vllm_xargs.*during_prefill"):
-        request_config(base, {"kv_eviction_during_prefill": "yes"})
+    # JSON bodies: vLLM's vllm_xargs keeps strings and numbers, so true arrives as 1
+    for on, off in ((1, 0), ("true", "False")):
+        assert request_policy(base, {"kv_eviction_during_prefill": on}).during_prefill is True
+        assert request_policy(base, {"kv_eviction_during_prefill": off}).during_prefill is False
+    for bad in ("yes", 2, 0.5):
+        with pytest.raises(EvictionConfigError, match="bad vllm_xargs.*during_prefill"):
+            request_config(base, {"kv_eviction_during_prefill": bad})
     from madakv_vllm.vllm.requests import engine_config
 
     with pytest.raises(EvictionConfigError, match="HF reference path only"):  # what vLLM does not run

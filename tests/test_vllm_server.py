@@ -1,7 +1,9 @@
 """The real `vllm serve` command with --kv-eviction: chat with images, per-request overrides,
 a bad override (HTTP 400, server keeps serving), Prometheus counters, and start-up refusals."""
 import base64
+import contextlib
 import io
+import json
 import os
 import random
 import re
@@ -33,14 +35,13 @@ def serve_command(model_dir, port, *extra) -> list[str]:
             "--block-size", "32", "--max-num-seqs", "4", "--limit-mm-per-prompt", '{"image": 2}', *extra]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(model_dir, log: Path, *flags):
+    """`vllm serve` on a free port with these flags; yields its base URL, stops it after."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(serve_command(tiny_model_dir("qwen2vl"), port, "--kv-eviction", "madakv",
-                                              "--kv-eviction-budget", "0.3", "--kv-eviction-window", "8"),
-                                stdout=out, stderr=subprocess.STDOUT, env=server_env())
+        proc = subprocess.Popen(serve_command(model_dir, port, *flags), stdout=out, stderr=subprocess.STDOUT,
+                                env=server_env())
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:
@@ -52,12 +53,21 @@ def server(tiny_model_dir, tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"vllm serve did not start:\n{log.read_text()[-3000:]}")
             time.sleep(2)
-    yield base
-    proc.terminate()
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    with running_server(tiny_model_dir("qwen2vl"), tmp_path_factory.mktemp("server") / "server.log", "--kv-eviction",
+                        "madakv", "--kv-eviction-budget", "0.3", "--kv-eviction-window", "8") as base:
+        yield base
 
 
 def image_url(img) -> str:
@@ -205,3 +215,30 @@ def test_fuzzed_requests_get_200_or_400_and_leave_nothing_behind(server):
     while (usage := kv_cache_usage(server)) > 0:
         assert time.time() < deadline, f"KV cache usage stays at {usage} when idle"
         time.sleep(1)
+
+
+def test_a_prompt_four_times_the_kv_pool_through_vllm_serve(tiny_model_dir, tmp_path):
+    """`vllm serve --kv-eviction-during-prefill` with a pool of 736 tokens and --max-model-len 3072
+    (stock vLLM refuses to start so): a 3000-token prompt is answered; the same prompt without the
+    mode is an HTTP 400 that says why, and the server goes on."""
+    flags = ["--kv-eviction", "madakv", "--kv-eviction-budget", "0.05", "--kv-eviction-during-prefill",
+             "--num-gpu-blocks-override", "24", "--max-model-len", "3072", "--max-num-batched-tokens", "64"]
+    prompt = [random.Random(3).randrange(20, 400) for _ in range(3000)]
+
+    def complete(base, **extra):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True, **extra}
+        request = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    with running_server(tiny_model_dir("qwen2vl"), tmp_path / "server.log", *flags) as base:
+        status, reply = complete(base)
+        assert status == 200 and reply["usage"]["prompt_tokens"] == 3000, reply
+        status, reply = complete(base, vllm_xargs={"kv_eviction_during_prefill": False})
+        assert status == 400 and "more than the 23 the KV cache has" in reply["error"]["message"], reply
+        status, reply = complete(base)
+        assert status == 200, reply

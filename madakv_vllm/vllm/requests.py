@@ -42,9 +42,24 @@ def check_served(config: EvictionConfig) -> EvictionConfig:
     return config
 
 
+def _switch(value: Any) -> Any:
+    """An on/off override as JSON bodies send it: vLLM's `vllm_xargs` keeps only strings and
+    numbers, so `true` arrives as 1 (and some clients send "true"); anything else stays as it is
+    and is refused by the policy."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
+
+
 def request_config(base: EvictionConfig, extra_args: Mapping[str, Any] | None) -> EvictionConfig:
     """The base config with this request's overrides; raises EvictionConfigError on bad ones."""
     overrides = {field: extra_args[key] for key, field in _XARGS.items() if extra_args and key in extra_args}
+    if "during_prefill" in overrides:
+        overrides["during_prefill"] = _switch(overrides["during_prefill"])
     if not overrides:
         return base
     try:
