@@ -339,10 +339,14 @@ def prefill_memory(r: dict) -> str:
         f"{c['prompt']}-token prompt in a pool of {c['pool_tokens']} tokens: "
         f"{'served' if c['served'] else 'NOT served'} with eviction during prefill at {c['budget']:.0%} "
         f"({c['compactions']} compactions, "
-        f"peak {c['peak_blocks']} blocks, {c['seconds']} s); stock vLLM with that pool: \"{c['stock'][:160]}...\"",
+        f"peak {c['peak_blocks']} blocks, {c['seconds']:.0f} s); stock vLLM with that pool: \"{c['stock'][:160]}...\"",
         ["prompt tokens", *settings],
-        [[_tokens(n), *(f"{cell[(s, n)]['peak_blocks']} blocks ({cell[(s, n)]['compactions']} compactions)"
+        [[_tokens(n), *(f"{cell[(s, n)]['peak_blocks']} blocks ({_count(cell[(s, n)]['compactions'], 'compaction')})"
                         for s in settings)] for n in lengths])
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
