@@ -31,8 +31,9 @@ def tiny_llama():
 
 
 @contextlib.contextmanager
-def hidden_from_decode(model, keep_indices, prompt_len):
-    """Oracle: stock attention, except that decode queries cannot see evicted prompt tokens."""
+def sdpa_with_masks(model, mask_for):
+    """Stock sdpa attention, with the mask of each decoder layer's call replaced by
+    `mask_for(layer, query, key, attention_mask)` (None: left as it is)."""
     from transformers.modeling_utils import AttentionInterface
 
     layer_of = {id(m): i for i, m in enumerate(decoder_attention_modules(model))}
@@ -41,17 +42,10 @@ def hidden_from_decode(model, keep_indices, prompt_len):
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         layer = layer_of.get(id(module))
-        if layer is not None and query.shape[2] == 1:
-            keep = keep_indices[layer]  # [Hkv, K]
-            group = query.shape[1] // keep.shape[0]
-            visible = torch.ones(query.shape[1], key.shape[2], dtype=torch.bool)
-            visible[:, :prompt_len] = False
-            for hq in range(query.shape[1]):
-                visible[hq, keep[hq // group]] = True
-            mask = visible[None, :, None, :]
-            if attention_mask is not None:
-                mask = mask & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
+        mask = None if layer is None else mask_for(layer, query, key, attention_mask)
+        if mask is not None:
             attention_mask = mask
+            kwargs.pop("is_causal", None)
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     mapping["sdpa"] = attention
@@ -59,6 +53,26 @@ def hidden_from_decode(model, keep_indices, prompt_len):
         yield
     finally:
         mapping["sdpa"] = original
+
+
+def hidden_from_decode(model, keep_indices, prompt_len):
+    """Oracle: stock attention, except that decode queries cannot see evicted prompt tokens."""
+
+    def decode_mask(layer, query, key, attention_mask):
+        if query.shape[2] != 1:
+            return None
+        keep = keep_indices[layer]  # [Hkv, K]
+        group = query.shape[1] // keep.shape[0]
+        visible = torch.ones(query.shape[1], key.shape[2], dtype=torch.bool)
+        visible[:, :prompt_len] = False
+        for hq in range(query.shape[1]):
+            visible[hq, keep[hq // group]] = True
+        mask = visible[None, :, None, :]
+        if attention_mask is not None:
+            mask = mask & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
+        return mask
+
+    return sdpa_with_masks(model, decode_mask)
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2vl", "qwen25vl"])
@@ -188,26 +202,20 @@ def test_prefill_chunks_never_split_the_proxy_window():
         prefill_chunks(10, 0, 8)
 
 
-@contextlib.contextmanager
 def hidden_as_evicted_during_prefill(model, report, prompt_len):
     """Oracle: a stock one-shot prefill and decode over the full cache, where each query sees
     only what the chunked cache held when it ran: after the compaction following the chunk
     that ended at e, tokens before e that it did not keep are hidden from every later query;
     decode queries see the final keep sets."""
-    from transformers.modeling_utils import AttentionInterface
 
-    layer_of = {id(m): i for i, m in enumerate(decoder_attention_modules(model))}
-    mapping = AttentionInterface._global_mapping
-    original = mapping["sdpa"]
-    n = prompt_len
-
-    def visible_for(layer, heads_kv, key_len, query_positions):
-        visible = torch.ones(heads_kv, len(query_positions), key_len, dtype=torch.bool)
-        for row, q in enumerate(query_positions):
+    def held_mask(layer, query, key, attention_mask):
+        heads_kv, key_len = key.shape[1], key.shape[2]
+        positions = range(key_len - query.shape[2], key_len)
+        visible = torch.ones(heads_kv, len(positions), key_len, dtype=torch.bool)
+        for row, q in enumerate(positions):
             visible[:, row, q + 1:] = False  # causal
-            held = None
-            if q >= n:
-                held = (n, report.keep_indices[layer])
+            if q >= prompt_len:
+                held = (prompt_len, report.keep_indices[layer])
             else:
                 before = [(end, keep[layer]) for end, keep in report.prefill_compactions if end <= q]
                 held = before[-1] if before else None
@@ -216,24 +224,9 @@ def hidden_as_evicted_during_prefill(model, report, prompt_len):
                 hidden = torch.ones(heads_kv, end, dtype=torch.bool)
                 hidden.scatter_(1, keep, False)
                 visible[:, row, :end] &= ~hidden
-        return visible
+        return visible.repeat_interleave(query.shape[1] // heads_kv, dim=0)[None]
 
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        layer = layer_of.get(id(module))
-        if layer is not None:
-            heads_kv = key.shape[1]
-            key_len = key.shape[2]
-            positions = range(key_len - query.shape[2], key_len)
-            visible = visible_for(layer, heads_kv, key_len, positions)
-            attention_mask = visible.repeat_interleave(query.shape[1] // heads_kv, dim=0)[None]
-            kwargs.pop("is_causal", None)
-        return original(module, query, key, value, attention_mask, *args, **kwargs)
-
-    mapping["sdpa"] = attention
-    try:
-        yield
-    finally:
-        mapping["sdpa"] = original
+    return sdpa_with_masks(model, held_mask)
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
