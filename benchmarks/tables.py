@@ -352,7 +352,8 @@ def _count(n: int, noun: str) -> str:
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
           "ablation": ablation, "levers": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
           "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
-          "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory}
+          "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory,
+          "prefill_eviction": ablation}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
 TABLE_SOURCES = {"accuracy": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
@@ -468,6 +469,8 @@ PLOTS = {
     "benchmarks/results/lengths.png": Plot("benchmarks/results/lengths.json", _module_draw("run_lengths")),
     "benchmarks/results/ablation.png": Plot("benchmarks/results/ablation.json", _module_draw("run_ablation")),
     "benchmarks/results/levers.png": Plot("benchmarks/results/levers.json", _module_draw("run_ablation")),
+    "benchmarks/results/prefill_eviction.png": Plot("benchmarks/results/prefill_eviction.json",
+                                                    _module_draw("run_ablation")),
     "benchmarks/results/accuracy-glance.png": Plot("benchmarks/results/accuracy.json",
                                                    lambda: draw_accuracy_glance, lambda _: _glance_stamps()),
     **{f"benchmarks/results/{run}/scores.png": Plot(
