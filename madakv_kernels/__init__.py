@@ -19,6 +19,7 @@ from .selection import (
     TEXT,
     VIDEO,
     coverage_demand,
+    held_mask,
     keep_indices,
     modality_mass,
     physical_indices,
@@ -46,6 +47,7 @@ __all__ = [
     "TEXT", "IMAGE", "VIDEO", "MODALITY_TAGS", "HAS_TRITON",
     "window_scores", "window_scores_torch", "window_scores_triton", "value_norms",
     "compact_kv", "compact_kv_torch", "compact_kv_triton",
-    "modality_mass", "coverage_demand", "topk_mask", "span_ranks", "split_quota", "keep_indices", "physical_indices",
+    "modality_mass", "coverage_demand", "topk_mask", "span_ranks", "split_quota", "keep_indices", "held_mask",
+    "physical_indices",
     "dense_as_paged", "gather_tokens", "paged_dims",
 ]

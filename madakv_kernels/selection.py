@@ -94,6 +94,15 @@ def keep_indices(keep: torch.Tensor, n_total: int, n_select: int) -> torch.Tenso
     return full.nonzero()[:, 1].view(heads, -1)
 
 
+def held_mask(positions: list[torch.Tensor] | None, n: int) -> torch.Tensor | None:
+    """Bool [L, H, n]: per layer and head, the logical positions a compacted cache holds
+    (`positions[l]`: [H, held]); None when nothing was compacted (every token held)."""
+    if positions is None:
+        return None
+    present = torch.zeros(len(positions), positions[0].shape[0], n, dtype=torch.bool, device=positions[0].device)
+    return present.scatter_(2, torch.stack(positions), True)
+
+
 def physical_indices(keep: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Where kept tokens sit in a compacted cache: `keep` [H, K] are logical positions, `present`
     [H, n] bool marks the positions each head still holds, in order (a cache compacted before

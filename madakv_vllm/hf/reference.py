@@ -35,6 +35,7 @@ from madakv_kernels import (
     TEXT,
     VIDEO,
     dense_as_paged,
+    held_mask,
     physical_indices,
     value_norms,
     window_scores,
@@ -164,14 +165,6 @@ def held_scores(cache, queries: dict[int, torch.Tensor], scaling: dict[int, floa
     return torch.stack(scores)
 
 
-def held_mask(positions: list[torch.Tensor] | None, n: int) -> torch.Tensor | None:
-    """Bool [L, H, n]: the logical tokens each head holds (None when nothing was compacted yet)."""
-    if positions is None:
-        return None
-    present = torch.zeros(len(positions), positions[0].shape[0], n, dtype=torch.bool, device=positions[0].device)
-    return present.scatter_(2, torch.stack(positions), True)
-
-
 def compact_cache(cache, keep: list[torch.Tensor], present: torch.Tensor | None, logical_len: int) -> None:
     """Every layer keeps, per head, the logical tokens `keep[l]` [H, K_l] (sorted), densely."""
     for i, (layer, idx) in enumerate(zip(cache.layers, keep)):
@@ -253,11 +246,11 @@ class PrefillEviction:
         if not due and not running:
             return
         scores = None
+        present = held_mask(self.positions, end)
         if policy.needs_scores:
             scores = held_scores(cache, queries, scaling, policy, self.positions, n)[..., :end]
             if running:  # every chunk's window adds to the sums of the tokens it saw
-                present = held_mask(self.positions, n)
-                seen = torch.ones_like(scores, dtype=torch.bool) if present is None else present[..., :end]
+                seen = torch.ones_like(scores, dtype=torch.bool) if present is None else present
                 if self.running is None:
                     self.running = (scores.new_zeros(*scores.shape[:2], n), scores.new_zeros(*scores.shape[:2], n))
                 sums, counts = self.running
@@ -266,8 +259,6 @@ class PrefillEviction:
                 scores = sums[..., :end] / counts[..., :end].clamp(min=1)
         if not due:
             return
-        present = held_mask(self.positions, n)
-        present = None if present is None else present[..., :end]
         tail = policy.protected_tail(self.kept)
         keep = policy.select(scores, self.tags[:end], num_layers=len(layers), num_kv_heads=layers[0].keys.shape[1],
                              budgets=[self.kept - tail] * len(layers), kept=self.kept, present=present)

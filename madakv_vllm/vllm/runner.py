@@ -36,6 +36,7 @@ from madakv_kernels import (
     MODALITY_TAGS,
     TEXT,
     compact_kv,
+    held_mask,
     paged_dims,
     physical_indices,
     value_norms,
@@ -93,12 +94,9 @@ class RequestEviction:
 
     def held_view(self, end: int) -> torch.Tensor | None:
         """Bool [L, H, end]: the logical tokens each head holds (None: all of them)."""
-        if self.survivors is None:
-            return None
-        present = torch.zeros(len(self.survivors), self.survivors[0].shape[0], end, dtype=torch.bool,
-                              device=self.survivors[0].device)
-        present.scatter_(2, torch.stack(self.survivors), True)
-        present[..., self.covered:] = True
+        present = held_mask(self.survivors, end)
+        if present is not None:
+            present[..., self.covered:] = True  # computed after the last compaction
         return present
 
     def logical_positions(self, layer: int, held: int) -> torch.Tensor | None:
