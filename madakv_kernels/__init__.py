@@ -21,6 +21,7 @@ from .selection import (
     coverage_demand,
     held_mask,
     keep_indices,
+    logical_positions,
     modality_mass,
     physical_indices,
     span_ranks,
@@ -48,6 +49,6 @@ __all__ = [
     "window_scores", "window_scores_torch", "window_scores_triton", "value_norms",
     "compact_kv", "compact_kv_torch", "compact_kv_triton",
     "modality_mass", "coverage_demand", "topk_mask", "span_ranks", "split_quota", "keep_indices", "held_mask",
-    "physical_indices",
+    "physical_indices", "logical_positions",
     "dense_as_paged", "gather_tokens", "paged_dims",
 ]

@@ -96,11 +96,22 @@ def keep_indices(keep: torch.Tensor, n_total: int, n_select: int) -> torch.Tenso
 
 def held_mask(positions: list[torch.Tensor] | None, n: int) -> torch.Tensor | None:
     """Bool [L, H, n]: per layer and head, the logical positions a compacted cache holds
-    (`positions[l]`: [H, held]); None when nothing was compacted (every token held)."""
+    (`positions[l]`: [H, held_l], layers may hold different counts); None when nothing was
+    compacted (every token held)."""
     if positions is None:
         return None
     present = torch.zeros(len(positions), positions[0].shape[0], n, dtype=torch.bool, device=positions[0].device)
-    return present.scatter_(2, torch.stack(positions), True)
+    for layer, held in zip(present, positions):
+        layer.scatter_(1, held.to(layer.device), True)
+    return present
+
+
+def logical_positions(survivors: torch.Tensor, covered: int, held: int) -> torch.Tensor:
+    """[H, held]: the logical position of each physical slot of a compacted layer whose heads kept
+    `survivors` [H, S] (logical, sorted) of the first `covered` tokens; the tokens computed since
+    follow them in order."""
+    later = torch.arange(covered, covered + held - survivors.shape[1], device=survivors.device)
+    return torch.cat([survivors, later.expand(survivors.shape[0], -1)], dim=1)
 
 
 def physical_indices(keep: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -291,3 +291,79 @@ def test_sweep_runs_policies_that_evict_during_prefill_on_their_own(hf_model):
     alone, report = generate_with_eviction(model, inputs, policies["during prefill"], prefill_chunk=24, **GEN)
     assert torch.equal(swept["during prefill"][0], alone) and swept["during prefill"][1].prefill_compactions
     assert torch.equal(swept["one-shot"][0], generate_with_eviction(model, inputs, policies["one-shot"], **GEN)[0])
+
+
+# ---- eviction during decode (policy.decode_budget) ------------------------------------------------
+def hidden_as_evicted_during_decode(model, report, prompt_len):
+    """Oracle: stock attention, except that the decode query at logical position t sees only what
+    the cache held then: the last decode compaction at or before t kept `keep` of its first
+    `point` tokens and every token since (before any: the prompt's survivors and the output)."""
+    stages = [(prompt_len, report.keep_indices)] + report.decode_compactions
+
+    def decode_mask(layer, query, key, attention_mask):
+        if query.shape[2] != 1:
+            return None
+        t = key.shape[2] - 1
+        point, keep = max((s for s in stages if s[0] <= t), key=lambda s: s[0])
+        if keep is None:
+            return None
+        keep = keep[layer]
+        group = query.shape[1] // keep.shape[0]
+        visible = torch.ones(query.shape[1], key.shape[2], dtype=torch.bool)
+        visible[:, :point] = False
+        for hq in range(query.shape[1]):
+            visible[hq, keep[hq // group]] = True
+        return visible[None, :, None, :]
+
+    return sdpa_with_masks(model, decode_mask)
+
+
+DECODE_GEN = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("options", [dict(policy="madakv"), dict(policy="madakv", budget=1.0),
+                                     dict(policy="snapkv", decode_slack=3, sinks=2), dict(policy="streamingllm")],
+                         ids=["madakv", "prompt-not-evicted", "snapkv-small-slack-sinks", "streamingllm"])
+def test_eviction_during_decode_equals_hiding_what_each_step_no_longer_held(hf_model, arch, options):
+    model, processor = hf_model(arch)
+    inputs = mm_inputs(processor, 3)
+    n = inputs["input_ids"].shape[1]
+    settings = dict(budget=0.3, window=8, decode_budget=24, decode_slack=10)
+    settings.update(options)
+    policy = make_policy(settings.pop("policy"), **settings)
+    out, report = generate_with_eviction(model, inputs, policy, output_scores=True, return_dict_in_generate=True,
+                                         **DECODE_GEN)
+    assert len(report.decode_compactions) >= 3, "the output should be compacted several times"
+    cap, slack = 24, max(settings["decode_slack"], 8)
+    prompt_held = max(report.kept_per_layer)
+    assert report.decode_peak_held <= max(cap + slack, prompt_held + 8)
+    last = 0
+    for point, keep in report.decode_compactions:  # every layer back to the cap, chosen among the first `point`
+        assert point - last >= 8 and all(k.shape[1] == cap and int(k.max()) < point for k in keep)
+        assert all(torch.equal(k[:, -8:], torch.arange(point - 8, point).expand(k.shape[0], -1)) for k in keep)
+        last = point
+    with hidden_as_evicted_during_decode(model, report, n):
+        oracle = model.generate(**inputs, output_scores=True, return_dict_in_generate=True, **DECODE_GEN)
+    assert torch.equal(out.sequences, oracle.sequences)
+    for got, want in zip(out.scores, oracle.scores):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    total = out.sequences.shape[1] - 1  # the last token is never fed back
+    for layer in out.past_key_values.layers:  # positions stayed logical
+        assert layer.keys.shape[-2] == cap + total - report.decode_compactions[-1][0]
+        assert layer.get_seq_length() == total
+
+
+def test_decode_points_follow_the_cap_and_the_slack():
+    policy = make_policy("madakv", budget=0.2, window=8, decode_budget=100, decode_slack=0.25)
+    assert policy.decode_cap(1000) == 100
+    # after the prompt: 200 kept of 1000 (evicted 800) is over the cap, compacted once 8 queries scored it
+    assert policy.decode_point(1000, evicted_min=800, since=1000) == 1008
+    # then every 25 tokens (cap + slack held)
+    assert policy.decode_point(1000, evicted_min=1008 - 100, since=1008) == 1033
+    assert make_policy("madakv", window=8, decode_budget=0.05).decode_cap(1000) == 50
+    assert make_policy("madakv", window=8, decode_budget=4).decode_cap(1000) == 8  # never below the window
+    assert make_policy("madakv").decode_point(1000, 0, 1000) is None
+    for bad in (dict(decode_budget=0), dict(decode_budget=1.5), dict(decode_budget="x"), dict(decode_slack=-1)):
+        with pytest.raises(ValueError, match="decode_"):
+            make_policy("madakv", **bad)

@@ -36,6 +36,7 @@ from madakv_kernels import (
     VIDEO,
     dense_as_paged,
     held_mask,
+    logical_positions,
     physical_indices,
     value_norms,
     window_scores,
@@ -56,6 +57,10 @@ class EvictionReport:
     # compaction between chunks, and the most tokens a head held in a layer at any time
     prefill_compactions: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)
     peak_held: int = 0
+    # during decode (policy.decode_budget): (logical length, per-layer logical keep indices) of each
+    # compaction, and the most tokens a layer held at any decode step
+    decode_compactions: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)
+    decode_peak_held: int = 0
 
     @property
     def kept_ratio(self) -> float:
@@ -116,6 +121,7 @@ class _Capture:
         self.queries: dict[int, torch.Tensor] = {}  # layer -> [W, Hq, D]
         self.scaling: dict[int, float | None] = {}
         self.done = False
+        self.decode: DecodeEviction | None = None  # scores the decode queries before a compaction
 
     def wrap(self, attention_fn):
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
@@ -125,6 +131,8 @@ class _Capture:
                     w = self.window(query.shape[2])
                     self.queries[layer] = query[0, :, -w:].transpose(0, 1).detach()
                     self.scaling[layer] = kwargs.get("scaling")
+                elif self.decode is not None and self.decode.scoring():
+                    self.decode.score(layer, query, key, value, kwargs.get("scaling"))
                 if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
                     # Mask sized for the logical length over a shrunk cache: with batch 1 and no
                     # padding, the kept prompt tokens are all visible and the newest are last.
@@ -267,6 +275,65 @@ class PrefillEviction:
         self.report.prefill_compactions.append((end, keep))
 
 
+class DecodeEviction:
+    """Compaction during decode (`policy.decode_budget`): the `window` decode queries before each
+    point (`policy.decode_point`) score every token the layer holds, each against what it sees,
+    as vLLM scores them step by step; after the forward that reaches the point, every layer is
+    compacted to the cap (or keeps all it holds when that is less)."""
+
+    def __init__(self, policy: EvictionPolicy, tags: torch.Tensor, report: EvictionReport, cache,
+                 survivors: list[torch.Tensor] | None):
+        self.policy, self.report, self.n = policy, report, tags.numel()
+        self.prompt_tags = tags
+        self.cap = policy.decode_cap(self.n)
+        self.survivors, self.covered = survivors, self.n  # logical positions each head holds, per layer
+        self.position = self.n  # the logical position the next forward computes
+        self.num_layers = len(cache.layers)
+        self.scores: torch.Tensor | None = None  # [L, H, point] at logical positions
+        self.point = self._next_point(cache, since=self.n)
+
+    def _next_point(self, cache, since: int) -> int:
+        logical = cache.layers[0].get_seq_length()
+        evicted_min = logical - max(layer.keys.shape[-2] for layer in cache.layers)
+        return self.policy.decode_point(self.n, evicted_min, since)
+
+    def scoring(self) -> bool:
+        return self.policy.needs_scores and self.point - max(self.policy.window, 1) <= self.position < self.point
+
+    def score(self, layer: int, query, key, value, scaling) -> None:
+        held = key.shape[-2]
+        psi = window_scores(*dense_as_paged(key[0]), query[0].transpose(0, 1), held, layout="HND", scale=scaling)
+        if self.policy.value_weighted:
+            psi = psi * value_norms(*dense_as_paged(value[0]), held, layout="HND")
+        if self.scores is None:
+            self.scores = torch.zeros(self.num_layers, psi.shape[0], self.point, device=psi.device)
+        positions = torch.arange(held, device=psi.device).expand(psi.shape[0], -1) if self.survivors is None \
+            else logical_positions(self.survivors[layer].to(psi.device), self.covered, held)
+        self.scores[layer].scatter_add_(1, positions, psi.float())
+
+    def after_forward(self, cache) -> None:
+        layers = cache.layers
+        self.report.decode_peak_held = max(self.report.decode_peak_held, max(layer.keys.shape[-2] for layer in layers))
+        self.position = layers[0].get_seq_length()
+        if self.position != self.point:
+            return
+        point, policy = self.point, self.policy
+        positions = None if self.survivors is None else [
+            logical_positions(s, self.covered, layer.keys.shape[-2]) for s, layer in zip(self.survivors, layers)]
+        present = held_mask(positions, point)
+        tags = torch.cat([self.prompt_tags, self.prompt_tags.new_full((point - self.n,), TEXT)])
+        tail = policy.protected_tail(self.cap)
+        budgets = [min(self.cap, layer.keys.shape[-2]) - tail for layer in layers]
+        keep = policy.select(self.scores, tags, num_layers=len(layers), num_kv_heads=layers[0].keys.shape[1],
+                             budgets=budgets, kept=self.cap, present=present)
+        if keep is not None:
+            compact_cache(cache, keep, present, point)
+            self.survivors, self.covered = keep, point
+            self.report.decode_compactions.append((point, keep))
+        self.scores = None
+        self.point = self._next_point(cache, since=point)
+
+
 def _new_report(model, input_ids: torch.Tensor) -> tuple[EvictionReport, torch.Tensor]:
     if input_ids.shape[0] != 1:
         raise ValueError("the HF reference path evicts one request at a time (batch size 1)")
@@ -350,6 +417,11 @@ def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, p
                 positions = None if prefill is None else prefill.sync(cache, n)
                 evict_cache(cache, capture.queries, capture.scaling, tags.to(ids.device), policy, report, positions)
                 capture.queries.clear()
+                if policy.decode_budget is not None:
+                    capture.decode = DecodeEviction(policy, tags.to(ids.device), report, cache,
+                                                    report.keep_indices or positions)
+            elif capture.decode is not None:
+                capture.decode.after_forward(cache)
             return scores
 
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", []) or [])
@@ -368,12 +440,14 @@ def generate_sweep(model, inputs: dict, policies: Mapping[str, EvictionPolicy | 
     the prefill's greedy token, so the ids equal `generate_with_eviction(..., do_sample=False)`
     (the tests check it). Only the prompt is re-used, so the models that keep positions in the
     cache's length (LLaVA, Qwen2-VL's cached rope deltas) are the ones this supports. Policies
-    that evict during prefill shape their own prefill: each runs alone, in `prefill_chunk` chunks.
+    that evict during prefill shape their own prefill: each runs alone, in `prefill_chunk` chunks;
+    so does each policy that evicts during decode.
     """
     from transformers import DynamicCache
 
     _check_sdpa(model)
-    alone = {name: p for name, p in policies.items() if p is not None and p.during_prefill}
+    alone = {name: p for name, p in policies.items()
+             if p is not None and (p.during_prefill or p.decode_budget is not None)}
     results = {name: generate_with_eviction(model, inputs, p, prefill_chunk=prefill_chunk,
                                             max_new_tokens=max_new_tokens, do_sample=False)
                for name, p in alone.items()}

@@ -90,7 +90,14 @@ class EvictionPolicy:
     ratio of the kept count (float) or a token count (int). Early chunks do not see the question:
     `prefill_scores` "chunk" scores with each chunk's own last `window` queries (SnapKV in chunks),
     "running" with the mean of the window scores of every chunk that saw the token so far. The
-    compaction after the last chunk is the usual one (the question's window over the survivors)."""
+    compaction after the last chunk is the usual one (the question's window over the survivors).
+
+    `decode_budget`: a cap on the tokens each head keeps per layer while the output grows (a
+    ratio of the prompt or a token count; None = the output is never evicted). Once the layer
+    holding the most reaches cap + `decode_slack` (a ratio of the cap or a token count; never less
+    than the window), every layer is compacted back to the cap, scored by the last `window`
+    generated tokens; prompt survivors and generated tokens compete under the same rule (the
+    generated ones are text). See `decode_point`."""
 
     budget: float | int = 0.2
     window: int = 32
@@ -100,6 +107,8 @@ class EvictionPolicy:
     during_prefill: bool = False
     prefill_slack: float | int = 0.5
     prefill_scores: str = "chunk"
+    decode_budget: float | int | None = None
+    decode_slack: float | int = 0.25
     name: ClassVar[str] = "base"
     needs_scores: ClassVar[bool] = True  # StreamingLLM ranks by position only
 
@@ -125,6 +134,12 @@ class EvictionPolicy:
         if self.prefill_scores not in PREFILL_SCORES:
             raise ValueError(f"{self.name}: prefill_scores must be one of {', '.join(PREFILL_SCORES)}, "
                              f"got {self.prefill_scores!r}")
+        if self.decode_budget is not None and (err := budget_error(self.decode_budget)) is not None:
+            raise ValueError(f"{self.name}: decode_{err}")
+        slack = self.decode_slack
+        if isinstance(slack, bool) or not isinstance(slack, (int, float)) or not 0 <= slack <= MAX_TOKEN_COUNT:
+            raise ValueError(f"{self.name}: decode_slack must be a ratio >= 0 of the decode budget or a token count, "
+                             f"got {self.decode_slack!r}")
         if isinstance(self.budget, int) and self.window >= self.budget:
             raise ValueError(f"{self.name}: window ({self.window}) must be smaller than "
                              f"the budget ({self.budget} tokens)")
@@ -148,6 +163,26 @@ class EvictionPolicy:
         """With during_prefill: tokens a request may hold beyond its kept count before the next
         compaction between prefill chunks."""
         return int(self.prefill_slack * kept + 0.5) if isinstance(self.prefill_slack, float) else self.prefill_slack
+
+    def decode_cap(self, n: int) -> int | None:
+        """With decode_budget: the tokens each head keeps per layer after a compaction during
+        decode, for an n-token prompt (at least the window, so the scoring queries stay)."""
+        if self.decode_budget is None:
+            return None
+        cap = int(self.decode_budget * n + 0.5) if isinstance(self.decode_budget, float) else self.decode_budget
+        return max(cap, self.window, 1)
+
+    def decode_point(self, n: int, evicted_min: int, since: int) -> int | None:
+        """The logical length after which the next compaction during decode follows (None: the
+        output is not evicted): when the layer holding the most (logical length - `evicted_min`)
+        holds cap + slack, and never before `window` tokens computed after the last compaction
+        (`since`: the logical length it was made at) can score it. The HF path and vLLM's
+        scheduler and workers all decide with this."""
+        cap = self.decode_cap(n)
+        if cap is None:
+            return None
+        slack = int(self.decode_slack * cap + 0.5) if isinstance(self.decode_slack, float) else self.decode_slack
+        return max(evicted_min + cap + slack, since + max(self.window, 1))
 
     # ---- what subclasses specialise ------------------------------------------------------------
     def rank_scores(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:
@@ -225,7 +260,7 @@ class EvictionPolicy:
             scores = torch.zeros(num_layers, num_kv_heads, n, device=modality_tags.device)
         if scores.shape[-1] != n:
             raise ValueError(f"scores cover {scores.shape[-1]} tokens but there are {n} modality tags")
-        held = n if present is None else int(present[0, 0].sum())
+        held = n if present is None else int(present[:, 0].sum(dim=-1).max())  # layers may differ (decode)
         kept = self.kept_tokens(n) if kept is None else kept
         if kept >= held:
             return None

@@ -37,6 +37,7 @@ from madakv_kernels import (
     TEXT,
     compact_kv,
     held_mask,
+    logical_positions,
     paged_dims,
     physical_indices,
     value_norms,
@@ -101,11 +102,7 @@ class RequestEviction:
 
     def logical_positions(self, layer: int, held: int) -> torch.Tensor | None:
         """[H, held]: the logical position of each physical slot (None: the same as the slot)."""
-        if self.survivors is None:
-            return None
-        survivors = self.survivors[layer]
-        later = torch.arange(self.covered, self.covered + held - survivors.shape[1], device=survivors.device)
-        return torch.cat([survivors, later.expand(survivors.shape[0], -1)], dim=1)
+        return None if self.survivors is None else logical_positions(self.survivors[layer], self.covered, held)
 
 
 @dataclass
