@@ -49,6 +49,12 @@ class EvictionConfig:
             raise EvictionConfigError(f"unknown eviction policy {self.policy!r}; "
                                       f"choose one of {', '.join(POLICY_NAMES)}")
         object.__setattr__(self, "budget", parse_budget(self.budget))
+        if self.options.get("decode_budget") is not None:  # flags and vllm_xargs may send "256" or "0.1"
+            try:
+                decode_budget = parse_budget(self.options["decode_budget"])
+            except EvictionConfigError as exc:
+                raise EvictionConfigError(f"decode_{exc}") from None
+            object.__setattr__(self, "options", {**self.options, "decode_budget": decode_budget})
         self.build_policy()  # validates window and options now, not at the first request
 
     @classmethod

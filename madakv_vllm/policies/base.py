@@ -53,6 +53,13 @@ def distribute(targets: list[float], total: int, cap: int) -> list[int]:
     return out
 
 
+def decode_point(cap: int, slack: int, queries: int, evicted_min: int, since: int) -> int:
+    """The logical length after which a compaction during decode follows: when the layer holding
+    the most (logical length - `evicted_min`) holds cap + slack, and never before `queries` tokens
+    computed after `since` (the logical length of the last compaction) can score it."""
+    return max(evicted_min + cap + slack, since + queries)
+
+
 def max_pool_scores(psi: torch.Tensor, kernel: int, groups: list[torch.Tensor] | None = None) -> torch.Tensor:
     """1-D max pooling of [H, N] scores over `kernel` neighbouring tokens, so a hit's neighbours
     rank with it; with `groups` (bool masks over N), only neighbours of the same group count."""
@@ -181,8 +188,17 @@ class EvictionPolicy:
         cap = self.decode_cap(n)
         if cap is None:
             return None
+        return decode_point(cap, self.decode_slack_tokens(cap), max(self.window, 1), evicted_min, since)
+
+    def decode_interval(self, n: int) -> int:
+        """Logical tokens between two compactions during decode, once the first one is made (the
+        layer holding the most is back at the cap after each): the points are fixed from there."""
+        return max(self.decode_slack_tokens(self.decode_cap(n)), self.window, 1)
+
+    def decode_slack_tokens(self, cap: int) -> int:
+        """Tokens beyond the cap a layer may hold during decode (at least one: a compaction always evicts)."""
         slack = int(self.decode_slack * cap + 0.5) if isinstance(self.decode_slack, float) else self.decode_slack
-        return max(evicted_min + cap + slack, since + max(self.window, 1))
+        return max(slack, 1)
 
     # ---- what subclasses specialise ------------------------------------------------------------
     def rank_scores(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> torch.Tensor:

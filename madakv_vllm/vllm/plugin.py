@@ -66,6 +66,10 @@ def add_cli_flags(parser) -> None:
     group.add_argument("--kv-eviction-during-prefill", action="store_true", default=None,
                        help="Also evict between prefill chunks, so a request never holds more than its kept "
                             "tokens + a slack + one chunk: prompts larger than the KV pool can be served.")
+    group.add_argument("--kv-eviction-decode-budget", default=None, metavar="RATIO|TOKENS",
+                       help="Also evict while the output grows: a cap on the tokens each head keeps per layer "
+                            "(a ratio of the prompt or a token count); once a layer holds cap + slack, every "
+                            "layer is compacted back to it. Off when not given.")
     group.add_argument("--kv-eviction-config", default=None, metavar="PRESET|FILE.yaml",
                        help=f"Eviction preset by name ({', '.join(preset_names())}) or a YAML file; flags "
                             f"override it.")
@@ -76,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> EvictionConfig | None:
     path = getattr(args, "kv_eviction_config", None)
     flags = dict(policy=getattr(args, "kv_eviction", None), budget=getattr(args, "kv_eviction_budget", None),
                  window=getattr(args, "kv_eviction_window", None),
-                 during_prefill=getattr(args, "kv_eviction_during_prefill", None))
+                 during_prefill=getattr(args, "kv_eviction_during_prefill", None),
+                 decode_budget=getattr(args, "kv_eviction_decode_budget", None))
     if path is None and all(v is None for v in flags.values()):
         return None
     base = EvictionConfig.from_yaml(path) if path else EvictionConfig(policy="madakv")

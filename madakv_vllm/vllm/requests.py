@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import EvictionConfig, EvictionConfigError
 from ..policies import EvictionPolicy
+from ..policies.base import decode_point
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -21,7 +22,9 @@ XARG_POLICY = "kv_eviction"  # in SamplingParams.extra_args (vllm_xargs)
 XARG_BUDGET = "kv_eviction_budget"
 XARG_WINDOW = "kv_eviction_window"
 XARG_DURING_PREFILL = "kv_eviction_during_prefill"
-_XARGS = {XARG_POLICY: "policy", XARG_BUDGET: "budget", XARG_WINDOW: "window", XARG_DURING_PREFILL: "during_prefill"}
+XARG_DECODE_BUDGET = "kv_eviction_decode_budget"
+_XARGS = {XARG_POLICY: "policy", XARG_BUDGET: "budget", XARG_WINDOW: "window", XARG_DURING_PREFILL: "during_prefill",
+          XARG_DECODE_BUDGET: "decode_budget"}
 
 
 def engine_config(additional_config: Mapping[str, Any] | None) -> EvictionConfig | None:
@@ -97,7 +100,10 @@ class EvictionTarget:
     `limit` (eviction during prefill): at every multiple of `chunk` prompt tokens, a request
     holding more than this many tokens per head is compacted back to `kept` (None: only after
     the prompt). Fixed points, and chunks never cross them (the scheduler cuts them there), so
-    what is kept does not depend on how the prompt's chunks shared steps with other requests."""
+    what is kept does not depend on how the prompt's chunks shared steps with other requests.
+    `decode_cap` (eviction during decode): compactions after the prompt bring every group back to
+    this many tokens (`decode_points`); `kept` is then the prompt length when the budget covers
+    the prompt (only the output is evicted)."""
 
     prompt_len: int
     kept: int
@@ -105,6 +111,39 @@ class EvictionTarget:
     reported_counts: bool = False
     limit: int | None = None
     chunk: int = 0
+    decode_cap: int | None = None
+    decode_slack: int = 0
+    decode_interval: int = 0
+    decode_queries: int = 0
+
+    @property
+    def prompt_evicted(self) -> bool:
+        return self.kept < self.prompt_len
+
+    def first_decode_point(self, max_kept: int, since: int) -> int | None:
+        """The first compaction point during decode, once the prompt's compaction kept at most
+        `max_kept` tokens in a group and was made at logical length `since` (both the prompt
+        length when the prompt is not evicted). Then every `decode_interval` tokens."""
+        if self.decode_cap is None:
+            return None
+        return decode_point(self.decode_cap, self.decode_slack, self.decode_queries, self.prompt_len - max_kept, since)
+
+    def decode_point_after(self, first: int, position: int) -> int:
+        """The first compaction point during decode after logical `position`."""
+        if position < first:
+            return first
+        return first + ((position - first) // self.decode_interval + 1) * self.decode_interval
+
+    def decode_point_due(self, first: int, computed: int, covered: int) -> int | None:
+        """The point a compaction during decode follows now, if any: the last point reached, not
+        compacted yet, whose window's scores are still whole (the next point's window has not
+        started: its queries would have replaced them)."""
+        if computed < first:
+            return None
+        point = first + (computed - first) // self.decode_interval * self.decode_interval
+        if point <= covered or computed > point + self.decode_interval - self.decode_queries:
+            return None
+        return point
 
     def compacts_after_chunk(self, computed: int, held: int) -> bool:
         """Whether a prefill chunk ending at `computed`, after which a head holds `held` tokens,
@@ -129,6 +168,8 @@ class EvictionTarget:
         """Prefix-cache hits must stop here: the first queries that score a compaction (the first
         compaction between chunks, or the prompt's own) are computed, so a request that hits
         compacts exactly where it would have without the hit."""
+        if not self.prompt_evicted:  # only the output is evicted: its first scored query follows the prompt
+            return self.prompt_len
         first = self.prompt_len - self.score_queries
         if self.limit is not None:
             point = (self.limit // self.chunk + 1) * self.chunk  # nothing compacted yet: held = point
@@ -200,18 +241,25 @@ def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_t
                        score_bytes_limit)
         return None
     kept = policy.kept_tokens(prompt_len)
-    if kept >= prompt_len:
+    cap = policy.decode_cap(prompt_len)
+    if kept >= prompt_len and cap is None:
         return None
+    kept = min(kept, prompt_len)
     score_queries = policy.score_queries(prompt_len) if policy.needs_scores else 0
     # The scheduler and workers compute from this: an impossible target must never reach a
     # worker. Policies guarantee it; if one ever does not, the request runs without eviction.
-    if not 1 <= kept < prompt_len or (policy.needs_scores and not 1 <= score_queries <= prompt_len):
+    if not 1 <= kept <= prompt_len or (policy.needs_scores and not 1 <= score_queries <= prompt_len):
         logger.warning("KV eviction skipped for a %d-token prompt: %s keeps %d tokens scored by %d queries",
                        prompt_len, policy.name, kept, score_queries)
         return None
-    limit = kept + policy.slack_tokens(kept) if policy.during_prefill and chunk > 0 else None
-    return EvictionTarget(prompt_len, kept, score_queries, reported_counts=groups > 1 and policy.varies_by_layer(),
-                          limit=limit, chunk=chunk)
+    evicted = kept < prompt_len
+    limit = kept + policy.slack_tokens(kept) if policy.during_prefill and chunk > 0 and evicted else None
+    decode = {} if cap is None else dict(decode_cap=cap, decode_slack=policy.decode_slack_tokens(cap),
+                                         decode_interval=policy.decode_interval(prompt_len),
+                                         decode_queries=max(policy.window, 1))
+    return EvictionTarget(prompt_len, kept, score_queries,
+                          reported_counts=evicted and groups > 1 and policy.varies_by_layer(), limit=limit, chunk=chunk,
+                          **decode)
 
 
 def peak_blocks(policy: EvictionPolicy | None, prompt_len: int, max_tokens: int, chunk: int, block_size: int,

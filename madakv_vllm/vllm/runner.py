@@ -90,7 +90,8 @@ class RequestEviction:
     # 0..S-1); tokens computed after `covered` follow them in order
     survivors: list[torch.Tensor] | None = None
     covered: int = 0
-    final: bool = False  # the prompt is compacted: nothing more to score
+    final: bool = False  # the prompt is compacted (or only the output is evicted): only decode points left
+    first_decode: int | None = None  # eviction during decode: the first point (EvictionTarget.first_decode_point)
     seconds: float = 0.0  # scoring + compaction
 
     def held_view(self, end: int) -> torch.Tensor | None:
@@ -108,13 +109,13 @@ class RequestEviction:
 @dataclass
 class ScoringRows:
     """Rows [start, end) of this step's queries are the last end - start of the first
-    `context_len` tokens the request holds (physical; logical when nothing is compacted yet) and
-    score them."""
+    `context_lens[g]` tokens the request holds in KV-cache group g (physical; logical when nothing
+    is compacted yet) and score them."""
 
     request: RequestEviction
     start: int
     end: int
-    context_len: int
+    context_lens: list[int]
     block_tables: list[torch.Tensor]  # the request's row, per KV-cache group
 
 
@@ -269,8 +270,10 @@ class WorkerEviction:
         if target is None:
             self.requests.pop(req_state.req_id, None)
             return
-        self.requests[req_state.req_id] = RequestEviction(
-            policy, target, modality_tags(req_state.mm_features, target.prompt_len))
+        state = RequestEviction(policy, target, modality_tags(req_state.mm_features, target.prompt_len))
+        if not target.prompt_evicted:  # only the output is evicted
+            state.final, state.first_decode = True, target.first_decode_point(target.prompt_len, target.prompt_len)
+        self.requests[req_state.req_id] = state
 
     def after_update_states(self, scheduler_output, *args, **kwargs) -> None:
         runner = self.runner
@@ -309,14 +312,18 @@ class WorkerEviction:
                                f"{'does not know' if req_state is None else 'does not evict'}")
         started = time.perf_counter()
         covered, target = plan.covered, state.target
+        decoding = covered > target.prompt_len  # a compaction during decode: the output's tokens are text
         scores = self._scores_for_plan(req_id, state, covered)
         tags = state.tags[:covered].to(self.device)
-        present = state.held_view(covered)  # what earlier compactions between chunks left
+        if decoding:
+            tags = torch.cat([tags, tags.new_full((covered - target.prompt_len,), TEXT)])
+        present = state.held_view(covered)  # what earlier compactions left
         # the plan's per-group counts are what the scheduler allocated: select exactly those
-        tail = state.policy.protected_tail(target.kept)
+        kept = target.decode_cap if decoding else target.kept
+        tail = state.policy.protected_tail(kept)
         budgets = [plan.kept[g] - tail for g in self.layer_group]
         keep = state.policy.select(scores, tags, num_layers=len(self.layers), num_kv_heads=self.num_kv_heads,
-                                   budgets=budgets, kept=target.kept, present=present)
+                                   budgets=budgets, kept=kept, present=present)
         if keep is None:
             raise RuntimeError(f"KV eviction: request {req_id} has nothing to evict at {covered} tokens")
         before = state.evicted or [0] * self.num_groups
@@ -341,6 +348,11 @@ class WorkerEviction:
         if not state.final:  # between prefill chunks: the next chunk scores afresh
             return
         state.scores, scores = None, None  # the largest per-request buffer: freed right after the plan
+        if decoding:
+            self.counters.add(decode_compactions=1 / self.tp_size)
+            self.counters.publish()
+            return
+        state.first_decode = target.first_decode_point(max(plan.kept), plan.computed)
         counts = kept_and_evicted_by_modality(keep, tags)
         self.counters.add(**{key: value / self.tp_size for key, value in counts.items()})
         if self.tp_rank == 0:  # one observation per request; per-layer counts are per head, the same on every rank
@@ -420,23 +432,27 @@ class WorkerEviction:
         rows, completing = [], []
         for i, req_id in enumerate(req_ids):
             state = self.requests.get(req_id)
-            if state is None or state.final:
+            if state is None or (state.final and state.first_decode is None):
                 continue
             target, start = state.target, int(computed[i])
             done = start + int(scheduled[i])
-            if start < target.prompt_len <= done:
+            if not state.final and start < target.prompt_len <= done:
                 completing.append(req_id)
-            if not target.score_queries:
+            if not state.policy.needs_scores:
                 continue
-            before = state.evicted[0] if state.evicted else 0  # every group alike before the prompt's end
-            # the proxy window scores the prompt; during prefill, the last queries before a point
-            # where a compaction will follow score the tokens held there (the scheduler decides
-            # alike), over one or two chunks as they come
-            lo, hi, scores_for = max(start, target.prompt_len - target.score_queries), min(done, target.prompt_len), \
-                target.prompt_len
-            point = target.next_compaction_point(start)
-            if lo >= hi and point is not None and target.compacts_after_chunk(point, point - before):
-                lo, hi, scores_for = max(start, point - target.score_queries), min(done, point), point
+            before = state.evicted or [0] * self.num_groups
+            if state.final:  # during decode: the last queries before the next point score what is held
+                point = target.decode_point_after(state.first_decode, start)
+                lo, hi, scores_for = max(start, point - target.decode_queries), min(done, point), point
+            else:
+                # the proxy window scores the prompt; during prefill, the last queries before a point
+                # where a compaction will follow score the tokens held there (the scheduler decides
+                # alike), over one or two chunks as they come
+                lo, hi, scores_for = max(start, target.prompt_len - target.score_queries), \
+                    min(done, target.prompt_len), target.prompt_len
+                point = target.next_compaction_point(start)
+                if lo >= hi and point is not None and target.compacts_after_chunk(point, point - before[0]):
+                    lo, hi, scores_for = max(start, point - target.score_queries), min(done, point), point
             if lo < hi:
                 if state.scores_for != scores_for:  # a new selection: the last one's scores are spent
                     state.scores_for = scores_for
@@ -444,7 +460,7 @@ class WorkerEviction:
                     if state.scores is not None:
                         state.scores.zero_()
                 first_row = int(starts[i]) + lo - start
-                rows.append(ScoringRows(state, first_row, first_row + hi - lo, hi - before,
+                rows.append(ScoringRows(state, first_row, first_row + hi - lo, [hi - e for e in before],
                                         [table[i] for table in block_tables]))
         self.step_rows, self.completing = rows, completing
 
@@ -465,16 +481,19 @@ class WorkerEviction:
         group = self.layer_group[layer_index]
         for rows in self.step_rows:
             queries = query[rows.start : rows.end].reshape(rows.end - rows.start, -1, head_dim)
-            psi = window_scores(keys, rows.block_tables[group], queries, rows.context_len, layout=layout,
-                                scale=impl.scale)
+            context_len = rows.context_lens[group]
+            psi = window_scores(keys, rows.block_tables[group], queries, context_len, layout=layout, scale=impl.scale)
             state = rows.request
             if state.policy.value_weighted:  # per token, so summing weighted parts over steps is the same
-                psi *= value_norms(values, rows.block_tables[group], rows.context_len, layout=layout)
-            if state.scores is None:  # one buffer for all layers: no per-layer tensors, no stack copy
-                state.scores = torch.zeros(len(self.layers), psi.shape[0], state.target.prompt_len, device=psi.device)
-            positions = state.logical_positions(layer_index, rows.context_len)
+                psi *= value_norms(values, rows.block_tables[group], context_len, layout=layout)
+            if state.scores is None or state.scores.shape[-1] < state.scores_for:
+                # one buffer for all layers (no per-layer tensors, no stack copy): the prompt's, or
+                # up to a point during decode
+                state.scores = torch.zeros(len(self.layers), psi.shape[0],
+                                           max(state.target.prompt_len, state.scores_for), device=psi.device)
+            positions = state.logical_positions(layer_index, context_len)
             if positions is None:
-                state.scores[layer_index, :, : rows.context_len] += psi
+                state.scores[layer_index, :, :context_len] += psi
             else:  # compacted between prefill chunks: each head's slots hold other logical tokens
                 state.scores[layer_index].scatter_add_(1, positions, psi)
             state.scored_layers.add(layer_index)

@@ -61,7 +61,8 @@ class EvictingManager:
         self.manager = manager
         self.evicted_tokens: dict[str, int] = {}
         self.covered: dict[str, int] = {}  # logical tokens the request's last compaction selected from
-        m, evicted, covered = manager, self.evicted_tokens, self.covered
+        self.first_decode_point: dict[str, int] = {}  # eviction during decode, once the prompt is compacted
+        m, evicted, covered, first_decode = manager, self.evicted_tokens, self.covered, self.first_decode_point
         get_num_blocks_to_allocate, allocate_new_blocks = m.get_num_blocks_to_allocate, m.allocate_new_blocks
         cache_blocks, pop_blocks_for_free = m.cache_blocks, m.pop_blocks_for_free
 
@@ -79,6 +80,7 @@ class EvictingManager:
         def pop_blocks_for_free_and_forget(request_id):
             evicted.pop(request_id, None)
             covered.pop(request_id, None)
+            first_decode.pop(request_id, None)
             return pop_blocks_for_free(request_id)
 
         m.get_num_blocks_to_allocate = physical_get_num_blocks_to_allocate
@@ -189,6 +191,9 @@ class EvictingSchedulerMixin:
         if target is None or not target.score_queries:
             return num_new_tokens
         point = target.next_compaction_point(num_computed_tokens)
+        first_decode = self._first_decode_point(request.request_id, target)
+        if first_decode is not None:  # a resumed request re-prefills its output: the same points
+            point = target.decode_point_after(first_decode, num_computed_tokens)
         if point is not None and num_computed_tokens + num_new_tokens > point and not (
                 self.scheduler_config.disable_chunked_mm_input and inside_multimodal_item(request, point)):
             num_new_tokens = point - num_computed_tokens  # a chunk never crosses a compaction point
@@ -240,6 +245,10 @@ class EvictingSchedulerMixin:
             covered = min(computed, target.prompt_len)  # between prefill chunks: what is computed
             kept = self._kept_per_group(request_id, target) if covered == target.prompt_len \
                 else [target.kept] * self.num_groups
+            decode_point = self._decode_point_due(request)
+            if decode_point is not None:  # during decode: every group back to the cap (or all it holds)
+                covered = decode_point
+                kept = [min(target.decode_cap, covered - m.evicted_tokens.get(request_id, 0)) for m in managers]
             physical = [k + computed - covered for k in kept]
             new_blocks = sum(-(-p // block_size) for p in physical)
             # after the swap this request needs blocks for its step token in the new layout
@@ -250,6 +259,10 @@ class EvictingSchedulerMixin:
             old_blocks = []
             for manager, group_physical, group_kept in zip(managers, physical, kept):
                 old_blocks += manager.swap_in_private_blocks(request_id, group_physical, covered - group_kept, covered)
+            if covered == target.prompt_len:  # the prompt's own compaction: decode points start from it
+                first = target.first_decode_point(max(kept), computed)
+                if first is not None:
+                    self.evicting_manager.first_decode_point[request_id] = first
             needs[request_id] = need_after
             frees.extend(old_blocks)
             plans[request_id] = (CompactionPlan([], covered, kept, computed), len(old_blocks))
@@ -265,12 +278,32 @@ class EvictingSchedulerMixin:
         prompt is not compacted yet; or (during prefill) a chunk left more than the limit."""
         request_id, manager = request.request_id, self.evicting_manager
         target = self.eviction_targets.get(request_id)
-        if target is None or manager.covered.get(request_id, 0) >= target.prompt_len:
+        if target is None:
             return False
+        if not target.prompt_evicted or manager.covered.get(request_id, 0) >= target.prompt_len:
+            return self._decode_point_due(request) is not None
         computed = request.num_computed_tokens
         if computed >= target.prompt_len:
             return self._kept_per_group(request_id, target) is not None
         return target.compacts_after_chunk(computed, computed - manager.evicted_tokens.get(request_id, 0))
+
+    def _first_decode_point(self, request_id: str, target: EvictionTarget) -> int | None:
+        """Known once the prompt is compacted (its counts and when decide it); at once when only
+        the output is evicted."""
+        if target.decode_cap is None:
+            return None
+        if not target.prompt_evicted:
+            return target.first_decode_point(target.prompt_len, target.prompt_len)
+        return self.evicting_manager.first_decode_point.get(request_id)
+
+    def _decode_point_due(self, request) -> int | None:
+        request_id = request.request_id
+        target = self.eviction_targets.get(request_id)
+        first = None if target is None else self._first_decode_point(request_id, target)
+        if first is None:
+            return None
+        return target.decode_point_due(first, request.num_computed_tokens,
+                                       self.evicting_manager.covered.get(request_id, 0))
 
     def _blocks_this_step(self) -> dict[str, int]:
         """Blocks each running request will take in this step's schedule(), as vLLM schedules
