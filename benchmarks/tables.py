@@ -345,6 +345,20 @@ def prefill_memory(r: dict) -> str:
                         for s in settings)] for n in lengths])
 
 
+def decode_memory(r: dict) -> str:
+    """Blocks one request holds over a long output, per decode cap: benchmarks/results/decode_memory.json."""
+    return _markdown(
+        f"`python benchmarks/bench_decode_memory.py` ({_where(r)}; {r['model']}, MadaKV {r['budget']:.0%}, decode "
+        f"slack {r['decode_slack']:.0%} of the cap, blocks of {r['block_size']}; one request at a time, a "
+        f"{_tokens(r['prompt'])}-token prompt and {_tokens(r['output'])} output tokens; scoring + compaction seconds "
+        f"of the decode compactions from the workers' counters)",
+        ["setting", "most blocks while decoding", "blocks at the end", "peak (with the compaction's copy)",
+         "compactions during decode", "ms per compaction", "share of the request's time", "output tok/s"],
+        [[row["setting"], row["most_blocks_while_decoding"], row["last_blocks"], row["peak_blocks"],
+          row["decode_compactions"], "" if row["ms_per_compaction"] is None else f"{row['ms_per_compaction']:.1f}",
+          f"{row['overhead_share']:.1%}", row["tokens_per_second"]] for row in r["rows"]])
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -353,7 +367,7 @@ TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": 
           "ablation": ablation, "levers": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
           "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
           "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory,
-          "prefill_eviction": ablation}
+          "decode_memory": decode_memory, "prefill_eviction": ablation}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
 TABLE_SOURCES = {"accuracy": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
@@ -465,6 +479,8 @@ PLOTS = {
                                                 _module_draw("bench_layer_groups")),
     "benchmarks/results/prefill_memory.png": Plot("benchmarks/results/prefill_memory.json",
                                                   _module_draw("bench_prefill_memory")),
+    "benchmarks/results/decode_memory.png": Plot("benchmarks/results/decode_memory.json",
+                                                 _module_draw("bench_decode_memory")),
     "benchmarks/results/kernels_h200.png": Plot("benchmarks/results/kernels_h200.json", _module_draw("bench_kernels")),
     "benchmarks/results/lengths.png": Plot("benchmarks/results/lengths.json", _module_draw("run_lengths")),
     "benchmarks/results/ablation.png": Plot("benchmarks/results/ablation.json", _module_draw("run_ablation")),

@@ -101,3 +101,21 @@ def test_bad_decode_budgets_are_refused_in_one_line(engines):
                          use_tqdm=False)
     assert len(llm.generate([text_prompt(200, seed=1)], sampling(max_tokens=4), use_tqdm=False)[0]
                .outputs[0].token_ids) == 4  # the engine goes on
+
+
+def test_an_output_three_times_the_kv_pool_is_served(engines):
+    """Pool of 23 blocks x 32 tokens (736): a 1,000-token prompt evicted during prefill and a
+    2,000-token output under a cap of 128. Without the cap the request is refused in one line."""
+    from vllm.exceptions import VLLMValidationError
+
+    huge = {"policy": "madakv", "budget": 0.05, "window": 8, "during_prefill": True, "prefill_slack": 0.25}
+    llm = engines.get("qwen2vl", additional_config={"kv_eviction": huge}, num_gpu_blocks_override=24,
+                      max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=2)
+    with pytest.raises(VLLMValidationError, match="lower max_tokens.*kv_eviction_decode_budget"):
+        llm.generate([text_prompt(1000, seed=3)], sampling(max_tokens=2000), use_tqdm=False)
+    scheduler = scheduler_of(llm)
+    free_at_start = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    out = llm.generate([text_prompt(1000, seed=3)], sampling(max_tokens=2000, kv_eviction_decode_budget=128),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 2000
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free_at_start

@@ -18,7 +18,15 @@ import time
 from dataclasses import dataclass, field
 
 from ..policies import POLICY_NAMES
-from ..vllm.requests import CONFIG_KEY, LAYER_GROUPS_KEY, XARG_BUDGET, XARG_DURING_PREFILL, XARG_POLICY, XARG_WINDOW
+from ..vllm.requests import (
+    CONFIG_KEY,
+    LAYER_GROUPS_KEY,
+    XARG_BUDGET,
+    XARG_DECODE_BUDGET,
+    XARG_DURING_PREFILL,
+    XARG_POLICY,
+    XARG_WINDOW,
+)
 
 IMAGE_PROMPT = "<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>picture of a cat " * 2
 WORDS = ("red", "cat", "river", "house", "dog", "green", "tree")
@@ -33,6 +41,7 @@ class StressReport:
     forced_preemptions: int = 0
     compactions: int = 0
     prefill_compactions: int = 0  # of those, between prefill chunks (eviction during prefill)
+    decode_compactions: int = 0  # of those, after the prompt's (eviction during decode)
     decoded_with_full_cache: int = 0
     solo_compared: int = 0
     solo_equal: int = 0
@@ -69,10 +78,12 @@ def blocks_held_mismatches(scheduler) -> list[str]:
     return problems
 
 
-def random_request(rng: random.Random, shared_prefix: list[int], images, mode_rng: random.Random | None = None):
+def random_request(rng: random.Random, shared_prefix: list[int], images, mode_rng: random.Random | None = None,
+                   decode_rng: random.Random | None = None):
     """(prompt, extra_args, max_tokens) of one random request; `mode_rng` (a stream of its own, so
     the requests stay those of earlier runs with the same seed) turns on eviction during prefill
-    for 30 % of them (H2O and LOOK-M refuse it: an HTTP 400)."""
+    for 30 % of them (H2O and LOOK-M refuse it: an HTTP 400); `decode_rng` (another) eviction
+    during decode for 30 %, with longer outputs (up to 200 tokens)."""
     xargs = {XARG_POLICY: rng.choice(POLICY_NAMES)}
     roll = rng.random()
     if roll < 0.15:
@@ -95,6 +106,9 @@ def random_request(rng: random.Random, shared_prefix: list[int], images, mode_rn
     max_tokens = rng.choice([1, 1, rng.randint(2, 8), rng.randint(8, 40)])
     if mode_rng is not None and mode_rng.random() < 0.3:
         xargs[XARG_DURING_PREFILL] = True
+    if decode_rng is not None and decode_rng.random() < 0.3:
+        xargs[XARG_DECODE_BUDGET] = decode_rng.choice([1, 16, 64, 0.1, 0.5])
+        max_tokens = decode_rng.randint(40, 200)
     return prompt, xargs, max_tokens
 
 
@@ -130,7 +144,8 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
 
     from ..vllm.protocol import plans_of
 
-    rng, mode_rng = random.Random(seed), random.Random(f"during prefill {seed}")
+    rng, mode_rng, decode_rng = random.Random(seed), random.Random(f"during prefill {seed}"), \
+        random.Random(f"during decode {seed}")
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
@@ -148,6 +163,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
             report.compactions += 1
             target = scheduler.eviction_targets.get(request_id)
             report.prefill_compactions += target is not None and plan.covered < target.prompt_len
+            report.decode_compactions += target is not None and plan.covered > target.prompt_len
             if plan.computed > plan.covered:
                 full_cache_first.add(request_id.rsplit("-", 1)[0])
         return output
@@ -165,7 +181,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
         return preempt(request, *args, **kwargs)
 
     def add(index: int) -> None:
-        prompt, xargs, max_tokens = random_request(rng, shared_prefix, images, mode_rng)
+        prompt, xargs, max_tokens = random_request(rng, shared_prefix, images, mode_rng, decode_rng)
         request_id = f"s{seed}-{index}"
         try:
             params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=xargs)
@@ -235,7 +251,8 @@ def _check_nothing_left(report, scheduler, pool, free_at_start, worker_leftovers
         if getattr(scheduler, name):
             report.leaks.append(f"scheduler.{name} not empty: {len(getattr(scheduler, name))}")
     for g, manager in enumerate(scheduler.evicting_managers):
-        if manager.evicted_tokens:
-            report.leaks.append(f"group {g} evicted_tokens not empty: {len(manager.evicted_tokens)}")
+        for name in ("evicted_tokens", "covered", "first_decode_point"):
+            if getattr(manager, name):
+                report.leaks.append(f"group {g} {name} not empty: {len(getattr(manager, name))}")
     if worker_leftovers:
         report.leaks.append(f"worker keeps eviction state of finished requests: {sorted(worker_leftovers)[:5]}")

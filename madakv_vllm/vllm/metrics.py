@@ -27,6 +27,8 @@ METRIC_EVICTED = "vllm:kv_eviction_tokens_evicted"
 METRIC_LAYER_KEPT = "vllm:kv_eviction_layer_tokens_kept"
 METRIC_BLOCKS_FREED = "vllm:kv_eviction_blocks_freed"
 METRIC_SECONDS = "vllm:kv_eviction_seconds"
+METRIC_DECODE_COMPACTIONS = "vllm:kv_eviction_decode_compactions"
+METRIC_DECODE_SECONDS = "vllm:kv_eviction_decode_seconds"
 MAX_RECENT = 1000  # observations kept for a reader that fell behind
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 
@@ -175,6 +177,10 @@ def _make_stat_logger_class():
             self.blocks = Counter(METRIC_BLOCKS_FREED, "KV-cache blocks returned to the pool", registry=registry)
             self.seconds = Histogram(METRIC_SECONDS, "Scoring + compaction time per request",
                                      buckets=SECONDS_BUCKETS, registry=registry)
+            self.decode_compactions = Counter(METRIC_DECODE_COMPACTIONS, "Compactions during decode (the output's)",
+                                              registry=registry)
+            self.decode_seconds = Counter(METRIC_DECODE_SECONDS, "Scoring + compaction time of compactions during "
+                                          "decode", registry=registry)
             for modality in MODALITY_TAGS:  # export zeros from the start
                 self.kept.labels(modality=modality)
                 self.evicted.labels(modality=modality)
@@ -197,6 +203,10 @@ def _make_stat_logger_class():
                     self.requests.inc(delta)
                 elif key == "blocks_freed":
                     self.blocks.inc(delta)
+                elif key == "decode_compactions":
+                    self.decode_compactions.inc(delta)
+                elif key == "decode_seconds":
+                    self.decode_seconds.inc(delta)
                 elif key.startswith("layer_kept_"):
                     self.layer_kept.labels(layer=key[len("layer_kept_"):]).inc(delta)
                 elif key.startswith("kept_"):

@@ -244,8 +244,12 @@ def too_large_error(vllm_config, request) -> str | None:
     if need <= usable:
         return None
     during = policy is not None and policy.during_prefill
-    advice = ("lower max_tokens (the output is not evicted) or the budget" if during else
-              "evict during prefill (vllm_xargs {\"kv_eviction_during_prefill\": true}), or send a shorter prompt")
+    decode = policy is not None and policy.decode_budget is not None
+    output = ("lower the budget or the decode budget" if decode else
+              "lower max_tokens (or evict the output too: vllm_xargs {\"kv_eviction_decode_budget\": 256}) "
+              "or the budget")
+    advice = output if during else \
+        "evict during prefill (vllm_xargs {\"kv_eviction_during_prefill\": true}), or send a shorter prompt"
     return (f"KV eviction: this request would hold up to {need} KV-cache blocks at once ({prompt_len}-token prompt, "
             f"up to {max_tokens} output tokens), more than the {usable} the KV cache has; {advice}")
 

@@ -164,6 +164,16 @@ class EvictionTarget:
         held, copy = min(self.prompt_len, self.limit + self.chunk), min(self.prompt_len, self.kept + self.chunk)
         return blocks(held) + blocks(copy)
 
+    def decode_peak_blocks(self, block_size: int) -> int:
+        """With eviction during decode: the most blocks of one KV-cache group the request holds
+        while its output grows, when every compaction runs in time: the prompt's survivors and
+        the first window, or the cap + one interval, while the kept tokens are copied into fresh
+        blocks (with the few tokens an asynchronous step may carry over)."""
+        blocks = lambda tokens: -(-tokens // block_size)  # noqa: E731
+        carried = 2
+        held = max(self.decode_cap + self.decode_interval, self.kept + self.decode_queries) + carried
+        return blocks(held) + blocks(self.decode_cap + carried + 1)
+
     def first_scored_query(self) -> int:
         """Prefix-cache hits must stop here: the first queries that score a compaction (the first
         compaction between chunks, or the prompt's own) are computed, so a request that hits
@@ -265,13 +275,19 @@ def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_t
 def peak_blocks(policy: EvictionPolicy | None, prompt_len: int, max_tokens: int, chunk: int, block_size: int,
                 scores_per_token: int = 0, score_bytes_limit: int = MAX_SCORE_BYTES) -> int:
     """The most KV blocks one KV-cache group holds for a request alone, so that it can be served:
-    its whole length without eviction during prefill (a compaction that finds no room waits while
-    the request goes on, as vLLM would run it). With it: the tokens held after a chunk (limit +
-    chunk) while a compaction copies the kept ones into fresh blocks and the next chunk is
-    allocated, or the kept prompt plus the output, whichever is more, and never more than the
-    whole length."""
-    whole = -(-(prompt_len + max_tokens) // block_size)
+    its whole length without eviction during prefill or decode (a compaction that finds no room
+    waits while the request goes on, as vLLM would run it). With it, whichever is more, and never
+    more than the whole length: the prompt's phase (during prefill: the tokens held after a chunk,
+    limit + chunk, while a compaction copies the kept ones into fresh blocks and the next chunk
+    is allocated; else the whole prompt and its copy) and the output's (the kept prompt plus the
+    output, or during decode `decode_peak_blocks`)."""
+    blocks = lambda tokens: -(-tokens // block_size)  # noqa: E731
+    whole = blocks(prompt_len + max_tokens)
     target = eviction_target(policy, prompt_len, scores_per_token, score_bytes_limit=score_bytes_limit, chunk=chunk)
-    if target is None or target.limit is None:
+    if target is None or (target.limit is None and target.decode_cap is None):
         return whole
-    return min(whole, max(target.prefill_peak_blocks(block_size), -(-(target.kept + max_tokens) // block_size)))
+    prompt_phase = target.prefill_peak_blocks(block_size) if target.limit is not None else \
+        blocks(prompt_len + 1) + blocks(target.kept + 1)
+    output_phase = blocks(target.kept + max_tokens) if target.decode_cap is None else \
+        target.decode_peak_blocks(block_size)
+    return min(whole, max(prompt_phase, output_phase))

@@ -348,9 +348,11 @@ class WorkerEviction:
         if not state.final:  # between prefill chunks: the next chunk scores afresh
             return
         state.scores, scores = None, None  # the largest per-request buffer: freed right after the plan
-        if decoding:
-            self.counters.add(decode_compactions=1 / self.tp_size)
-            self.counters.publish()
+        if decoding:  # its window's scoring and this compaction, on the first rank (as the prompt's seconds)
+            if self.tp_rank == 0:
+                self.counters.add(decode_compactions=1, decode_seconds=state.seconds)
+                self.counters.publish()
+            state.seconds = 0.0
             return
         state.first_decode = target.first_decode_point(max(plan.kept), plan.computed)
         counts = kept_and_evicted_by_modality(keep, tags)

@@ -210,14 +210,15 @@ class EvictingSchedulerMixin:
         frees, plans = self._plan_compactions()
         output = super().schedule(*args, **kwargs)
         delivered, taken = {}, 0
-        for request_id, (plan, old_blocks) in plans.items():
+        for request_id, (plan, old_blocks, first) in plans.items():
             if request_id not in self.evicting_manager.evicted_tokens:  # preempted while scheduling: plan void
                 continue
             plan.block_ids = [manager.block_ids(request_id) for manager in self.evicting_managers]
             delivered[request_id] = plan
             new_blocks = sum(len(ids) for ids in plan.block_ids)
             taken += new_blocks
-            self.eviction_counters.add(requests=1)
+            if first:  # a request counts once, at its first compaction
+                self.eviction_counters.add(requests=1)
             logger.debug("kv eviction: request %s logical length %d kept per group %s blocks %d -> %d",
                          request_id, plan.computed, plan.kept, old_blocks, new_blocks)
         attach_plans(output, delivered)
@@ -256,7 +257,7 @@ class EvictingSchedulerMixin:
             headroom = sum(needs.values()) - needs.get(request_id, 0) + need_after
             if pool.get_num_free_blocks() < new_blocks + headroom:
                 continue  # pool too short this step; tokens decoded meanwhile are carried over later
-            old_blocks = []
+            first, old_blocks = request_id not in self.evicting_manager.evicted_tokens, []
             for manager, group_physical, group_kept in zip(managers, physical, kept):
                 old_blocks += manager.swap_in_private_blocks(request_id, group_physical, covered - group_kept, covered)
             if covered == target.prompt_len:  # the prompt's own compaction: decode points start from it
@@ -265,7 +266,7 @@ class EvictingSchedulerMixin:
                     self.evicting_manager.first_decode_point[request_id] = first
             needs[request_id] = need_after
             frees.extend(old_blocks)
-            plans[request_id] = (CompactionPlan([], covered, kept, computed), len(old_blocks))
+            plans[request_id] = (CompactionPlan([], covered, kept, computed), len(old_blocks), first)
         return frees, plans
 
     def _kept_per_group(self, request_id: str, target: EvictionTarget) -> list[int] | None:
