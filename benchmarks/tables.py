@@ -66,7 +66,9 @@ def overhead(r: dict) -> str:
 def serving(r: dict) -> str:
     caption = (f"`python benchmarks/bench_serving.py` ({_where(r)}; {r['model']}, {r['kv_blocks']} KV blocks of "
                f"{r['block_size']} tokens, {r['requests']} concurrent requests with {r['images_per_request']} images; "
-               f"prefill-heavy: {r['max_tokens']} output tokens, decode-heavy: {r.get('decode_tokens')}; the "
+               f"prefill-heavy: {r['max_tokens']} output tokens, decode-heavy: {r.get('decode_tokens')}"
+               + (f", long-output: {r['long_tokens']}" if r.get("long_tokens") else "")
+               + (f"; prefill chunks of {r['chunk']} tokens" if r.get("chunk") else "") + "; the "
                f"last row of each scenario is stock with {r.get('reference_pool')}x the KV pool; prefix cache "
                f"{r.get('prefix_cache', 'not reset between settings')}):")
     return _markdown(

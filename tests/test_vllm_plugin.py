@@ -581,3 +581,47 @@ def test_peak_blocks_count_what_a_request_holds_at_once():
     assert peak_blocks(one_shot, 3000, 10, 64, 32) == peak_blocks(None, 3000, 10, 64, 32) == -(-3010 // 32)
     # scores too large for the limit: no eviction, the whole request
     assert peak_blocks(during, 3000, 10, 64, 32, scores_per_token=100, score_bytes_limit=1000) == -(-3010 // 32)
+
+
+def test_decode_budget_flag_xargs_and_target():
+    config = plugin.config_from_args(parse("--kv-eviction", "madakv", "--kv-eviction-decode-budget", "256"))
+    assert config.build_policy().decode_budget == 256
+    assert plugin.config_from_args(parse("--kv-eviction", "madakv", "--kv-eviction-decode-budget", "0.1")) \
+        .build_policy().decode_budget == 0.1
+    with pytest.raises(EvictionConfigError, match="decode_budget"):
+        plugin.config_from_args(parse("--kv-eviction", "madakv", "--kv-eviction-decode-budget", "lots"))
+    base = EvictionConfig(policy="madakv", budget=0.2, window=8)
+    assert base.build_policy().decode_budget is None
+    assert request_policy(base, {"kv_eviction_decode_budget": 128}).decode_budget == 128
+    assert request_policy(base, {"kv_eviction_decode_budget": "0.5"}).decode_budget == 0.5
+    for bad in (0, -1, 2.5, "x"):
+        with pytest.raises(EvictionConfigError, match="bad vllm_xargs.*decode_budget"):
+            request_config(base, {"kv_eviction_decode_budget": bad})
+    target = eviction_target(request_policy(base, {"kv_eviction_decode_budget": 100}), 1000)
+    assert (target.kept, target.decode_cap, target.decode_slack, target.decode_interval) == (200, 100, 25, 25)
+    # the prompt keeps 200 > cap + slack: compacted as soon as 8 output tokens scored it, then every 25
+    first = target.first_decode_point(max_kept=200, since=1000)
+    assert first == 1008 and target.decode_point_after(first, 1000) == 1008
+    assert target.decode_point_after(first, 1008) == 1033 and target.decode_point_after(first, 1032) == 1033
+    assert target.decode_point_due(first, 1008, covered=1000) == 1008
+    assert target.decode_point_due(first, 1007, covered=1000) is None  # its window is not done
+    assert target.decode_point_due(first, 1008, covered=1008) is None  # done already
+    assert target.decode_point_due(first, 1020, covered=1000) == 1008  # late, its scores still whole
+    assert target.decode_point_due(first, 1026, covered=1000) is None  # the next window replaced them
+    # the budget covers the prompt: only the output is evicted, from the prompt's length on
+    whole = eviction_target(request_policy(base, {"kv_eviction_budget": 1.0, "kv_eviction_decode_budget": 64}), 300)
+    assert whole is not None and not whole.prompt_evicted and whole.first_scored_query() == 300
+    assert whole.first_decode_point(300, 300) == 308
+    assert eviction_target(request_policy(base, {"kv_eviction_budget": 1.0}), 300) is None
+
+
+def test_peak_blocks_with_eviction_during_decode():
+    from madakv_vllm.policies import make_policy
+    from madakv_vllm.vllm.requests import peak_blocks
+
+    capped = make_policy("madakv", budget=0.05, window=8, during_prefill=True, prefill_slack=0.25, decode_budget=128)
+    # the prompt's phase as without the cap (15 blocks); the output's: the cap + one interval
+    # (32) + 2 carried (6 blocks) while the kept ones are copied (5 blocks): the prompt's dominates
+    assert peak_blocks(capped, 3000, 2000, 64, 32) == 15
+    assert peak_blocks(make_policy("madakv", budget=0.05, window=8, decode_budget=128), 3000, 2000, 64, 32) == \
+        -(-3001 // 32) + -(-151 // 32)  # the whole prompt, and its kept copy
