@@ -3,12 +3,12 @@ multi-image requests, stock (eviction off) vs each policy at one budget, in one 
 
     python benchmarks/bench_serving.py [--requests 8] [--blocks 48] [--budget 0.2] \
         [--policies madakv snapkv streamingllm] [--sweep 0.05 0.1 0.5] [--decode-tokens 256] \
-        [--during-prefill 0.2 0.5] [--long-tokens 1024 --decode-cap 256] [--chunk 512]
+        [--during-prefill 0.2 0.5] [--long-tokens 512 --decode-cap 128] [--chunk 512]
 
 Model: the SmolLM2-LLaVA test model (built into benchmarks/.models/ when missing), bf16, block
 size 128 (--block-size), prompts of ~2K tokens with 8 images, prefilled in chunks of `--chunk`
 tokens (every row alike). Three scenarios: prefill-heavy (--max-tokens, 64 output tokens),
-decode-heavy (--decode-tokens, 256) and long-output (--long-tokens, 1024: stock, MadaKV, and
+decode-heavy (--decode-tokens, 256) and long-output (--long-tokens, 512: stock, MadaKV, and
 MadaKV with eviction during decode at `--decode-cap`). Per setting: output tok/s, requests/s,
 peak running requests, TTFT p50/p95, decode ms/token, each as a ratio to stock from the same run,
 and output tok/s as a ratio to a reference row, stock with 5x the KV pool in a second engine
@@ -58,8 +58,8 @@ def main():
     p.add_argument("--decode-tokens", type=int, default=256, help="output tokens, decode-heavy scenario (0: skip)")
     p.add_argument("--during-prefill", type=float, nargs="*", default=[0.2, 0.5],
                    help="MadaKV budgets with eviction during prefill (prefill- and decode-heavy)")
-    p.add_argument("--long-tokens", type=int, default=1024, help="output tokens, long-output scenario (0: skip)")
-    p.add_argument("--decode-cap", type=int, default=256, help="eviction during decode in the long-output scenario")
+    p.add_argument("--long-tokens", type=int, default=512, help="output tokens, long-output scenario (0: skip)")
+    p.add_argument("--decode-cap", type=int, default=128, help="eviction during decode in the long-output scenario")
     p.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens: the prefill chunk")
     p.add_argument("--reference-pool", type=int, default=5, help="KV pool multiple of the stock reference row")
     args = p.parse_args()

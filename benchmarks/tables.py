@@ -222,9 +222,12 @@ def _glance_cells(rows: list[dict]) -> list[tuple[float, dict, dict, dict]]:
 
 
 def _glance_stamps() -> list[dict]:
-    stamps = [dict(s, label=label) for run, label in (("accuracy-vllm", "vLLM rows: "), ("accuracy", "HF rows: "))
-              if (s := _run_stamp(run))]
-    return stamps
+    """The stamps of the runs the glance shows: those of its split (run_accuracy.py's run_dir)."""
+    split = _glance_split(json.loads((RESULTS / "accuracy.json").read_text()))
+    suffix = "-test" if split == "test" else ""
+    return [dict(s, label=label) for run, label in ((f"accuracy-vllm{suffix}", "vLLM rows: "),
+                                                    (f"accuracy{suffix}", "HF rows: "))
+            if (s := _run_stamp(run))]
 
 
 def accuracy_glance(rows: list) -> str | None:
@@ -235,15 +238,17 @@ def accuracy_glance(rows: list) -> str | None:
     served = {m["setting"] for _, _, m, _ in cells} == {"endpoint"}
     n = cells[0][1]["n"]
     runs = "; ".join(f"{s['label']}{s['machine']}, commit {s['commit']}, {s['date']}" for s in _glance_stamps())
+    path = {"endpoint": "vLLM", "hf": "HF path"}
     return _markdown(
         f"`python benchmarks/run_accuracy.py` and `--hf` ({runs}): mean score of the SmolLM2-LLaVA judge over the "
         f"synthetic tasks ({_glance_split(rows)} split), n = {n} per cell, with its Wilson 95 % interval; MadaKV and "
         "the full cache "
         f"{'served by vLLM (`--kv-eviction madakv`, its defaults)' if served else 'on the HF path'}, the best "
-        "baseline (highest mean of SnapKV, PyramidKV, LOOK-M, StreamingLLM at that budget) from the HF path on "
-        "the same samples:",
-        ["KV budget", "full cache", "MadaKV (vLLM)", "best baseline (HF path)"],
-        [[f"{budget:.0%}", _interval(full), _interval(madakv), f"{best['policy']} {_interval(best)}"]
+        "baseline (highest mean of SnapKV, PyramidKV, LOOK-M, StreamingLLM at that budget; served by vLLM where "
+        "it was, else from the HF path) on the same samples:",
+        ["KV budget", "full cache", "MadaKV (vLLM)", "best baseline"],
+        [[f"{budget:.0%}", _interval(full), _interval(madakv),
+          f"{best['policy']} {_interval(best)} ({path.get(best['setting'], best['setting'])})"]
          for budget, full, madakv, best in cells])
 
 
@@ -361,6 +366,17 @@ def decode_memory(r: dict) -> str:
           f"{row['overhead_share']:.1%}", row["tokens_per_second"]] for row in r["rows"]])
 
 
+def decode_fidelity(r: dict) -> str:
+    """Drift of a long output per decode cap on the judge: benchmarks/results/decode_fidelity.json."""
+    return _markdown(
+        f"`python benchmarks/run_decode_fidelity.py` ({_where(r)}; {r['model']}, {r['split']} split, "
+        f"{r['policy']}; the first {r['tokens']} greedy tokens with the end token masked; 95 % bootstrap "
+        f"intervals over prompts):",
+        ["setting", "share equal to the full cache's", "first difference (median token)", "compactions", "n"],
+        [[row["setting"], f"{row['agreement']:.2f} [{row['agreement_ci'][0]:.2f}, {row['agreement_ci'][1]:.2f}]",
+          row["first_difference_median"], row["decode_compactions"], row["n"]] for row in r["summary"]])
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -369,7 +385,7 @@ TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": 
           "ablation": ablation, "levers": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
           "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
           "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory,
-          "decode_memory": decode_memory, "prefill_eviction": ablation}
+          "decode_memory": decode_memory, "decode_fidelity": decode_fidelity, "prefill_eviction": ablation}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
 TABLE_SOURCES = {"accuracy": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
@@ -483,6 +499,8 @@ PLOTS = {
                                                   _module_draw("bench_prefill_memory")),
     "benchmarks/results/decode_memory.png": Plot("benchmarks/results/decode_memory.json",
                                                  _module_draw("bench_decode_memory")),
+    "benchmarks/results/decode_fidelity.png": Plot("benchmarks/results/decode_fidelity.json",
+                                                   _module_draw("run_decode_fidelity")),
     "benchmarks/results/kernels_h200.png": Plot("benchmarks/results/kernels_h200.json", _module_draw("bench_kernels")),
     "benchmarks/results/lengths.png": Plot("benchmarks/results/lengths.json", _module_draw("run_lengths")),
     "benchmarks/results/ablation.png": Plot("benchmarks/results/ablation.json", _module_draw("run_ablation")),
