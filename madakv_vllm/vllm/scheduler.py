@@ -261,9 +261,9 @@ class EvictingSchedulerMixin:
             for manager, group_physical, group_kept in zip(managers, physical, kept):
                 old_blocks += manager.swap_in_private_blocks(request_id, group_physical, covered - group_kept, covered)
             if covered == target.prompt_len:  # the prompt's own compaction: decode points start from it
-                first = target.first_decode_point(max(kept), computed)
-                if first is not None:
-                    self.evicting_manager.first_decode_point[request_id] = first
+                first_decode = target.first_decode_point(max(kept), computed)
+                if first_decode is not None:
+                    self.evicting_manager.first_decode_point[request_id] = first_decode
             needs[request_id] = need_after
             frees.extend(old_blocks)
             plans[request_id] = (CompactionPlan([], covered, kept, computed), len(old_blocks), first)
