@@ -15,6 +15,7 @@ was drawn from, which tests/test_readme.py compares with the committed PNGs.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import re
 import sys
@@ -377,6 +378,18 @@ def decode_fidelity(r: dict) -> str:
           row["first_difference_median"], row["decode_compactions"], row["n"]] for row in r["summary"]])
 
 
+def decode_recall(r: dict) -> str:
+    """Facts restated after a forced filler per decode cap: benchmarks/results/decode_recall.json."""
+    return _markdown(
+        f"`python benchmarks/run_decode_fidelity.py --probe recall` ({_where(r)}; {r['model']}, {r['split']} split, "
+        f"{r['policy']}; {r['filler']} filler tokens forced through decode, then the full cache's own answer lead; "
+        f"Wilson 95 % intervals, McNemar against the full cache):",
+        ["setting", "fact restated", "p vs full cache", "compactions", "n"],
+        [[row["setting"], f"{row['recall']:.2f} [{row['recall_ci'][0]:.2f}, {row['recall_ci'][1]:.2f}]",
+          "" if row["p_vs_full"] is None else f"{row['p_vs_full']:.3f}", row["decode_compactions"], row["n"]]
+         for row in r["summary"]])
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -385,7 +398,8 @@ TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": 
           "ablation": ablation, "levers": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
           "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
           "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory,
-          "decode_memory": decode_memory, "decode_fidelity": decode_fidelity, "prefill_eviction": ablation}
+          "decode_memory": decode_memory, "decode_fidelity": decode_fidelity,
+          "decode_recall": decode_recall, "prefill_eviction": ablation}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
 TABLE_SOURCES = {"accuracy": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
@@ -501,6 +515,9 @@ PLOTS = {
                                                  _module_draw("bench_decode_memory")),
     "benchmarks/results/decode_fidelity.png": Plot("benchmarks/results/decode_fidelity.json",
                                                    _module_draw("run_decode_fidelity")),
+    "benchmarks/results/decode_recall.png": Plot(
+        "benchmarks/results/decode_recall.json",
+        lambda: importlib.import_module("run_decode_fidelity").draw_recall),
     "benchmarks/results/kernels_h200.png": Plot("benchmarks/results/kernels_h200.json", _module_draw("bench_kernels")),
     "benchmarks/results/lengths.png": Plot("benchmarks/results/lengths.json", _module_draw("run_lengths")),
     "benchmarks/results/ablation.png": Plot("benchmarks/results/ablation.json", _module_draw("run_ablation")),
