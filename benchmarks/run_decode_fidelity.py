@@ -197,34 +197,31 @@ def write_recall(args, rows: list[dict]) -> None:
         policy="madakv, budget 1.0 (prompt kept), decode slack 0.25", summary=summary), draw_recall)
 
 
-def draw_recall(plt, result: dict):
-    """Facts restated after the forced filler, per cap, with 95 % intervals."""
+def _bars_with_intervals(plt, result: dict, key: str, ylabel: str, title: str):
+    """One bar per setting of result["summary"]: its `key` with the 95 % interval `key`_ci."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     rows = result["summary"]
-    values = [r["recall"] for r in rows]
-    errors = [[v - r["recall_ci"][0] for v, r in zip(values, rows)],
-              [r["recall_ci"][1] - v for v, r in zip(values, rows)]]
+    values = [r[key] for r in rows]
+    errors = [[v - r[f"{key}_ci"][0] for v, r in zip(values, rows)],
+              [r[f"{key}_ci"][1] - v for v, r in zip(values, rows)]]
     ax.bar([r["setting"] for r in rows], values, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(rows))])
-    ax.set(ylim=(0, 1.05), ylabel=f"fact restated after {result['filler']} output tokens",
-           title=f"Eviction during decode: recall on the judge ({result['split']}, n = {rows[0]['n']} prompts)")
+    ax.set(ylim=(0, 1.05), ylabel=ylabel, title=f"{title} ({result['split']}, n = {rows[0]['n']} prompts)")
     ax.title.set_fontsize(9)
     fig.tight_layout()
     return fig
+
+
+def draw_recall(plt, result: dict):
+    """Facts restated after the forced filler, per cap, with 95 % intervals."""
+    return _bars_with_intervals(plt, result, "recall", f"fact restated after {result['filler']} output tokens",
+                                "Eviction during decode: recall on the judge")
 
 
 def draw(plt, result: dict):
     """Agreement with the full cache per cap, with 95 % intervals."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    rows = result["summary"]
-    values = [r["agreement"] for r in rows]
-    errors = [[v - r["agreement_ci"][0] for v, r in zip(values, rows)],
-              [r["agreement_ci"][1] - v for v, r in zip(values, rows)]]
-    ax.bar([r["setting"] for r in rows], values, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(rows))])
-    ax.set(ylim=(0, 1.05), ylabel=f"share of the first {result['tokens']} tokens equal to the full cache's",
-           title=f"Eviction during decode on the judge ({result['split']}, n = {rows[0]['n']} prompts)")
-    ax.title.set_fontsize(9)
-    fig.tight_layout()
-    return fig
+    return _bars_with_intervals(plt, result, "agreement",
+                                f"share of the first {result['tokens']} tokens equal to the full cache's",
+                                "Eviction during decode on the judge")
 
 
 if __name__ == "__main__":
