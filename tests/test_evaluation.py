@@ -290,6 +290,33 @@ def test_eval_cli_resume_runs_only_the_settings_a_stopped_run_did_not_finish(tmp
     assert memory[("madakv", "0.1")]["samples"] == "2"
 
 
+def test_eval_cli_resume_stopped_again_keeps_the_finished_settings_on_disk(tmp_path, monkeypatch):
+    # a resumed run killed during its first new setting must leave every finished row in place
+    synthetic.generate(tmp_path / "data", samples=2, seed=0)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeOpenAI.seen, FakeOpenAI.counters = [], {}
+    out = tmp_path / "out"
+    sweep = ["--data", str(tmp_path / "data"), "--tasks", "SyntheticTextNeedle", "--endpoint",
+             f"http://127.0.0.1:{server.server_address[1]}/v1", "--policies", "none", "madakv", "--out", str(out)]
+    on_disk = []
+
+    def stopped(self, samples, setting, max_tokens, progress):
+        on_disk.append((out / "samples.jsonl").read_text())
+        raise KeyboardInterrupt
+
+    try:
+        assert cli.main(sweep + ["--budgets", "0.1"]) == 0
+        finished = sorted((out / "samples.jsonl").read_text().splitlines())
+        monkeypatch.setattr(cli.Endpoint, "run", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(sweep + ["--budgets", "0.1", "0.2", "--resume"])
+    finally:
+        server.shutdown()
+    assert len(finished) == 4 and sorted(on_disk[0].splitlines()) == finished
+    assert sorted((out / "samples.jsonl").read_text().splitlines()) == finished
+
+
 def test_eviction_metrics_parser_sums_modalities():
     page = ('# TYPE vllm:kv_eviction_tokens_kept_total counter\n'
             'vllm:kv_eviction_tokens_kept_total{modality="text"} 10.0\n'

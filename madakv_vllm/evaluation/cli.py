@@ -133,10 +133,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
     progress = Progress(len(todo) * len(samples))
     try:
-        with open(out / "samples.jsonl", "w") as jsonl:
-            # what a resumed run kept, rewritten first (drops a setting whose counters were never recorded)
-            for row in rows:
-                jsonl.write(json.dumps(row) + "\n")
+        # what a resumed run kept, rewritten whole before anything runs (drops a setting whose counters
+        # were never recorded); a run killed later must not leave the finished settings half-written
+        kept = out / "samples.jsonl.tmp"
+        kept.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        kept.replace(out / "samples.jsonl")
+        with open(out / "samples.jsonl", "a") as jsonl:
             for setting in todo:
                 # a later setting must not reuse an earlier one's cached prompt blocks
                 reset = backend.reset_prefix_cache()
