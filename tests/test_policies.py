@@ -46,6 +46,38 @@ def test_split_quota_follows_shares_and_gives_overflow_away():
     assert (visual.item(), text.item()) == (6, 4)  # only 4 text tokens: the rest goes visual
 
 
+def test_split_quota_in_spans_rounds_the_smaller_modality_up_to_whole_spans():
+    shares = torch.tensor([0.0, 0.025, 0.05, 0.5, 0.93, 1.0])
+    visual, text = split_quota(100, shares, n_visual=200, n_text=200, unit=8)
+    # 2.5 and 5 visual slots become one whole span; 7 text slots (at 0.93) become one span too;
+    # no mass stays nothing; the larger side takes what is left
+    assert visual.tolist() == [0, 8, 8, 56, 92, 100]
+    assert (visual + text).tolist() == [100] * 6
+    visual, _ = split_quota(100, torch.tensor([0.16]), n_visual=200, n_text=200, unit=8)
+    assert visual.item() == 16  # 16 slots are whole spans already: not rounded past them
+    visual, _ = split_quota(100, torch.tensor([0.025]), n_visual=5, n_text=200, unit=8)
+    assert visual.item() == 5  # fewer picture tokens than a span: only those
+
+
+def test_madakv_quota_in_spans_keeps_a_low_mass_picture_span_whole():
+    # pictures draw 3 % of the mass: by tokens they get 3 of 100 slots, in spans a whole span of 8
+    n = 532
+    psi = torch.full((1, 1, n), 0.97 / 508)  # 508 text tokens before the window of 8
+    tags = torch.zeros(n, dtype=torch.int8)
+    tags[200:216] = 1
+    psi[0, 0, 200:216] = torch.linspace(0.003, 0.0008, 16)  # the picture's first half scores higher
+    psi[0, 0, 200:216] *= 0.03 / psi[0, 0, 200:216].sum()
+    picture = slice(200, 216)
+    by_tokens, by_spans = (MadaKV(hcc=False, budget=100 / n, mpa_quota=q).select(psi, tags)[0][0]
+                           for q in ("tokens", "spans"))
+    kept = [((k >= 200) & (k < 216)).sum().item() for k in (by_tokens, by_spans)]
+    assert kept == [3, 8] and by_tokens.numel() == by_spans.numel()
+    assert set(range(200, 208)) <= set(by_spans.tolist())
+    assert picture.start in by_tokens.tolist()
+    with pytest.raises(ValueError, match="mpa_quota"):
+        MadaKV(mpa_quota="items")
+
+
 # ---- contracts every policy keeps ---------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(POLICIES))
 @pytest.mark.parametrize("budget", [0.05, 0.2, 0.5, 100])

@@ -36,6 +36,7 @@ from .base import EvictionPolicy, distribute, max_pool_scores
 
 HCC_VARIANTS = ("paper", "balanced")
 MPA_SPLITS = ("paper", "coverage")
+MPA_QUOTAS = ("tokens", "spans")
 
 
 @dataclass
@@ -50,7 +51,8 @@ class MadaKV(EvictionPolicy):
     whole (`span_ranks`; 1 = single tokens, as in the paper; default 8; with `pool` too, spans
     sum the pooled scores). `mpa_split`: how MPA splits a
     head's budget between the modalities, "paper" (attention mass) or "coverage" (the module
-    docstring)."""
+    docstring). `mpa_quota`: "tokens" (the split as it falls) or "spans" (the smaller modality's
+    quota rounded up to whole spans, the other modality takes the rest)."""
 
     window: int = 8  # 32 (SnapKV's) measured worse at every budget on the judge (docs/evaluation.md, ablation)
     theta: float = 0.9
@@ -63,6 +65,7 @@ class MadaKV(EvictionPolicy):
     pool: int = 1  # 7 measured worse at 5-10 %, better at 20-50 % (docs/evaluation.md): no winner, keep the paper's
     span: int = 8  # +0.23 / +0.18 at 10 / 20 % over single tokens, dev split (docs/evaluation.md, selection levers)
     mpa_split: str = "paper"
+    mpa_quota: str = "tokens"
     name: ClassVar[str] = "madakv"
 
     def __post_init__(self):
@@ -82,6 +85,8 @@ class MadaKV(EvictionPolicy):
             raise ValueError(f"{self.name}: span must be an integer >= 1, got {self.span!r}")
         if self.mpa_split not in MPA_SPLITS:
             raise ValueError(f"{self.name}: mpa_split must be one of {', '.join(MPA_SPLITS)}, got {self.mpa_split!r}")
+        if self.mpa_quota not in MPA_QUOTAS:
+            raise ValueError(f"{self.name}: mpa_quota must be one of {', '.join(MPA_QUOTAS)}, got {self.mpa_quota!r}")
 
     def layer_demand(self, psi: torch.Tensor, modality_tags: torch.Tensor) -> float:
         """Mean over heads of k_v + k_t (tokens covering theta of each modality's mass)."""
@@ -156,6 +161,6 @@ class MadaKV(EvictionPolicy):
         text = modality_tags == TEXT
         visual_member, text_member = (~text, text) if present is None else (~text & present, text & present)
         visual, text_count = split_quota(count, self.visual_share(psi, modality_tags), visual_member.sum(dim=-1),
-                                         text_member.sum(dim=-1))
+                                         text_member.sum(dim=-1), unit=self.span if self.mpa_quota == "spans" else 1)
         ranked = self.rank_scores(psi, modality_tags)  # the shares above come from the raw scores
         return topk_mask(ranked, visual_member, visual) | topk_mask(ranked, text_member, text_count)
