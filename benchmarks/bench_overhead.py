@@ -7,6 +7,11 @@ ms/token with the full cache vs MadaKV at 20 %.
 Batch 1. Decode ms/token is measured from the second output token to the last, so the step that
 compacts (the one making the second token) is not in it, for either run.
 
+The same run then times the selection alone (`policy.select` over scores shaped like the model's:
+30 layers x 3 KV heads x N, a picture of 16 tokens per 256), for MadaKV's defaults against the
+settings it had before (`--before`, default: single tokens, `span: 1`): what a change of the
+default adds to or takes from the scoring + compaction time above.
+
 The model is a random-weight Llama with SmolLM2-135M's shapes (30 layers, 9 query / 3 KV heads,
 head_dim 64, bf16), built once into benchmarks/.models/: real compute per token, meaningless
 text. Writes benchmarks/results/overhead.json (+ .png with matplotlib).
@@ -14,6 +19,7 @@ text. Writes benchmarks/results/overhead.json (+ .png with matplotlib).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,8 +27,6 @@ HERE = Path(__file__).resolve().parent
 
 
 def build_model(path: Path, max_len: int) -> Path:
-    import json
-
     config_file = path / "config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text())
@@ -47,6 +51,8 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--before", default='{"span": 1}', help="MadaKV options of the earlier defaults (JSON), "
+                                                           "whose selection time is compared with today's")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     from _stamp import drive, in_process_vllm_env, stamp, write_results
@@ -93,11 +99,38 @@ def main():
                    f"{row['blocks_before'] - row['blocks_freed']:.0f} | decode {row['decode_ms_full']:.1f} -> "
                    f"{row['decode_ms_evicted']:.1f} ms/token")
         rows.append(row)
+    before = json.loads(args.before)
+    for row in tqdm(rows, desc="selection alone", unit="length"):
+        row["select_ms_default"] = selection_ms(row["n"], args.budget, {})
+        row["select_ms_before"] = selection_ms(row["n"], args.budget, before)
     result = dict(stamp=stamp(), prefix_cache="off (enable_prefix_caching=False)",
                   model="random Llama, SmolLM2-135M shapes, bf16", policy="madakv",
-                  budget=args.budget, block_size=block_size, rows=rows)
+                  budget=args.budget, block_size=block_size, before=before, rows=rows)
 
     write_results(HERE / "results" / "overhead", result, draw)
+
+
+def selection_ms(n: int, budget: float, options: dict, layers: int = 30, kv_heads: int = 3) -> float:
+    """Median ms of MadaKV's `select` (uniform layers, as vLLM runs it) over random window scores."""
+    import time
+
+    import torch
+
+    from madakv_vllm.policies import MadaKV
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(layers, kv_heads, n, generator=generator) ** 8  # a few high scores, a long tail
+    scores /= scores.sum(dim=-1, keepdim=True)
+    tags = torch.zeros(n, dtype=torch.int8)
+    for start in range(64, n - 16, 256):  # a picture of 16 tokens in every 256
+        tags[start:start + 16] = 1
+    policy = MadaKV(budget=budget, hcc=False, **options)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        policy.select(scores, tags)
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[2]
 
 
 def draw(plt, result: dict):

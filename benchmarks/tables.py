@@ -55,13 +55,17 @@ def _markdown(caption: str, header: list[str], rows: list[list]) -> str:
 def overhead(r: dict) -> str:
     return _markdown(
         f"`python benchmarks/bench_overhead.py` ({_where(r)}; {r['model']}, block size {r['block_size']}, "
-        f"{r['policy']} at {r['budget']:.0%}, batch 1):",
+        f"{r['policy']} at {r['budget']:.0%}, batch 1"
+        + (f"; selection alone: the earlier defaults ({', '.join(f'`{k}: {v}`' for k, v in r['before'].items())}) "
+           f"against today's, same run" if "before" in r else "") + "):",
         ["prompt tokens", "prefill", "scoring + compaction", "share of prefill", "blocks held",
-         "decode ms/token, full → evicted"],
+         "decode ms/token, full → evicted"] + (["selection alone, before → default"] if "before" in r else []),
         [[row["n"], f"{row['prefill_s']:.2f} s", f"{row['eviction_s'] * 1000:.0f} ms",
           f"{row['eviction_share_of_prefill']:.1%}",
           f"{row['blocks_before']} → {row['blocks_before'] - row['blocks_freed']:.0f}",
-          f"{row['decode_ms_full']:.1f} → {row['decode_ms_evicted']:.1f}"] for row in r["rows"]])
+          f"{row['decode_ms_full']:.1f} → {row['decode_ms_evicted']:.1f}"]
+         + ([f"{row['select_ms_before']:.0f} → {row['select_ms_default']:.0f} ms"] if "before" in r else [])
+         for row in r["rows"]])
 
 
 def serving(r: dict) -> str:
