@@ -261,7 +261,8 @@ def test_eval_cli_sweeps_policies_and_budgets_against_an_endpoint(tmp_path):
     assert int(memory[("madakv", "0.2")]["evicted_requests"]) == 3
 
 
-def test_eval_cli_resume_runs_only_the_settings_a_stopped_run_did_not_finish(tmp_path):
+def _two_sample_sweep(tmp_path):
+    """A fake server, the output folder and madakv-eval's arguments for a two-sample text sweep."""
     synthetic.generate(tmp_path / "data", samples=2, seed=0)
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -269,6 +270,11 @@ def test_eval_cli_resume_runs_only_the_settings_a_stopped_run_did_not_finish(tmp
     out = tmp_path / "out"
     sweep = ["--data", str(tmp_path / "data"), "--tasks", "SyntheticTextNeedle", "--endpoint",
              f"http://127.0.0.1:{server.server_address[1]}/v1", "--policies", "none", "madakv", "--out", str(out)]
+    return server, out, sweep
+
+
+def test_eval_cli_resume_runs_only_the_settings_a_stopped_run_did_not_finish(tmp_path):
+    server, out, sweep = _two_sample_sweep(tmp_path)
     try:
         assert cli.main(sweep + ["--budgets", "0.1"]) == 0  # the "stopped" run: two of its three settings
         first = (out / "samples.jsonl").read_text()
@@ -292,13 +298,7 @@ def test_eval_cli_resume_runs_only_the_settings_a_stopped_run_did_not_finish(tmp
 
 def test_eval_cli_resume_stopped_again_keeps_the_finished_settings_on_disk(tmp_path, monkeypatch):
     # a resumed run killed during its first new setting must leave every finished row in place
-    synthetic.generate(tmp_path / "data", samples=2, seed=0)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    FakeOpenAI.seen, FakeOpenAI.counters = [], {}
-    out = tmp_path / "out"
-    sweep = ["--data", str(tmp_path / "data"), "--tasks", "SyntheticTextNeedle", "--endpoint",
-             f"http://127.0.0.1:{server.server_address[1]}/v1", "--policies", "none", "madakv", "--out", str(out)]
+    server, out, sweep = _two_sample_sweep(tmp_path)
     on_disk = []
 
     def stopped(self, samples, setting, max_tokens, progress):
