@@ -10,6 +10,8 @@ fresh, one after another in this process.
 - peak: one request at a time (8 output tokens) in an engine with room for the longest prompt;
   the peak is the most pool blocks in use at once during the request (the transient copy a
   compaction makes included), read after every step; "eviction off" for reference.
+- slack: eviction during prefill again with each of `--slacks` (ratios of the kept count, one
+  engine each): what a smaller slack saves in peak blocks and costs in compactions and time.
 - capacity: an engine whose whole pool is a quarter of `--capacity-prompt` tokens serves that
   prompt with eviction during prefill at `--capacity-budget` (at 4x the pool, the kept tokens,
   the slack, a chunk and the compaction's copy must fit: about 7 % of the prompt or less); stock
@@ -33,6 +35,8 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens: the prefill chunk")
     p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--slacks", type=float, nargs="*", default=[0.125, 0.25, 1.0],
+                   help="prefill_slack values to compare with the default (one engine each)")
     p.add_argument("--capacity-prompt", type=int, default=8192)
     p.add_argument("--capacity-budget", type=float, default=0.05)
     args = p.parse_args()
@@ -102,6 +106,14 @@ def main():
                 bar.update(1)
     llm.llm_engine.engine_core.shutdown()
     del llm
+    for slack in tqdm(args.slacks, desc="slacks", unit="engine"):
+        llm = engine(None, longest + 64, {**eviction, "prefill_slack": slack})
+        for n in args.lengths:
+            result = run_one(llm, prompts[n], {"kv_eviction_during_prefill": True})
+            rows.append(dict(setting=f"during prefill, slack {slack:g}", prompt=n,
+                             **{k: v for k, v in result.items() if k != "tokens"}))
+        llm.llm_engine.engine_core.shutdown()
+        del llm
 
     n = args.capacity_prompt
     pool = n // BLOCK // 4 + 1  # a quarter of the prompt, plus vLLM's null block

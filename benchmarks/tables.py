@@ -344,17 +344,22 @@ def prefill_memory(r: dict) -> str:
     settings = list(dict.fromkeys(row["setting"] for row in r["rows"]))
     cell = {(row["setting"], row["prompt"]): row for row in r["rows"]}
     c = r["capacity"]
+    timed = any("slack" in setting for setting in settings)  # the slack sweep compares seconds too
     return _markdown(
         f"`python benchmarks/bench_prefill_memory.py` ({_where(r)}; {r['model']}, MadaKV {r['budget']:.0%}, prefill "
         f"chunks of {r['chunk']} tokens, blocks of {r['block_size']}; one request at a time, 8 output tokens; most "
-        f"pool blocks in use at once, the compaction's copy included, and compactions made). A "
+        f"pool blocks in use at once, the compaction's copy included, and compactions made"
+        + ("; \"during prefill\" has the default slack (0.5 of the kept count), the others the slack named, one "
+           "engine each, with the request's seconds" if timed else "")
+        + "). A "
         f"{c['prompt']}-token prompt in a pool of {c['pool_tokens']} tokens: "
         f"{'served' if c['served'] else 'NOT served'} with eviction during prefill at {c['budget']:.0%} "
         f"({c['compactions']} compactions, "
         f"peak {c['peak_blocks']} blocks, {c['seconds']:.0f} s); stock vLLM with that pool: \"{c['stock'][:160]}...\"",
         ["prompt tokens", *settings],
-        [[_tokens(n), *(f"{cell[(s, n)]['peak_blocks']} blocks ({_count(cell[(s, n)]['compactions'], 'compaction')})"
-                        for s in settings)] for n in lengths])
+        [[_tokens(n), *(f"{cell[(s, n)]['peak_blocks']} blocks ({_count(cell[(s, n)]['compactions'], 'compaction')}"
+                        f"{', ' + format(cell[(s, n)]['seconds'], '.1f') + ' s' if timed else ''})"
+                        if (s, n) in cell else "-" for s in settings)] for n in lengths])
 
 
 def decode_memory(r: dict) -> str:
