@@ -82,6 +82,7 @@ def variants(budget: float) -> dict:
     # MPA's quotas in whole spans: pictures draw 2-3 % of a head's window attention here, 4-6 slots at
     # 20 %, less than one span of 8, so the span that selection keeps whole is cut
     out["MPA on, HCC off, window 8, span 8, quota in spans"] = uniform(span=8, mpa_quota="spans")
+    out["MPA on, HCC off, window 12, span 8, quota in spans"] = uniform(span=8, window=12, mpa_quota="spans")
     # eviction during prefill (--prefill-chunk tokens per chunk), each chunk scored by its own window
     # or by the running mean of every chunk's window; slack 0.5 of the kept count
     out["MPA on, HCC off, window 8, span 8, during prefill"] = uniform(span=8, during_prefill=True)
