@@ -114,6 +114,18 @@ def accuracy(_: dict | None = None) -> str | None:
     return "\n\n".join(captions) + "\n\n" + markdown_table(*((f / "summary.csv", sfx) for f, sfx in runs)).strip()
 
 
+def accuracy_test(_: dict | None = None) -> str | None:
+    """The test split served by vLLM (run_accuracy.py --seed 1, every budget resumed into one folder);
+    the caption names the folder's last command."""
+    from run_accuracy import markdown_table
+
+    folder = RESULTS / "accuracy-vllm-test"
+    if not (folder / "table.md").is_file():
+        return None
+    caption = (folder / "table.md").read_text().splitlines()[0]
+    return caption + "\n\n" + markdown_table((folder / "summary.csv", "")).strip()
+
+
 def lengths(r: dict) -> str:
     order = ["1k", "2k", "4k", "8k"]
     names = sorted({row["length"] for row in r["rows"]}, key=lambda x: order.index(x) if x in order else 9)
@@ -404,13 +416,14 @@ def _count(n: int, noun: str) -> str:
 
 
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
+          "accuracy_test": accuracy_test,
           "ablation": ablation, "levers": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
           "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
           "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory,
           "decode_memory": decode_memory, "decode_fidelity": decode_fidelity,
           "decode_recall": decode_recall, "prefill_eviction": ablation}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
-TABLE_SOURCES = {"accuracy": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
+TABLE_SOURCES = {"accuracy": None, "accuracy_test": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
 
 def render(name: str) -> str:
