@@ -51,12 +51,14 @@ def test_split_quota_in_spans_rounds_the_smaller_modality_up_to_whole_spans():
     visual, text = split_quota(100, shares, n_visual=200, n_text=200, unit=8)
     # 2.5 and 5 visual slots become one whole span; 7 text slots (at 0.93) become one span too;
     # no mass stays nothing; the larger side takes what is left
-    assert visual.tolist() == [0, 8, 8, 56, 92, 100]
+    assert visual.tolist() == [0, 8, 8, 50, 92, 100]  # an even split stays even
     assert (visual + text).tolist() == [100] * 6
     visual, _ = split_quota(100, torch.tensor([0.16]), n_visual=200, n_text=200, unit=8)
     assert visual.item() == 16  # 16 slots are whole spans already: not rounded past them
     visual, _ = split_quota(100, torch.tensor([0.025]), n_visual=5, n_text=200, unit=8)
     assert visual.item() == 5  # fewer picture tokens than a span: only those
+    visual, _ = split_quota(12, torch.tensor([0.3, 0.7]), n_visual=200, n_text=200, unit=8)
+    assert visual.tolist() == [4, 8]  # a whole span would outgrow the other side: 3.6 stays 4 (12 - 3.6 -> 8)
 
 
 def test_madakv_quota_in_spans_keeps_a_low_mass_picture_span_whole():
