@@ -12,7 +12,7 @@ unequal counts, unlike vLLM's one-block-table regime):
 - issue 18's levers on what vLLM runs (MPA, HCC off, window 8): MPA off, sinks 4, whole spans of
   8 / 16 tokens (`span`), MPA's coverage split (`mpa_split: coverage`), value-weighted scores
   (`value_weighted`),
-- with span 8: proxy windows of 12 / 16 / 24 against 8, MPA's quotas in whole spans (`mpa_quota: spans`),
+- with span 8: proxy windows of 12 / 16 against 8, MPA's quotas in whole spans (`mpa_quota: spans`),
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
@@ -77,7 +77,7 @@ def variants(budget: float) -> dict:
     out["MPA on, HCC off, window 8, span 8, sinks 4"] = uniform(span=8, sinks=4)
     # the proxy window again, now with spans: at 8 it holds the 6 chat-template tokens that end every
     # prompt and the question's last 2 tokens; longer windows see more of the question, leave fewer slots
-    for window in (12, 16, 24):
+    for window in (12, 16):
         out[f"MPA on, HCC off, window {window}, span 8"] = uniform(span=8, window=window)
     # MPA's quotas in whole spans: pictures draw 2-3 % of a head's window attention here, 4-6 slots at
     # 20 %, less than one span of 8, so the span that selection keeps whole is cut

@@ -151,7 +151,6 @@ def recall(args, model, processor, samples, settings) -> list[dict]:
 def write(args, rows: list[dict]) -> None:
     if args.probe == "recall":
         return write_recall(args, rows)
-    from _stamp import stamp, write_results
     from madakv_vllm.evaluation.report import interval
 
     summary = []
@@ -167,13 +166,10 @@ def write(args, rows: list[dict]) -> None:
         s = summary[-1]
         print(f"{setting:>12s}: agreement {s['agreement']:.2f} {s['agreement_ci']}, first difference at "
               f"{s['first_difference_median']} (median), {s['decode_compactions']} compactions (n={s['n']})")
-    write_results(args.out, dict(
-        stamp=stamp(), model="SmolLM2-LLaVA judge, HF reference path, fp32", tokens=args.tokens, split="dev (seed 0)",
-        policy="madakv, budget 1.0 (prompt kept), decode slack 0.25", summary=summary), draw)
+    _save(args.out, summary, draw, tokens=args.tokens)
 
 
 def write_recall(args, rows: list[dict]) -> None:
-    from _stamp import stamp, write_results
     from madakv_vllm.evaluation.report import interval, paired_p
 
     def scores(setting):
@@ -192,9 +188,16 @@ def write_recall(args, rows: list[dict]) -> None:
         s = summary[-1]
         print(f"{setting:>12s}: recall {s['recall']:.2f} {s['recall_ci']} (p vs full {s['p_vs_full']}), "
               f"{s['decode_compactions']} compactions (n={s['n']})")
-    write_results(args.out, dict(
-        stamp=stamp(), model="SmolLM2-LLaVA judge, HF reference path, fp32", filler=args.filler, split="dev (seed 0)",
-        policy="madakv, budget 1.0 (prompt kept), decode slack 0.25", summary=summary), draw_recall)
+    _save(args.out, summary, draw_recall, filler=args.filler)
+
+
+def _save(out: str, summary: list[dict], draw_fn, **fields) -> None:
+    """Either probe's summary, stamped, with what both ran (judge, split, policy)."""
+    from _stamp import stamp, write_results
+
+    write_results(out, dict(stamp=stamp(), model="SmolLM2-LLaVA judge, HF reference path, fp32", **fields,
+                            split="dev (seed 0)", policy="madakv, budget 1.0 (prompt kept), decode slack 0.25",
+                            summary=summary), draw_fn)
 
 
 def _bars_with_intervals(plt, result: dict, key: str, ylabel: str, title: str):

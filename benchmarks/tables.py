@@ -206,6 +206,11 @@ def _interval(row: dict) -> str:
     return f"{row['score']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
 
 
+def _summary_interval(row: dict, key: str) -> str:
+    """A run_decode_fidelity summary value with its 95 % interval (`key`_ci)."""
+    return f"{row[key]:.2f} [{row[f'{key}_ci'][0]:.2f}, {row[f'{key}_ci'][1]:.2f}]"
+
+
 BASELINES = ("snapkv", "pyramidkv", "lookm", "streamingllm", "h2o")
 GLANCE_BUDGETS = (0.1, 0.2, 0.5)
 
@@ -371,7 +376,7 @@ def prefill_memory(r: dict) -> str:
         ["prompt tokens", *settings],
         [[_tokens(n), *(f"{cell[(s, n)]['peak_blocks']} blocks ({_count(cell[(s, n)]['compactions'], 'compaction')}"
                         f"{', ' + format(cell[(s, n)]['seconds'], '.1f') + ' s' if timed else ''})"
-                        if (s, n) in cell else "-" for s in settings)] for n in lengths])
+                        for s in settings)] for n in lengths])
 
 
 def decode_memory(r: dict) -> str:
@@ -395,7 +400,7 @@ def decode_fidelity(r: dict) -> str:
         f"{r['policy']}; the first {r['tokens']} greedy tokens with the end token masked; 95 % bootstrap "
         f"intervals over prompts):",
         ["setting", "share equal to the full cache's", "first difference (median token)", "compactions", "n"],
-        [[row["setting"], f"{row['agreement']:.2f} [{row['agreement_ci'][0]:.2f}, {row['agreement_ci'][1]:.2f}]",
+        [[row["setting"], _summary_interval(row, "agreement"),
           row["first_difference_median"], row["decode_compactions"], row["n"]] for row in r["summary"]])
 
 
@@ -406,7 +411,7 @@ def decode_recall(r: dict) -> str:
         f"{r['policy']}; {r['filler']} filler tokens forced through decode, then the full cache's own answer lead; "
         f"Wilson 95 % intervals, McNemar against the full cache):",
         ["setting", "fact restated", "p vs full cache", "compactions", "n"],
-        [[row["setting"], f"{row['recall']:.2f} [{row['recall_ci'][0]:.2f}, {row['recall_ci'][1]:.2f}]",
+        [[row["setting"], _summary_interval(row, "recall"),
           "" if row["p_vs_full"] is None else f"{row['p_vs_full']:.3f}", row["decode_compactions"], row["n"]]
          for row in r["summary"]])
 

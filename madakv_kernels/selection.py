@@ -80,7 +80,7 @@ def split_quota(total: int, visual_share: torch.Tensor, n_visual: int | torch.Te
 
     A modality with fewer tokens than its share gives the surplus to the other one.
     """
-    exact = total * visual_share.double()
+    exact = total * visual_share
     if unit > 1:
         smaller = torch.minimum(exact, total - exact)
         rounded = torch.ceil(smaller / unit - 1e-6) * unit
