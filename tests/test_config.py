@@ -30,7 +30,7 @@ def test_merge_overrides_and_options():
     assert (smaller.budget, smaller.options["theta"], smaller.options["mpa"]) == (0.1, 0.8, True)
     policy = smaller.build_policy()
     assert isinstance(policy, MadaKV) and policy.theta == 0.8
-    assert base.build_policy().window == 8 and MadaKV().window == 8  # MadaKV's default window
+    assert base.build_policy().window == 12 and MadaKV().window == 12  # MadaKV's default window
     switched = base.merged(policy="snapkv")  # MadaKV's options and default window do not leak into SnapKV
     assert switched.policy == "snapkv" and dict(switched.options) == {} and switched.budget == 0.2
     assert switched.build_policy().window == 32
