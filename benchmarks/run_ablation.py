@@ -13,6 +13,7 @@ unequal counts, unlike vLLM's one-block-table regime):
   8 / 16 tokens (`span`), MPA's coverage split (`mpa_split: coverage`), value-weighted scores
   (`value_weighted`),
 - with span 8: proxy windows of 12 / 16 against 8, MPA's quotas in whole spans (`mpa_quota: spans`),
+  MPA off at window 12 (against today's defaults: window 12, span 8, quotas in spans),
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
@@ -35,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 # window ablation moved MadaKV's window from 32 to 8 (the variants keep 32 unless named otherwise).
 REFERENCE = "MPA on, HCC balanced"
 # what `--kv-eviction madakv` ran under vLLM (one KV-cache group), newest first
-VLLM_DEFAULTS = ("MPA on, HCC off, window 8, span 8", "MPA on, HCC off, window 8")
+VLLM_DEFAULTS = ("MPA on, HCC off, window 12, span 8, quota in spans", "MPA on, HCC off, window 8, span 8",
+                 "MPA on, HCC off, window 8")
 
 
 def reference_name(name: str) -> str:
@@ -83,6 +85,8 @@ def variants(budget: float) -> dict:
     # 20 %, less than one span of 8, so the span that selection keeps whole is cut
     out["MPA on, HCC off, window 8, span 8, quota in spans"] = uniform(span=8, mpa_quota="spans")
     out["MPA on, HCC off, window 12, span 8, quota in spans"] = uniform(span=8, window=12, mpa_quota="spans")
+    # does MPA still earn its place at the defaults that round chose (MPA off has no quotas to round)
+    out["MPA off, HCC off, window 12, span 8"] = uniform(mpa=False, span=8, window=12)
     # eviction during prefill (--prefill-chunk tokens per chunk), each chunk scored by its own window
     # or by the running mean of every chunk's window; slack 0.5 of the kept count
     out["MPA on, HCC off, window 8, span 8, during prefill"] = uniform(span=8, during_prefill=True)

@@ -62,7 +62,7 @@ def main():
 
     data = None if args.summarize else synthetic_suite(args.samples, seed=args.seed)
 
-    started = time.time()
+    started, where = time.time(), _machine()  # the commit that runs, not the one checked out at the end
     if args.summarize:
         summarize_samples(Path(args.out))
     elif args.hf:
@@ -72,10 +72,14 @@ def main():
     table = markdown_table(Path(args.out) / "summary.csv")
     took = (f"{args.summarize} min, tabled from its samples file" if args.summarize else
             f"{round((time.time() - started) / 60)} min")
-    note = f"{'HF reference path' if args.hf else 'vllm serve, dtype ' + args.dtype}, {_machine()}, {took}"
+    note = f"{'HF reference path' if args.hf else 'vllm serve, dtype ' + args.dtype}, {where}, {took}"
     command = " ".join(["python benchmarks/run_accuracy.py", *(a for a in sys.argv[1:] if a != "--summarize"
                                                                  and a != str(args.summarize))])
     (Path(args.out) / "table.md").write_text(f"`{command}` ({note}; score with its 95 % interval):\n\n{table}")
+    # every run that wrote into OUT, one line each: a folder grown with --resume names all its runs
+    runs = Path(args.out) / "runs.md"
+    earlier = runs.read_text() if args.resume and runs.is_file() else ""
+    runs.write_text(f"{earlier}- `{command}` ({note})\n")
     print(table)
     merge_results()
     redraw_plots(Path(args.out))

@@ -116,14 +116,50 @@ def accuracy(_: dict | None = None) -> str | None:
 
 def accuracy_test(_: dict | None = None) -> str | None:
     """The test split served by vLLM (run_accuracy.py --seed 1, every budget resumed into one folder);
-    the caption names the folder's last command."""
+    the caption lists every run that wrote into the folder (its runs.md)."""
     from run_accuracy import markdown_table
 
     folder = RESULTS / "accuracy-vllm-test"
-    if not (folder / "table.md").is_file():
+    if not (folder / "runs.md").is_file():
         return None
-    caption = (folder / "table.md").read_text().splitlines()[0]
-    return caption + "\n\n" + markdown_table((folder / "summary.csv", "")).strip()
+    caption = ("The runs that wrote into `benchmarks/results/accuracy-vllm-test/`, each resuming the "
+               "settings already there (score with its 95 % interval):\n\n" + (folder / "runs.md").read_text())
+    return caption + "\n" + markdown_table((folder / "summary.csv", "")).strip() + "\n\n" + _paired_test(folder)
+
+
+def _sample_scores(samples: Path) -> dict[tuple, dict]:
+    """{(policy, budget): {(task, sample id): score}} of an accuracy run's samples file."""
+    scores = {}
+    if samples.is_file():
+        for line in samples.read_text().splitlines():
+            r = json.loads(line)
+            scores.setdefault((r["policy"], r["budget"]), {})[(r["task"], r["sample_id"])] = r["score"]
+    return scores
+
+
+def _paired_test(folder: Path) -> str:
+    """MadaKV against the full cache, SnapKV and its old default (window 8, quotas as they fall; the
+    same samples in accuracy-vllm-test-window8/), per budget, by exact McNemar tests."""
+    from madakv_vllm.evaluation.report import paired_p
+
+    scores = _sample_scores(folder / "samples.jsonl")
+    old = _sample_scores(folder.with_name(folder.name + "-window8") / "samples.jsonl")
+    rows = []
+    for budget in sorted(b for p, b in scores if p == "madakv"):
+        madakv = scores[("madakv", budget)]
+        for label, other in (("full cache", scores.get(("none", None))), ("SnapKV", scores.get(("snapkv", budget))),
+                             ("old default (window 8, quotas as they fall)", old.get(("madakv", budget)))):
+            if not other or other.keys() != madakv.keys():
+                continue
+            wins = sum(madakv[k] > other[k] for k in madakv)
+            losses = sum(madakv[k] < other[k] for k in madakv)
+            p = paired_p(madakv, other)
+            rows.append([f"{budget:.0%}", label, f"{(wins - losses) / len(madakv):+.3f}", f"{wins} / {losses}",
+                         "< 0.001" if p < 0.001 else f"{p:.3f}"])
+    return _markdown("MadaKV against each on the same samples: the difference of the means, the samples only "
+                     "one of the two answered (MadaKV / the other) and the exact McNemar p (p < 0.05: "
+                     "significant):", ["budget", "MadaKV against", "difference", "only MadaKV / only the other",
+                                       "p"], rows)
 
 
 def lengths(r: dict) -> str:

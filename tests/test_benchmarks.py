@@ -82,6 +82,43 @@ def test_accuracy_summary_of_a_stopped_run_has_n_and_intervals(tmp_path):
     assert merged[5].endswith("| 20.9% |")
 
 
+def test_a_folder_grown_with_resume_lists_every_run_that_wrote_into_it(tmp_path, monkeypatch):
+    """runs.md: a run with --resume adds its line (command, machine, commit) to the folder's list, a
+    run without starts the list afresh; the test split's table names every run in its caption and
+    pairs MadaKV with the full cache and with its old default on the same samples."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_accuracy
+    import tables
+
+    out = tmp_path / "accuracy-vllm-test"
+    out.mkdir()
+    rows = [dict(task="SyntheticTextNeedle", sample_id=str(i), policy=policy, budget=budget, score=1.0)
+            for i in range(4) for policy, budget in (("none", None), ("madakv", 0.2))]
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(run_accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+
+    def run(*flags):
+        monkeypatch.setattr(sys, "argv", ["run_accuracy.py", "--hf", "--summarize", "3", "--out", str(out), *flags])
+        run_accuracy.main()
+
+    run("--budgets", "0.2")
+    run("--budgets", "0.1", "--resume")
+    runs = (out / "runs.md").read_text().splitlines()
+    assert len(runs) == 2 and "--budgets 0.2" in runs[0] and "--budgets 0.1 --resume" in runs[1]
+    assert all("commit" in line and "3 min" in line for line in runs)
+    old = tmp_path / "accuracy-vllm-test-window8"  # the old default on the same samples: half answered
+    old.mkdir()
+    (old / "samples.jsonl").write_text("".join(json.dumps(dict(r, score=float(r["sample_id"] in "01"))) + "\n"
+                                               for r in rows))
+    caption = tables.accuracy_test()
+    assert runs[0] in caption and runs[1] in caption and "| madakv 20% |" in caption
+    assert "| 20% | full cache | +0.000 | 0 / 0 | 1.000 |" in caption
+    assert "| 20% | old default (window 8, quotas as they fall) | +0.500 | 2 / 0 | 0.500 |" in caption
+    run("--budgets", "0.5")
+    assert len((out / "runs.md").read_text().splitlines()) == 1
+
+
 def test_accuracy_results_carry_their_split_and_the_glance_shows_the_test_split_once_it_exists(tmp_path,
                                                                                               monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))

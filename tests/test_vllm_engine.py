@@ -105,10 +105,11 @@ def test_parity_with_hf_reference(engines, hf_model, arch, policy):
 
 
 def test_parity_with_hf_reference_for_the_selection_options(engines, hf_model):
-    """MadaKV's selection options (whole spans, MPA's coverage split and quotas in spans, sinks,
-    value-weighted scores) set on the server: vLLM keeps what the HF path keeps (same tokens), and
-    the options change what is kept."""
-    options = {"span": 8, "mpa_split": "coverage", "mpa_quota": "spans", "sinks": 4, "value_weighted": True}
+    """MadaKV's selection options away from their defaults (MPA's coverage split, quotas as they fall,
+    sinks, value-weighted scores; whole spans) set on the server: vLLM keeps what the HF path keeps
+    (same tokens), and the options change what is kept. The defaults (quotas in spans) are the
+    parity test above."""
+    options = {"span": 8, "mpa_split": "coverage", "mpa_quota": "tokens", "sinks": 4, "value_weighted": True}
     model, processor = hf_model("qwen2vl")
     inputs = hf_inputs(processor, 3)
     n = inputs["input_ids"].shape[1]
