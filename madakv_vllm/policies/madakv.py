@@ -59,7 +59,7 @@ class MadaKV(EvictionPolicy):
     # round 4); 32 (SnapKV's) measured worse at every budget
     window: int = 12
     theta: float = 0.9
-    mpa: bool = True  # the method; level with off at 10-50 %, worse at 5 % on the dev split (docs/evaluation.md, round 5)
+    mpa: bool = True  # the method; level with off at 10-50 %, worse at 5 %, dev split (docs/evaluation.md, round 5)
     # uniform layers measured better (docs/evaluation.md): vLLM runs them by default (one KV-cache group)
     hcc: bool = True
     hcc_variant: str = "balanced"  # measured better than "paper" (docs/evaluation.md)
