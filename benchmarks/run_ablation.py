@@ -13,7 +13,8 @@ unequal counts, unlike vLLM's one-block-table regime):
   8 / 16 tokens (`span`), MPA's coverage split (`mpa_split: coverage`), value-weighted scores
   (`value_weighted`),
 - with span 8: proxy windows of 12 / 16 against 8, MPA's quotas in whole spans (`mpa_quota: spans`),
-  MPA off at window 12 (against today's defaults: window 12, span 8, quotas in spans),
+  MPA off at window 12 (against today's defaults: window 12, span 8, quotas in spans), MPA's
+  quotas as floors in whole spans (`mpa_quota: floors`),
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
@@ -87,6 +88,9 @@ def variants(budget: float) -> dict:
     out["MPA on, HCC off, window 12, span 8, quota in spans"] = uniform(span=8, window=12, mpa_quota="spans")
     # does MPA still earn its place at the defaults that round chose (MPA off has no quotas to round)
     out["MPA off, HCC off, window 12, span 8"] = uniform(mpa=False, span=8, window=12)
+    # MPA's quotas as floors in whole spans rounded down, the rest to the best spans of either modality
+    # (round 5: rounding the pictures' one-slot quota up to a span cost the pass key at 5 %)
+    out["MPA on, HCC off, window 12, span 8, quota floors"] = uniform(span=8, window=12, mpa_quota="floors")
     # eviction during prefill (--prefill-chunk tokens per chunk), each chunk scored by its own window
     # or by the running mean of every chunk's window; slack 0.5 of the kept count
     out["MPA on, HCC off, window 8, span 8, during prefill"] = uniform(span=8, during_prefill=True)

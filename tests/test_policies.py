@@ -308,6 +308,37 @@ def head_preferring(visual_heads, n=400, images=((50, 250),), heads=4, num_layer
     return scores, tags
 
 
+def test_madakv_quota_floors_give_a_sub_span_quota_no_slots_but_keep_a_low_mass_modality_floor():
+    # pictures draw 3 % of the mass: at 36 selectable slots their quota (~1 slot) is below one
+    # span, so "floors" keeps what MPA off keeps, while "spans" spends a whole span on the picture
+    n, window = 532, 12
+    generator = torch.Generator().manual_seed(0)
+    psi = torch.rand((1, 1, n), generator=generator)
+    tags = torch.zeros(n, dtype=torch.int8)
+    tags[200:264] = 1
+    psi[0, 0, :n - window][tags[:n - window] == 0] *= 0.97 / psi[0, 0, :n - window][tags[:n - window] == 0].sum()
+    psi[0, 0, 200:264] *= 0.03 / psi[0, 0, 200:264].sum()
+    budget = (36 + window) / n
+    floors, spans, off = (MadaKV(hcc=False, window=window, budget=budget, **opts).select(psi, tags)[0][0]
+                          for opts in ({"mpa_quota": "floors"}, {"mpa_quota": "spans"}, {"mpa": False}))
+    assert floors.numel() == spans.numel() == off.numel() == 36 + window
+    assert torch.equal(floors, off)
+    assert tags[spans].sum() == 8 and tags[floors].sum() == 0
+    # pictures draw 90 % of the mass spread over many patches that each outscore the text tokens:
+    # MPA off keeps no text at all, the floors keep the text's whole span (10 % of 100 slots -> 8)
+    psi = torch.full((1, 1, n), 0.0)
+    tags = torch.zeros(n, dtype=torch.int8)
+    tags[:400] = 1
+    psi[0, 0, :400] = 0.9 / 400
+    psi[0, 0, 400:n - window] = 0.085 / 112
+    psi[0, 0, 440:448] = 0.015 / 8  # the text's best span, below every picture span (0.018)
+    budget = (100 + window) / n
+    floors, off = (MadaKV(hcc=False, window=window, budget=budget, **opts).select(psi, tags)[0][0]
+                   for opts in ({"mpa_quota": "floors"}, {"mpa": False}))
+    kept_text = [set(k.tolist()) & set(range(400, n - window)) for k in (floors, off)]
+    assert kept_text[0] == set(range(440, 448)) and kept_text[1] == set()
+
+
 def test_mpa_quota_follows_each_heads_modality_preference():
     scores, tags = head_preferring(visual_heads={0, 2})
     policy = MadaKV(budget=0.25, window=16, hcc=False, span=1)  # single tokens: the paper's top-k inside a modality
