@@ -167,7 +167,7 @@ def run(args) -> list[dict]:
 
 def write(args, rows: list[dict], seconds: float | None) -> None:
     from _stamp import stamp, write_results
-    from madakv_vllm.evaluation.report import paired_p, summarize
+    from madakv_vllm.evaluation.report import paired_comparison, summarize
 
     summary = summarize(rows, {})
     cell = {(r["policy"], r["budget"] or None, r["task"]): r for r in summary}
@@ -188,10 +188,7 @@ def write(args, rows: list[dict], seconds: float | None) -> None:
     def against_reference(name, budget) -> str:
         if name == args.reference or (args.reference, budget) not in paired:
             return ""
-        mine, reference = paired[(name, budget)], paired[(args.reference, budget)]
-        shared = mine.keys() & reference.keys()
-        diff = sum(mine[k] - reference[k] for k in shared) / len(shared)
-        p = paired_p(mine, reference)
+        diff, _, _, p = paired_comparison(paired[(name, budget)], paired[(args.reference, budget)])
         return f"; {diff:+.2f}, p {'< 0.001' if p < 0.001 else f'{p:.3f}'}"
 
     for name in names:

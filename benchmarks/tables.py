@@ -140,7 +140,7 @@ def _sample_scores(samples: Path) -> dict[tuple, dict]:
 def _paired_test(folder: Path) -> str:
     """MadaKV against the full cache, SnapKV and its old default (window 8, quotas as they fall; the
     same samples in accuracy-vllm-test-window8/), per budget, by exact McNemar tests."""
-    from madakv_vllm.evaluation.report import paired_p
+    from madakv_vllm.evaluation.report import paired_comparison
 
     scores = _sample_scores(folder / "samples.jsonl")
     old = _sample_scores(folder.with_name(folder.name + "-window8") / "samples.jsonl")
@@ -151,10 +151,8 @@ def _paired_test(folder: Path) -> str:
                              ("old default (window 8, quotas as they fall)", old.get(("madakv", budget)))):
             if not other or other.keys() != madakv.keys():
                 continue
-            wins = sum(madakv[k] > other[k] for k in madakv)
-            losses = sum(madakv[k] < other[k] for k in madakv)
-            p = paired_p(madakv, other)
-            rows.append([f"{budget:.0%}", label, f"{(wins - losses) / len(madakv):+.3f}", f"{wins} / {losses}",
+            difference, wins, losses, p = paired_comparison(madakv, other)
+            rows.append([f"{budget:.0%}", label, f"{difference:+.3f}", f"{wins} / {losses}",
                          "< 0.001" if p < 0.001 else f"{p:.3f}"])
     return _markdown("MadaKV against each on the same samples: the difference of the means, the samples only "
                      "one of the two answered (MadaKV / the other) and the exact McNemar p (p < 0.05: "

@@ -414,10 +414,13 @@ def test_eval_cli_writes_intervals_and_accuracy_json(tmp_path):
 def test_paired_p_is_the_exact_mcnemar_test():
     """Only discordant samples count: 8 wins and 0 losses out of 100 shared samples is
     p = 2 / 2**8; equal wins and losses, or no discordant sample, is p = 1."""
-    from madakv_vllm.evaluation.report import paired_p
+    from madakv_vllm.evaluation.report import paired_comparison, paired_p
 
     first = {i: 1.0 for i in range(100)}
     second = {i: float(i >= 8) for i in range(100)}
+    assert paired_comparison(first, second) == pytest.approx((0.08, 8, 0, 2 / 2 ** 8))
+    # only the samples both ran count: the first's extra sample changes nothing
+    assert paired_comparison({**first, 100: 0.0}, second) == pytest.approx((0.08, 8, 0, 2 / 2 ** 8))
     assert paired_p(first, second) == pytest.approx(2 / 2 ** 8)
     assert paired_p(second, first) == pytest.approx(2 / 2 ** 8)
     assert paired_p(first, first) == 1.0

@@ -38,18 +38,25 @@ def interval(scores: list[float], z: float = 1.959964, resamples: int = 2000) ->
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def paired_p(first: dict, second: dict) -> float:
-    """Exact two-sided McNemar p-value of two settings' 0/1 scores on the same samples
-    ({sample key: score}): the right test when both ran on the same samples, and more powerful
+def paired_comparison(first: dict, second: dict) -> tuple[float, int, int, float]:
+    """Two settings' 0/1 scores on the same samples ({sample key: score}), on the samples both
+    ran: (difference of the means, samples only the first answered, only the second, exact
+    two-sided McNemar p). The right test when both ran on the same samples, and more powerful
     than comparing their intervals."""
     keys = first.keys() & second.keys()
     wins = sum(1 for k in keys if first[k] > second[k])
     losses = sum(1 for k in keys if first[k] < second[k])
+    difference = sum(first[k] - second[k] for k in keys) / len(keys) if keys else 0.0
     n = wins + losses
     if n == 0:
-        return 1.0
+        return difference, wins, losses, 1.0
     tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return difference, wins, losses, min(1.0, 2 * tail)
+
+
+def paired_p(first: dict, second: dict) -> float:
+    """The exact McNemar p of `paired_comparison`."""
+    return paired_comparison(first, second)[3]
 
 
 def summarize(rows: list[dict], memory: dict[tuple, dict]) -> list[dict]:
