@@ -49,6 +49,9 @@ def main():
     p.add_argument("--tasks", nargs="+", help="(--hf) only these tasks (e.g. to split a run over processes)")
     p.add_argument("--seed", type=int, default=0, help="suite seed: 0 the dev split (options are chosen on it, "
                                                        "the default), 1 the test split (never used to choose)")
+    p.add_argument("--kv-eviction-config", metavar="PRESET|FILE.yaml",
+                   help="(vLLM) the server's --kv-eviction-config: policy options away from the defaults (each "
+                        "request still names its policy and budget); use a fresh --out")
     p.add_argument("--resume", action="store_true", help="(vLLM) keep the settings OUT already finished and run "
                                                          "the rest (a sweep stopped midway)")
     p.add_argument("--summarize", type=int, metavar="MINUTES",
@@ -184,7 +187,8 @@ def run_vllm(args, model: Path, data: Path) -> None:
     # 16 turned every one of its requests into an HTTP 400 scored 0
     server = subprocess.Popen([str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
                                "--served-model-name", "smollm2-llava", "--dtype", args.dtype, "--max-model-len",
-                               "8192", "--limit-mm-per-prompt", '{"image": 64}', "--kv-eviction", "madakv"],
+                               "8192", "--limit-mm-per-prompt", '{"image": 64}', "--kv-eviction", "madakv",
+                               *(["--kv-eviction-config", args.kv_eviction_config] if args.kv_eviction_config else [])],
                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}", server, log)

@@ -58,7 +58,7 @@ def add_cli_flags(parser) -> None:
                             "count; 0.2 when not given.")
     group.add_argument("--kv-eviction-window", type=int, default=None,
                        help="Proxy window: last prompt tokens that score the others, kept and counted in "
-                            "the budget; the policy's default when not given (madakv 8, the others 32).")
+                            "the budget; the policy's default when not given (madakv 12, the others 32).")
     group.add_argument("--kv-eviction-layer-groups", default=None, metavar="N|auto",
                        help="KV-cache groups: consecutive layers in N equal buckets, each keeping its own "
                             "token count (HCC, PyramidKV) in its own blocks; 1 = every layer keeps the same "
