@@ -15,6 +15,8 @@ unequal counts, unlike vLLM's one-block-table regime):
 - with span 8: proxy windows of 12 / 16 against 8, MPA's quotas in whole spans (`mpa_quota: spans`),
   MPA off at window 12 (against today's defaults: window 12, span 8, quotas in spans), MPA's
   quotas as floors in whole spans (`mpa_quota: floors`),
+- eviction during prefill, early chunks scored by their own window, the running mean of the
+  windows, or each key's distance from the mean key (`prefill_scores: novelty`),
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
@@ -96,6 +98,9 @@ def variants(budget: float) -> dict:
     out["MPA on, HCC off, window 8, span 8, during prefill"] = uniform(span=8, during_prefill=True)
     out["MPA on, HCC off, window 8, span 8, during prefill, running"] = uniform(span=8, during_prefill=True,
                                                                                  prefill_scores="running")
+    # a question-agnostic score: each key's distance from the mean key (KeyDiff's observation)
+    out["MPA on, HCC off, window 8, span 8, during prefill, novelty"] = uniform(span=8, during_prefill=True,
+                                                                                 prefill_scores="novelty")
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group

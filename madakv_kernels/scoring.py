@@ -71,6 +71,18 @@ def value_norms(value_cache: torch.Tensor, block_table: torch.Tensor, context_le
     return request_keys(value_cache, block_table, context_len, layout).float().norm(dim=-1)
 
 
+def key_novelty(key_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
+                layout: str = "NHD") -> torch.Tensor:
+    """How unlike the rest each of the first `context_len` keys of one request is, per KV head:
+    1 - cosine(key, the mean of the keys), [Hkv, N] fp32, normalised to sum 1 per head. A score
+    that needs no query (KeyDiff's observation: keys far from the mean are the ones attention
+    singles out), for compactions before the question is prefilled. Torch on every device."""
+    keys = request_keys(key_cache, block_table, context_len, layout).float()  # [Hkv, N, D]
+    mean = keys.mean(dim=1, keepdim=True)
+    novelty = 1 - torch.nn.functional.cosine_similarity(keys, mean, dim=-1)  # in [0, 2]
+    return novelty / novelty.sum(dim=1, keepdim=True).clamp(min=1e-30)
+
+
 if HAS_TRITON:
     _LOG2E = 1.4426950408889634
 

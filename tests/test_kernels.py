@@ -14,6 +14,7 @@ from madakv_kernels import (
     compact_kv_triton,
     dense_as_paged,
     gather_tokens,
+    key_novelty,
     modality_mass,
     value_norms,
     window_scores,
@@ -148,6 +149,22 @@ def test_value_norms_read_each_token_of_the_request_from_its_blocks(layout, dtyp
     torch.testing.assert_close(norms.cpu(), dense.float().norm(dim=-1).T)
     dense_cache, table = dense_as_paged(dense.transpose(0, 1).to(DEVICE))  # the HF path's dense view
     torch.testing.assert_close(value_norms(dense_cache, table, 203, "HND").cpu(), norms.cpu())
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_key_novelty_ranks_the_key_unlike_the_others_first(layout):
+    cache, block_table, dense = make_paged(203, 2, 80, 32, layout, torch.float32)
+    novelty = key_novelty(cache, block_table, 203, layout)
+    assert novelty.shape == (2, 203)
+    torch.testing.assert_close(novelty.sum(dim=1).cpu(), torch.ones(2))
+    keys = dense.float().transpose(0, 1)  # [H, N, D]
+    want = 1 - torch.nn.functional.cosine_similarity(keys, keys.mean(dim=1, keepdim=True), dim=-1)
+    torch.testing.assert_close(novelty.cpu(), want / want.sum(dim=1, keepdim=True))
+    # keys that repeat one direction, and one that points the other way: that one scores highest
+    same = torch.ones(1, 40, 8)
+    same[0, 17] = -1
+    cache, table = dense_as_paged(same.to(DEVICE))
+    assert int(key_novelty(cache, table, 40, "HND").argmax()) == 17
 
 
 def test_modality_mass_splits_scores_by_tag():

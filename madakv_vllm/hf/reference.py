@@ -36,6 +36,7 @@ from madakv_kernels import (
     VIDEO,
     dense_as_paged,
     held_mask,
+    key_novelty,
     logical_positions,
     physical_indices,
     value_norms,
@@ -156,14 +157,18 @@ def _wrapped_sdpa(capture: _Capture):
 
 
 def held_scores(cache, queries: dict[int, torch.Tensor], scaling: dict[int, float | None], policy: EvictionPolicy,
-                positions: list[torch.Tensor] | None, n: int) -> torch.Tensor:
+                positions: list[torch.Tensor] | None, n: int, novelty: bool = False) -> torch.Tensor:
     """Window scores [L, H, n] of the tokens each head holds, at their logical positions (0 for
-    tokens compacted away earlier; `positions`: per layer [H, held], None = all n held)."""
+    tokens compacted away earlier; `positions`: per layer [H, held], None = all n held).
+    `novelty`: each key's distance from the mean key instead (`key_novelty`; no query needed)."""
     layers = cache.layers
     scores = []
     for i, layer in enumerate(layers):
         held = layer.keys.shape[-2]
-        psi = window_scores(*dense_as_paged(layer.keys[0]), queries[i], held, layout="HND", scale=scaling[i])
+        if novelty:
+            psi = key_novelty(*dense_as_paged(layer.keys[0]), held, layout="HND")
+        else:
+            psi = window_scores(*dense_as_paged(layer.keys[0]), queries[i], held, layout="HND", scale=scaling[i])
         if policy.value_weighted:
             psi = psi * value_norms(*dense_as_paged(layer.values[0]), held, layout="HND")
         if positions is not None:
@@ -222,8 +227,8 @@ class PrefillEviction:
     """Compaction between prefill chunks (`policy.during_prefill`). After a chunk ending at a
     multiple of `chunk` (vLLM's fixed compaction points), a cache holding more than kept + slack
     tokens per head is compacted back to the whole prompt's kept count, each layer alike, scored
-    by that chunk's own last queries ("chunk") or by the running mean of every chunk's window
-    scores ("running")."""
+    by that chunk's own last queries ("chunk"), by the running mean of every chunk's window
+    scores ("running") or by each key's distance from the mean key ("novelty")."""
 
     def __init__(self, policy: EvictionPolicy, tags: torch.Tensor, report: EvictionReport, chunk: int):
         self.policy, self.tags, self.report, self.chunk = policy, tags, report, chunk
@@ -256,7 +261,8 @@ class PrefillEviction:
         scores = None
         present = held_mask(self.positions, end)
         if policy.needs_scores:
-            scores = held_scores(cache, queries, scaling, policy, self.positions, n)[..., :end]
+            scores = held_scores(cache, queries, scaling, policy, self.positions, n,
+                                 novelty=policy.prefill_scores == "novelty")[..., :end]
             if running:  # every chunk's window adds to the sums of the tokens it saw
                 seen = torch.ones_like(scores, dtype=torch.bool) if present is None else present
                 if self.running is None:

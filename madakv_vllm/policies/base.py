@@ -18,7 +18,7 @@ import torch
 from madakv_kernels import keep_indices, topk_mask
 
 MAX_TOKEN_COUNT = 2**31 - 1  # token counts beyond this are no real budget (and overflow int32 / msgpack)
-PREFILL_SCORES = ("chunk", "running")  # how tokens are scored between prefill chunks (during_prefill)
+PREFILL_SCORES = ("chunk", "running", "novelty")  # how tokens are scored between prefill chunks (during_prefill)
 
 
 def budget_error(budget) -> str | None:
@@ -96,7 +96,8 @@ class EvictionPolicy:
     kept count + `prefill_slack` + one chunk (prompts larger than the KV pool fit). The slack is a
     ratio of the kept count (float) or a token count (int). Early chunks do not see the question:
     `prefill_scores` "chunk" scores with each chunk's own last `window` queries (SnapKV in chunks),
-    "running" with the mean of the window scores of every chunk that saw the token so far. The
+    "running" with the mean of the window scores of every chunk that saw the token so far,
+    "novelty" with each key's distance from the mean key (no query; HF path only). The
     compaction after the last chunk is the usual one (the question's window over the survivors).
 
     `decode_budget`: a cap on the tokens each head keeps per layer while the output grows (a
