@@ -13,7 +13,8 @@ policy's own kept ratio.
 Builds the judge (user cache) and the data (seed 0) when missing, starts the server (its prefix
 cache emptied before every setting), runs the sweep, prints a markdown table and writes
 benchmarks/results/accuracy-vllm/ (benchmarks/results/accuracy/ with --hf): samples.jsonl,
-summary.csv, scores.png, table.md. benchmarks/results/accuracy.json then holds the rows of both
+summary.csv, scores.png, runs.md (one line per run that wrote into the folder: command, machine,
+commit). benchmarks/results/accuracy.json then holds the rows of both
 runs (`setting` "endpoint": vLLM, "hf": the HF path). The vLLM table's "KV kept" column is what
 the server's own counters measured for each setting (share of the prompt's KV left after eviction).
 PyramidKV is left out by default: the server runs with one KV-cache group (vLLM's default here),
@@ -78,8 +79,8 @@ def main():
     note = f"{'HF reference path' if args.hf else 'vllm serve, dtype ' + args.dtype}, {where}, {took}"
     command = " ".join(["python benchmarks/run_accuracy.py", *(a for a in sys.argv[1:] if a != "--summarize"
                                                                  and a != str(args.summarize))])
-    (Path(args.out) / "table.md").write_text(f"`{command}` ({note}; score with its 95 % interval):\n\n{table}")
-    # every run that wrote into OUT, one line each: a folder grown with --resume names all its runs
+    # every run that wrote into OUT, one line each (the tables' captions and stamps read it): a
+    # folder grown with --resume names all its runs
     runs = Path(args.out) / "runs.md"
     earlier = runs.read_text() if args.resume and runs.is_file() else ""
     runs.write_text(f"{earlier}- `{command}` ({note})\n")
@@ -90,7 +91,7 @@ def main():
 
 def redraw_plots(out: Path) -> None:
     """The committed plots drawn from this run (its scores.png, the README's summary), titled with
-    the stamp table.md now names; the tables follow with `python benchmarks/tables.py`."""
+    the stamp runs.md now names; the tables follow with `python benchmarks/tables.py`."""
     from tables import PLOTS, ROOT, draw_plot
 
     sources = {(out.resolve() / "accuracy.json"), RESULTS / "accuracy.json"}

@@ -100,18 +100,19 @@ def video(r: dict) -> str:
 
 
 def accuracy(_: dict | None = None) -> str | None:
-    """The HF run's table with the vLLM run's rows (" (vLLM)") merged in; each run's first line
-    names its command and machine."""
+    """The HF run's table with the vLLM run's rows (" (vLLM)") merged in; each folder's runs.md
+    names the commands that wrote into it and their machines."""
     from run_accuracy import markdown_table
 
     runs = [(RESULTS / run, suffix) for run, suffix in (("accuracy", ""), ("accuracy-vllm", " (vLLM)"))
-            if (RESULTS / run / "table.md").is_file()]
+            if (RESULTS / run / "runs.md").is_file()]
     if not runs:
         return None
-    captions = [(folder / "table.md").read_text().splitlines()[0] for folder, _ in runs]
+    captions = [(folder / "runs.md").read_text().strip() for folder, _ in runs]
     if len(runs) == 2:
-        captions = [f"HF path: {captions[0]}", f"vLLM rows: {captions[1]}"]
-    return "\n\n".join(captions) + "\n\n" + markdown_table(*((f / "summary.csv", sfx) for f, sfx in runs)).strip()
+        captions = [f"HF path:\n\n{captions[0]}", f"vLLM rows:\n\n{captions[1]}"]
+    return ("\n\n".join(captions) + "\n\nScore with its 95 % interval:\n\n"
+            + markdown_table(*((f / "summary.csv", sfx) for f, sfx in runs)).strip())
 
 
 def accuracy_test(_: dict | None = None) -> str | None:
@@ -227,13 +228,20 @@ def layer_buckets(r: dict) -> str:
 
 
 def _run_stamp(run: str) -> dict | None:
-    """The stamp of an accuracy run (benchmarks/results/RUN/): machine, commit and date as its
-    table.md caption names them (run_accuracy.py writes them there from _stamp.stamp())."""
-    path = RESULTS / run / "table.md"
+    """The stamp of an accuracy run folder (benchmarks/results/RUN/): machine, commit and date as
+    its runs.md lines name them (run_accuracy.py writes one per run); a folder grown by several
+    runs names the first and the last commit."""
+    path = RESULTS / run / "runs.md"
     if not path.is_file():
         return None
-    found = re.search(r", ([^,]+, \d+ cores), commit (\w+), (\d{4}-\d\d-\d\d)", path.read_text().splitlines()[0])
-    return dict(zip(("machine", "commit", "date"), found.groups())) if found else None
+    found = [m.groups() for line in path.read_text().splitlines()
+             if (m := re.search(r", ([^,]+, \d+ cores), commit (\w+), (\d{4}-\d\d-\d\d)", line))]
+    if not found:
+        return None
+    commits = list(dict.fromkeys(commit for _, commit, _ in found))
+    machine, _, date = found[-1]
+    commit = commits[0] if len(commits) == 1 else f"{commits[0]} to {commits[-1]} ({len(found)} runs)"
+    return dict(machine=machine, commit=commit, date=date)
 
 
 def _interval(row: dict) -> str:
@@ -293,7 +301,8 @@ def accuracy_glance(rows: list) -> str | None:
         return None
     served = {m["setting"] for _, _, m, _ in cells} == {"endpoint"}
     n = cells[0][1]["n"]
-    runs = "; ".join(f"{s['label']}{s['machine']}, commit {s['commit']}, {s['date']}" for s in _glance_stamps())
+    runs = "; ".join(f"{s['label']}{s['machine']}, commit{'s' if ' to ' in s['commit'] else ''} {s['commit']}, "
+                     f"{s['date']}" for s in _glance_stamps())
     path = {"endpoint": "vLLM", "hf": "HF path"}
     return _markdown(
         f"`python benchmarks/run_accuracy.py` and `--hf` ({runs}): mean score of the SmolLM2-LLaVA judge over the "
@@ -461,7 +470,7 @@ TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": 
           "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory,
           "decode_memory": decode_memory, "decode_fidelity": decode_fidelity,
           "decode_recall": decode_recall, "prefill_eviction": ablation, "levers_round4": ablation,
-          "levers_round5": ablation, "levers_round6": ablation}
+          "levers_round5": ablation}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
 TABLE_SOURCES = {"accuracy": None, "accuracy_test": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
@@ -587,8 +596,6 @@ PLOTS = {
     "benchmarks/results/levers_round4.png": Plot("benchmarks/results/levers_round4.json",
                                                  _module_draw("run_ablation")),
     "benchmarks/results/levers_round5.png": Plot("benchmarks/results/levers_round5.json",
-                                                 _module_draw("run_ablation")),
-    "benchmarks/results/levers_round6.png": Plot("benchmarks/results/levers_round6.json",
                                                  _module_draw("run_ablation")),
     "benchmarks/results/prefill_eviction.png": Plot("benchmarks/results/prefill_eviction.json",
                                                     _module_draw("run_ablation")),
