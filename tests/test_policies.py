@@ -308,9 +308,10 @@ def head_preferring(visual_heads, n=400, images=((50, 250),), heads=4, num_layer
     return scores, tags
 
 
-def test_madakv_quota_floors_give_a_sub_span_quota_no_slots_but_keep_a_low_mass_modality_floor():
+@pytest.mark.parametrize("quota", ["floors", "floor"])
+def test_madakv_quota_floors_give_a_sub_span_quota_no_slots_but_keep_a_low_mass_modality_floor(quota):
     # pictures draw 3 % of the mass: at 36 selectable slots their quota (~1 slot) is below one
-    # span, so "floors" keeps what MPA off keeps, while "spans" spends a whole span on the picture
+    # span, so the floors keep what MPA off keeps, while "spans" spends a whole span on the picture
     n, window = 532, 12
     generator = torch.Generator().manual_seed(0)
     psi = torch.rand((1, 1, n), generator=generator)
@@ -320,7 +321,7 @@ def test_madakv_quota_floors_give_a_sub_span_quota_no_slots_but_keep_a_low_mass_
     psi[0, 0, 200:264] *= 0.03 / psi[0, 0, 200:264].sum()
     budget = (36 + window) / n
     floors, spans, off = (MadaKV(hcc=False, window=window, budget=budget, **opts).select(psi, tags)[0][0]
-                          for opts in ({"mpa_quota": "floors"}, {"mpa_quota": "spans"}, {"mpa": False}))
+                          for opts in ({"mpa_quota": quota}, {"mpa_quota": "spans"}, {"mpa": False}))
     assert floors.numel() == spans.numel() == off.numel() == 36 + window
     assert torch.equal(floors, off)
     assert tags[spans].sum() == 8 and tags[floors].sum() == 0
@@ -334,9 +335,26 @@ def test_madakv_quota_floors_give_a_sub_span_quota_no_slots_but_keep_a_low_mass_
     psi[0, 0, 440:448] = 0.015 / 8  # the text's best span, below every picture span (0.018)
     budget = (100 + window) / n
     floors, off = (MadaKV(hcc=False, window=window, budget=budget, **opts).select(psi, tags)[0][0]
-                   for opts in ({"mpa_quota": "floors"}, {"mpa": False}))
+                   for opts in ({"mpa_quota": quota}, {"mpa": False}))
     kept_text = [set(k.tolist()) & set(range(400, n - window)) for k in (floors, off)]
     assert kept_text[0] == set(range(440, 448)) and kept_text[1] == set()
+
+
+def test_madakv_quota_floor_lets_a_strong_picture_span_compete_where_floors_fill_up_with_text():
+    # text draws 97 % of the mass, flat; the pictures' 3 % sits on one span that outscores every
+    # text span. With a floor for each modality the text's (96 of 100 slots) leaves the picture 4
+    # tokens; with a floor for the smaller one only, plain top-k keeps its whole span.
+    n, window = 532, 12
+    psi = torch.zeros((1, 1, n))
+    tags = torch.zeros(n, dtype=torch.int8)
+    tags[200:264] = 1
+    psi[0, 0, :n - window] = 0.97 / (n - window - 64)
+    psi[0, 0, 200:264] = 0
+    psi[0, 0, 200:208] = 0.03 / 8
+    budget = (100 + window) / n
+    both, smaller = (MadaKV(hcc=False, window=window, budget=budget, mpa_quota=q).select(psi, tags)[0][0]
+                     for q in ("floors", "floor"))
+    assert tags[both].sum() == 4 and set(range(200, 208)) <= set(smaller.tolist())
 
 
 def test_mpa_quota_follows_each_heads_modality_preference():

@@ -36,7 +36,7 @@ from .base import EvictionPolicy, distribute, max_pool_scores
 
 HCC_VARIANTS = ("paper", "balanced")
 MPA_SPLITS = ("paper", "coverage")
-MPA_QUOTAS = ("tokens", "spans", "floors")
+MPA_QUOTAS = ("tokens", "spans", "floors", "floor")
 
 
 @dataclass
@@ -56,7 +56,9 @@ class MadaKV(EvictionPolicy):
     that draws 2-3 % of a head's attention otherwise gets less than one span and is cut) or
     "floors" (each modality's quota rounded down to whole spans is a floor it always keeps; the
     slots left go to the best spans of either modality, so a quota below one span takes no slots
-    from a small budget, while a modality that draws little of a head's attention keeps its floor)."""
+    from a small budget) or "floor" (only the smaller quota is a floor, rounded down to whole
+    spans; every other slot goes to the best spans of either modality: a modality that draws
+    little of a head's attention keeps its share, the rest is plain top-k)."""
 
     # 12: +0.07 / +0.06 at 10 / 20 % over window 8 with quotas in spans, dev split (docs/evaluation.md,
     # round 4); 32 (SnapKV's) measured worse at every budget
@@ -168,10 +170,13 @@ class MadaKV(EvictionPolicy):
         visual_member, text_member = (~text, text) if present is None else (~text & present, text & present)
         share = self.visual_share(psi, modality_tags)
         ranked = self.rank_scores(psi, modality_tags)  # the shares above come from the raw scores
-        if self.mpa_quota == "floors":
+        if self.mpa_quota in ("floors", "floor"):
             # floors in whole spans, rounded down: together they never exceed `count`
             visual_floor = torch.floor(count * share / self.span + 1e-6).long() * self.span
             text_floor = torch.floor(count * (1 - share) / self.span + 1e-6).long() * self.span
+            if self.mpa_quota == "floor":  # only the modality the head attends to less keeps one
+                visual_floor = torch.where(share <= 0.5, visual_floor, 0)
+                text_floor = torch.where(share <= 0.5, 0, text_floor)
             keep = topk_mask(ranked, visual_member, visual_floor) | topk_mask(ranked, text_member, text_floor)
             rest = count - keep.sum(dim=-1)  # what the floors leave, or what a modality lacked tokens for
             return keep | topk_mask(ranked, (visual_member | text_member) & ~keep, rest)
