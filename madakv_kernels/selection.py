@@ -71,19 +71,20 @@ def span_ranks(psi: torch.Tensor, modality_tags: torch.Tensor, span: int) -> tor
 
 
 def split_quota(total: int, visual_share: torch.Tensor, n_visual: int | torch.Tensor,
-                n_text: int | torch.Tensor, unit: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                n_text: int | torch.Tensor, unit: int = 1, nearest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head (visual, text) counts summing to `total`, visual ~ round(total * share).
     `n_visual`, `n_text`: tokens of each modality there are, one count or one per head [H].
     `unit` > 1: the smaller quota is rounded up to whole units, the larger takes the rest
     (selection keeps whole spans, so a quota of 5 slots with spans of 8 keeps no span whole),
     unless that would make it the larger one (fewer than two units in all): then it stays as is.
+    `nearest`: rounded to the nearest whole unit instead (a quota under half a unit keeps nothing).
 
     A modality with fewer tokens than its share gives the surplus to the other one.
     """
     exact = total * visual_share
     if unit > 1:
         smaller = torch.minimum(exact, total - exact)
-        rounded = torch.ceil(smaller / unit - 1e-6) * unit
+        rounded = (torch.floor(smaller / unit + 0.5) if nearest else torch.ceil(smaller / unit - 1e-6)) * unit
         rounded = torch.where(rounded <= total - rounded, rounded, smaller)
         exact = torch.where(exact <= total - exact, rounded, total - rounded)
     visual = torch.round(exact).long().clamp(0, total)
