@@ -36,7 +36,7 @@ from .base import EvictionPolicy, distribute, max_pool_scores
 
 HCC_VARIANTS = ("paper", "balanced")
 MPA_SPLITS = ("paper", "coverage")
-MPA_QUOTAS = ("tokens", "spans", "floors", "floor")
+MPA_QUOTAS = ("tokens", "spans", "nearest", "floors", "floor")
 
 
 @dataclass
@@ -53,7 +53,8 @@ class MadaKV(EvictionPolicy):
     head's budget between the modalities, "paper" (attention mass) or "coverage" (the module
     docstring). `mpa_quota`: "tokens" (the split as it falls), "spans" (the smaller modality's
     quota rounded up to whole spans, the other modality takes the rest; the default: a picture
-    that draws 2-3 % of a head's attention otherwise gets less than one span and is cut) or
+    that draws 2-3 % of a head's attention otherwise gets less than one span and is cut),
+    "nearest" (as "spans", rounded to the nearest whole span: a quota under half a span keeps none),
     "floors" (each modality's quota rounded down to whole spans is a floor it always keeps; the
     slots left go to the best spans of either modality, so a quota below one span takes no slots
     from a small budget) or "floor" (only the smaller quota is a floor, rounded down to whole
@@ -181,5 +182,6 @@ class MadaKV(EvictionPolicy):
             rest = count - keep.sum(dim=-1)  # what the floors leave, or what a modality lacked tokens for
             return keep | topk_mask(ranked, (visual_member | text_member) & ~keep, rest)
         visual, text_count = split_quota(count, share, visual_member.sum(dim=-1), text_member.sum(dim=-1),
-                                         unit=self.span if self.mpa_quota == "spans" else 1)
+                                         unit=1 if self.mpa_quota == "tokens" else self.span,
+                                         nearest=self.mpa_quota == "nearest")
         return topk_mask(ranked, visual_member, visual) | topk_mask(ranked, text_member, text_count)
