@@ -61,6 +61,16 @@ def test_split_quota_in_spans_rounds_the_smaller_modality_up_to_whole_spans():
     assert visual.tolist() == [4, 8]  # a whole span would outgrow the other side: 3.6 stays 4 (12 - 3.6 -> 8)
 
 
+def test_split_quota_nearest_rounds_the_smaller_quota_to_the_nearest_whole_span():
+    shares = torch.tensor([0.0, 0.025, 0.05, 0.5, 0.93, 1.0])
+    visual, text = split_quota(100, shares, n_visual=200, n_text=200, unit=8, nearest=True)
+    # 2.5 slots (under half a span) keep none, 5 keep a span; 7 text slots (at 0.93) keep a span
+    assert visual.tolist() == [0, 0, 8, 48, 92, 100]  # 50 -> 48: the nearest whole span
+    assert (visual + text).tolist() == [100] * 6
+    with pytest.raises(ValueError, match="mpa_quota"):
+        MadaKV(mpa_quota="round")
+
+
 def test_madakv_quota_in_spans_keeps_a_low_mass_picture_span_whole():
     # pictures draw 3 % of the mass: by tokens they get 3 of 100 slots, in spans a whole span of 8
     n = 532
