@@ -470,7 +470,8 @@ TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": 
           "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory,
           "decode_memory": decode_memory, "decode_fidelity": decode_fidelity,
           "decode_recall": decode_recall, "prefill_eviction": ablation, "levers_round4": ablation,
-          "levers_round5": ablation, "levers_round6": ablation, "levers_round7": ablation}
+          "levers_round5": ablation, "levers_round6": ablation, "levers_round7": ablation,
+          "levers_round8": ablation}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
 TABLE_SOURCES = {"accuracy": None, "accuracy_test": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
@@ -600,6 +601,8 @@ PLOTS = {
     "benchmarks/results/levers_round6.png": Plot("benchmarks/results/levers_round6.json",
                                                  _module_draw("run_ablation")),
     "benchmarks/results/levers_round7.png": Plot("benchmarks/results/levers_round7.json",
+                                                 _module_draw("run_ablation")),
+    "benchmarks/results/levers_round8.png": Plot("benchmarks/results/levers_round8.json",
                                                  _module_draw("run_ablation")),
     "benchmarks/results/prefill_eviction.png": Plot("benchmarks/results/prefill_eviction.json",
                                                     _module_draw("run_ablation")),
