@@ -463,15 +463,15 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+LEVER_ROUNDS = range(4, 9)  # the ablation rounds on MadaKV's levers in docs/evaluation.md, one table and plot each
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
           "accuracy_test": accuracy_test,
           "ablation": ablation, "levers": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,
           "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
           "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory,
           "decode_memory": decode_memory, "decode_fidelity": decode_fidelity,
-          "decode_recall": decode_recall, "prefill_eviction": ablation, "levers_round4": ablation,
-          "levers_round5": ablation, "levers_round6": ablation, "levers_round7": ablation,
-          "levers_round8": ablation}
+          "decode_recall": decode_recall, "prefill_eviction": ablation,
+          **{f"levers_round{n}": ablation for n in LEVER_ROUNDS}}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
 TABLE_SOURCES = {"accuracy": None, "accuracy_test": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
 
@@ -594,16 +594,8 @@ PLOTS = {
     "benchmarks/results/lengths.png": Plot("benchmarks/results/lengths.json", _module_draw("run_lengths")),
     "benchmarks/results/ablation.png": Plot("benchmarks/results/ablation.json", _module_draw("run_ablation")),
     "benchmarks/results/levers.png": Plot("benchmarks/results/levers.json", _module_draw("run_ablation")),
-    "benchmarks/results/levers_round4.png": Plot("benchmarks/results/levers_round4.json",
-                                                 _module_draw("run_ablation")),
-    "benchmarks/results/levers_round5.png": Plot("benchmarks/results/levers_round5.json",
-                                                 _module_draw("run_ablation")),
-    "benchmarks/results/levers_round6.png": Plot("benchmarks/results/levers_round6.json",
-                                                 _module_draw("run_ablation")),
-    "benchmarks/results/levers_round7.png": Plot("benchmarks/results/levers_round7.json",
-                                                 _module_draw("run_ablation")),
-    "benchmarks/results/levers_round8.png": Plot("benchmarks/results/levers_round8.json",
-                                                 _module_draw("run_ablation")),
+    **{f"benchmarks/results/levers_round{n}.png": Plot(f"benchmarks/results/levers_round{n}.json",
+                                                       _module_draw("run_ablation")) for n in LEVER_ROUNDS},
     "benchmarks/results/prefill_eviction.png": Plot("benchmarks/results/prefill_eviction.json",
                                                     _module_draw("run_ablation")),
     "benchmarks/results/accuracy-glance.png": Plot("benchmarks/results/accuracy.json",
