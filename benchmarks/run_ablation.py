@@ -108,6 +108,9 @@ def variants(budget: float) -> dict:
     # a question-agnostic score: each key's distance from the mean key (KeyDiff's observation)
     out["MPA on, HCC off, window 8, span 8, during prefill, novelty"] = uniform(span=8, during_prefill=True,
                                                                                  prefill_scores="novelty")
+    # a proxy for the question: the prompt's last window tokens forwarded alone, before the first chunk
+    out["MPA on, HCC off, window 8, span 8, during prefill, ahead"] = uniform(span=8, during_prefill=True,
+                                                                               prefill_scores="ahead")
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group

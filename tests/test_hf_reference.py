@@ -249,8 +249,10 @@ def test_chunked_prefill_without_eviction_during_it_changes_nothing(hf_model, ar
 @pytest.mark.parametrize("options", [dict(policy="madakv"), dict(policy="madakv", prefill_scores="running",
                                                                        sinks=2),
                                      dict(policy="madakv", prefill_scores="novelty"),
+                                     dict(policy="madakv", prefill_scores="ahead"),
                                      dict(policy="snapkv"), dict(policy="streamingllm")],
-                         ids=["madakv", "madakv-running-sinks", "madakv-novelty", "snapkv", "streamingllm"])
+                         ids=["madakv", "madakv-running-sinks", "madakv-novelty", "madakv-ahead", "snapkv",
+                              "streamingllm"])
 def test_eviction_during_prefill_equals_hiding_what_each_chunk_no_longer_held(hf_model, arch, options):
     model, processor = hf_model(arch)
     inputs = mm_inputs(processor, 3)
@@ -275,6 +277,50 @@ def test_eviction_during_prefill_equals_hiding_what_each_chunk_no_longer_held(hf
     generated = out.sequences.shape[1] - n
     for layer, layer_kept in zip(out.past_key_values.layers, report.kept_per_layer):  # positions stayed logical
         assert layer.keys.shape[-2] == layer_kept + generated - 1 and layer.get_seq_length() == n + generated - 1
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+def test_ahead_scores_early_chunks_with_the_last_window_run_alone(hf_model, arch, monkeypatch):
+    from madakv_vllm.hf import reference
+
+    model, processor = hf_model(arch)
+    inputs = mm_inputs(processor, 3)
+    policy = make_policy("madakv", budget=0.2, window=8, during_prefill=True, prefill_slack=0.25,
+                         prefill_scores="ahead")
+    seen = {}
+    after_chunk, evict_cache, select = reference.PrefillEviction.after_chunk, reference.evict_cache, policy.select
+
+    def first_compaction(self, cache, queries, scaling, end):
+        if "keys" not in seen and cache.layers[0].keys.shape[-2] > self.limit:
+            seen.update(keys=[layer.keys[0].clone() for layer in cache.layers], ahead=dict(self.ahead),
+                        scaling=dict(scaling))
+        return after_chunk(self, cache, queries, scaling, end)
+
+    def record_window(cache, queries, *args, **kwargs):
+        seen["window"] = dict(queries)
+        return evict_cache(cache, queries, *args, **kwargs)
+
+    def record_scores(scores, *args, **kwargs):
+        seen.setdefault("scores", scores)
+        return select(scores, *args, **kwargs)
+
+    monkeypatch.setattr(reference.PrefillEviction, "after_chunk", first_compaction)
+    monkeypatch.setattr(reference, "evict_cache", record_window)
+    monkeypatch.setattr(policy, "select", record_scores)
+    _, report = generate_with_eviction(model, inputs, policy, prefill_chunk=24, **GEN)
+    assert report.prefill_compactions
+    # Layer 0's queries depend only on each token and its position: run alone they equal the
+    # prompt's own window queries; deeper layers saw no context, so they differ.
+    torch.testing.assert_close(seen["ahead"][0], seen["window"][0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(seen["ahead"][1], seen["window"][1], atol=1e-3)
+    # The first compaction's scores: every ahead query attends to every held key (they come after all)
+    for layer, keys in enumerate(seen["keys"]):
+        q = seen["ahead"][layer]  # [W, Hq, D]
+        group = q.shape[1] // keys.shape[0]
+        scale = seen["scaling"][layer] or q.shape[-1] ** -0.5
+        logits = torch.einsum("whd,hnd->hwn", q, keys.repeat_interleave(group, dim=0)) * scale
+        want = logits.softmax(dim=-1).sum(dim=1).view(keys.shape[0], group, -1).sum(dim=1)
+        torch.testing.assert_close(seen["scores"][layer], want, rtol=1e-4, atol=1e-5)
 
 
 def test_during_prefill_needs_chunks(hf_model):

@@ -223,12 +223,22 @@ def prefill_chunks(n: int, chunk: int, window: int) -> list[int]:
     return ends
 
 
+def _one_position(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Window queries [W, Hq, D] as one query position with W x the heads per KV head, so that
+    `window_scores` (which places its W queries at the last W key positions, causally) lets every
+    query see every key and still sums their attention per KV head."""
+    w, num_q_heads, head_dim = queries.shape
+    per_kv_head = queries.reshape(w, num_kv_heads, num_q_heads // num_kv_heads, head_dim).transpose(0, 1)
+    return per_kv_head.reshape(1, -1, head_dim)
+
+
 class PrefillEviction:
     """Compaction between prefill chunks (`policy.during_prefill`). After a chunk ending at a
     multiple of `chunk` (vLLM's fixed compaction points), a cache holding more than kept + slack
     tokens per head is compacted back to the whole prompt's kept count, each layer alike, scored
     by that chunk's own last queries ("chunk"), by the running mean of every chunk's window
-    scores ("running") or by each key's distance from the mean key ("novelty")."""
+    scores ("running"), by each key's distance from the mean key ("novelty") or by the queries of
+    the prompt's last `window` tokens forwarded alone before the first chunk ("ahead")."""
 
     def __init__(self, policy: EvictionPolicy, tags: torch.Tensor, report: EvictionReport, chunk: int):
         self.policy, self.tags, self.report, self.chunk = policy, tags, report, chunk
@@ -237,6 +247,13 @@ class PrefillEviction:
         self.limit = self.kept + policy.slack_tokens(self.kept)
         self.positions: list[torch.Tensor] | None = None  # per layer [H, held]; None: every token so far
         self.running: tuple[torch.Tensor, torch.Tensor] | None = None  # score sums and counts [L, H, n]
+        self.ahead: dict[int, torch.Tensor] = {}  # "ahead": layer -> the last window's queries [W, Hq, D]
+
+    @property
+    def runs_ahead(self) -> int:
+        """How many of the prompt's last tokens run alone before the first chunk (0: none)."""
+        policy = self.policy
+        return policy.score_queries(self.tags.numel()) if policy.prefill_scores == "ahead" else 0
 
     def sync(self, cache, end: int) -> list[torch.Tensor] | None:
         """Account for the tokens the chunk ending at `end` appended after the survivors; returns
@@ -261,6 +278,8 @@ class PrefillEviction:
         scores = None
         present = held_mask(self.positions, end)
         if policy.needs_scores:
+            if self.ahead:  # queries that sit after every held key: each sees them all
+                queries = {layer: _one_position(q, cache.layers[0].keys.shape[1]) for layer, q in self.ahead.items()}
             scores = held_scores(cache, queries, scaling, policy, self.positions, n,
                                  novelty=policy.prefill_scores == "novelty")[..., :end]
             if running:  # every chunk's window adds to the sums of the tokens it saw
@@ -357,19 +376,31 @@ def _check_sdpa(model) -> None:
 
 
 @contextlib.contextmanager
-def _prefill_in_chunks(model, ends: list[int], after_chunk: Callable[[int], None] | None):
+def _prefill_in_chunks(model, ends: list[int], after_chunk: Callable[[int], None] | None, ahead: int = 0,
+                       after_ahead: Callable[[], None] | None = None):
     """The decoder's prefill forward (the whole prompt, embeddings already merged with the images'
     by the multimodal model) runs chunk by chunk, ending at `ends`, with `after_chunk(end)` between
-    chunks. Decode forwards pass through."""
+    chunks. `ahead` > 0: first the prompt's last `ahead` tokens run alone at their own positions
+    (attending only to each other, into a throwaway cache), then `after_ahead()`. Decode forwards
+    pass through."""
+    from transformers import DynamicCache
+
     decoder = model.get_decoder()
     forward = decoder.forward
 
     def chunked(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = decoder.get_input_embeddings()(input_ids)
-        if inputs_embeds.shape[1] != ends[-1]:  # not the prompt: a decode step
+        n = ends[-1]
+        if inputs_embeds.shape[1] != n:  # not the prompt: a decode step
             return forward(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
                            **kwargs)
+        if ahead:
+            tail = torch.arange(n - ahead, n, device=inputs_embeds.device)
+            forward(inputs_embeds=inputs_embeds[:, n - ahead:], use_cache=True,
+                    position_ids=tail[None] if position_ids is None else position_ids[..., n - ahead:],
+                    past_key_values=DynamicCache(config=model.config), cache_position=tail - (n - ahead))
+            after_ahead()
         start = 0
         for end in ends:
             # batch 1, no padding: the 2-D mask only grows; M-RoPE ids are [3 or 4, 1, n]
@@ -416,6 +447,9 @@ def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, p
     def after_chunk(end: int) -> None:
         prefill.after_chunk(cache, capture.queries, capture.scaling, end)
 
+    def after_ahead() -> None:
+        prefill.ahead = dict(capture.queries)
+
     class _EvictAfterPrefill(LogitsProcessor):
         def __call__(self, ids, scores):
             if not capture.done:
@@ -432,7 +466,9 @@ def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, p
 
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", []) or [])
     processors.insert(0, _EvictAfterPrefill())
-    chunks = _prefill_in_chunks(model, ends, after_chunk if prefill else None) if ends else contextlib.nullcontext()
+    chunks = contextlib.nullcontext() if not ends else _prefill_in_chunks(
+        model, ends, after_chunk if prefill else None, ahead=prefill.runs_ahead if prefill else 0,
+        after_ahead=after_ahead)
     with _wrapped_sdpa(capture), chunks:
         out = model.generate(**inputs, past_key_values=cache, logits_processor=processors, **generate_kwargs)
     return out, report
