@@ -17,7 +17,8 @@ unequal counts, unlike vLLM's one-block-table regime):
   quotas as floors in whole spans (`mpa_quota: floors`), only the smaller one as a floor
   (`mpa_quota: floor`), the smaller quota rounded to the nearest span (`mpa_quota: nearest`),
 - eviction during prefill, early chunks scored by their own window, the running mean of the
-  windows, or each key's distance from the mean key (`prefill_scores: novelty`),
+  windows, each key's distance from the mean key (`prefill_scores: novelty`), or the question's
+  window forwarded alone (`ahead`) or right after each chunk (`appended`),
 - SnapKV (max-pool 7), PyramidKV, StreamingLLM.
 Every sample is prefilled once and every variant decodes from its own evicted copy of that cache
 (`generate_sweep`, token-equal to running each variant alone). Model: SmolLM2-LLaVA (fp32 on
@@ -108,9 +109,11 @@ def variants(budget: float) -> dict:
     # a question-agnostic score: each key's distance from the mean key (KeyDiff's observation)
     out["MPA on, HCC off, window 8, span 8, during prefill, novelty"] = uniform(span=8, during_prefill=True,
                                                                                  prefill_scores="novelty")
-    # a proxy for the question: the prompt's last window tokens forwarded alone, before the first chunk
-    out["MPA on, HCC off, window 8, span 8, during prefill, ahead"] = uniform(span=8, during_prefill=True,
-                                                                               prefill_scores="ahead")
+    # a proxy for the question: the prompt's last window tokens forwarded alone, or right after the
+    # chunk over what is held (FINCH's rule), their keys dropped again
+    for scores in ("ahead", "appended"):
+        out[f"MPA on, HCC off, window 8, span 8, during prefill, {scores}"] = uniform(span=8, during_prefill=True,
+                                                                                       prefill_scores=scores)
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group

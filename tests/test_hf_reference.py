@@ -250,9 +250,10 @@ def test_chunked_prefill_without_eviction_during_it_changes_nothing(hf_model, ar
                                                                        sinks=2),
                                      dict(policy="madakv", prefill_scores="novelty"),
                                      dict(policy="madakv", prefill_scores="ahead"),
+                                     dict(policy="madakv", prefill_scores="appended"),
                                      dict(policy="snapkv"), dict(policy="streamingllm")],
-                         ids=["madakv", "madakv-running-sinks", "madakv-novelty", "madakv-ahead", "snapkv",
-                              "streamingllm"])
+                         ids=["madakv", "madakv-running-sinks", "madakv-novelty", "madakv-ahead",
+                              "madakv-appended", "snapkv", "streamingllm"])
 def test_eviction_during_prefill_equals_hiding_what_each_chunk_no_longer_held(hf_model, arch, options):
     model, processor = hf_model(arch)
     inputs = mm_inputs(processor, 3)
@@ -290,11 +291,12 @@ def test_ahead_scores_early_chunks_with_the_last_window_run_alone(hf_model, arch
     seen = {}
     after_chunk, evict_cache, select = reference.PrefillEviction.after_chunk, reference.evict_cache, policy.select
 
-    def first_compaction(self, cache, queries, scaling, end):
-        if "keys" not in seen and cache.layers[0].keys.shape[-2] > self.limit:
-            seen.update(keys=[layer.keys[0].clone() for layer in cache.layers], ahead=dict(self.ahead),
-                        scaling=dict(scaling))
-        return after_chunk(self, cache, queries, scaling, end)
+    def first_compaction(self, cache, queries, scaling, end, run_window):
+        due = "keys" not in seen and cache.layers[0].keys.shape[-2] > self.limit
+        keys = [layer.keys[0].clone() for layer in cache.layers]
+        after_chunk(self, cache, queries, scaling, end, run_window)
+        if due:
+            seen.update(keys=keys, ahead=dict(self.ahead), scaling=dict(scaling))
 
     def record_window(cache, queries, *args, **kwargs):
         seen["window"] = dict(queries)
@@ -315,12 +317,66 @@ def test_ahead_scores_early_chunks_with_the_last_window_run_alone(hf_model, arch
     assert not torch.allclose(seen["ahead"][1], seen["window"][1], atol=1e-3)
     # The first compaction's scores: every ahead query attends to every held key (they come after all)
     for layer, keys in enumerate(seen["keys"]):
-        q = seen["ahead"][layer]  # [W, Hq, D]
-        group = q.shape[1] // keys.shape[0]
-        scale = seen["scaling"][layer] or q.shape[-1] ** -0.5
-        logits = torch.einsum("whd,hnd->hwn", q, keys.repeat_interleave(group, dim=0)) * scale
-        want = logits.softmax(dim=-1).sum(dim=1).view(keys.shape[0], group, -1).sum(dim=1)
+        want = attention_received(seen["ahead"][layer], keys, seen["scaling"][layer])
         torch.testing.assert_close(seen["scores"][layer], want, rtol=1e-4, atol=1e-5)
+
+
+def attention_received(queries, keys, scale):
+    """Dense oracle: attention each key [Hkv, N, D] gets from queries [W, Hq, D] that see them all,
+    summed over the queries and the query heads of its KV head: [Hkv, N]."""
+    group = queries.shape[1] // keys.shape[0]
+    scale = scale or queries.shape[-1] ** -0.5
+    logits = torch.einsum("whd,hnd->hwn", queries, keys.repeat_interleave(group, dim=0)) * scale
+    return logits.softmax(dim=-1).sum(dim=1).view(keys.shape[0], group, -1).sum(dim=1)
+
+
+def test_appended_scores_with_the_window_asked_right_after_the_chunk(tiny_llama, monkeypatch):
+    from madakv_vllm.hf import reference
+
+    torch.manual_seed(1)
+    n, window, chunk = 200, 8, 40
+    ids = torch.randint(0, 300, (1, n))
+    policy = make_policy("snapkv", budget=0.2, window=window, during_prefill=True, prefill_slack=0.25,
+                         prefill_scores="appended")
+    seen, scores = [], []
+    after_chunk, select = reference.PrefillEviction.after_chunk, policy.select
+
+    def record(self, cache, queries, scaling, end, run_window):
+        held = [(layer.keys.clone(), layer.get_seq_length()) for layer in cache.layers]
+        after_chunk(self, cache, queries, scaling, end, run_window)
+        if self.report.prefill_compactions and self.report.prefill_compactions[-1][0] == end:
+            seen.append((end, held, dict(self.ahead), dict(scaling)))
+
+    def record_scores(psi, *args, **kwargs):
+        scores.append(psi)
+        return select(psi, *args, **kwargs)
+
+    monkeypatch.setattr(reference.PrefillEviction, "after_chunk", record)
+    monkeypatch.setattr(policy, "select", record_scores)
+    out, report = generate_with_eviction(tiny_llama, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                         policy, prefill_chunk=chunk, **GEN)
+    assert len(seen) >= 2
+    end, held, appended, _ = seen[0]  # nothing evicted yet: the window asked after the prompt's first `end` tokens
+    cap = reference._Capture(tiny_llama, lambda q_len: min(window, q_len))
+    positions = torch.cat([torch.arange(end), torch.arange(n - window, n)])[None]
+    with reference._wrapped_sdpa(cap), torch.no_grad():
+        tiny_llama(input_ids=torch.cat([ids[:, :end], ids[:, n - window:]], dim=1), position_ids=positions)
+    for layer, q in appended.items():
+        torch.testing.assert_close(q, cap.queries[layer], rtol=1e-4, atol=1e-5)
+    # each compaction scores what the chunks left (the window's own keys and values are dropped again),
+    # at their logical positions: what the compaction before kept and the chunks since
+    previous = (0, None)
+    for (at, held, appended, scaling), psi, (_, keep) in zip(seen, scores, report.prefill_compactions):
+        for layer, (keys, _) in enumerate(held):
+            since = torch.arange(previous[0], at).expand(keys.shape[1], -1)
+            logical = since if previous[1] is None else torch.cat([previous[1][layer], since], dim=1)
+            want = attention_received(appended[layer], keys[0], scaling[layer])
+            torch.testing.assert_close(psi[layer].gather(1, logical), want, rtol=1e-4, atol=1e-5)
+        previous = (at, keep)
+    later_end, later_held, _, _ = seen[1]
+    assert all(keys.shape[-2] <= policy.kept_tokens(n) + later_end - end and length == later_end
+               for keys, length in later_held)
+    assert not torch.allclose(seen[1][2][1], cap.queries[1], atol=1e-3)  # asked again over what is held now
 
 
 def test_during_prefill_needs_chunks(hf_model):

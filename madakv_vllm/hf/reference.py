@@ -237,8 +237,9 @@ class PrefillEviction:
     multiple of `chunk` (vLLM's fixed compaction points), a cache holding more than kept + slack
     tokens per head is compacted back to the whole prompt's kept count, each layer alike, scored
     by that chunk's own last queries ("chunk"), by the running mean of every chunk's window
-    scores ("running"), by each key's distance from the mean key ("novelty") or by the queries of
-    the prompt's last `window` tokens forwarded alone before the first chunk ("ahead")."""
+    scores ("running"), by each key's distance from the mean key ("novelty"), or by the queries of
+    the prompt's last `window` tokens (the question) forwarded alone ("ahead") or right after the
+    chunk, over what the cache holds ("appended"), then dropped."""
 
     def __init__(self, policy: EvictionPolicy, tags: torch.Tensor, report: EvictionReport, chunk: int):
         self.policy, self.tags, self.report, self.chunk = policy, tags, report, chunk
@@ -248,12 +249,6 @@ class PrefillEviction:
         self.positions: list[torch.Tensor] | None = None  # per layer [H, held]; None: every token so far
         self.running: tuple[torch.Tensor, torch.Tensor] | None = None  # score sums and counts [L, H, n]
         self.ahead: dict[int, torch.Tensor] = {}  # "ahead": layer -> the last window's queries [W, Hq, D]
-
-    @property
-    def runs_ahead(self) -> int:
-        """How many of the prompt's last tokens run alone before the first chunk (0: none)."""
-        policy = self.policy
-        return policy.score_queries(self.tags.numel()) if policy.prefill_scores == "ahead" else 0
 
     def sync(self, cache, end: int) -> list[torch.Tensor] | None:
         """Account for the tokens the chunk ending at `end` appended after the survivors; returns
@@ -266,7 +261,9 @@ class PrefillEviction:
             self.positions = [torch.cat([p, new], dim=1) for p in self.positions]
         return self.positions
 
-    def after_chunk(self, cache, queries, scaling, end: int) -> None:
+    def after_chunk(self, cache, queries, scaling, end: int, run_window: Callable | None = None) -> None:
+        """`run_window(cache or None)`: forwards the prompt's last window tokens over that cache
+        (None: alone) and undoes what they added; the capture then holds their queries."""
         layers = cache.layers
         self.sync(cache, end)
         held = layers[0].keys.shape[-2]
@@ -278,7 +275,10 @@ class PrefillEviction:
         scores = None
         present = held_mask(self.positions, end)
         if policy.needs_scores:
-            if self.ahead:  # queries that sit after every held key: each sees them all
+            if policy.prefill_scores == "appended" or (policy.prefill_scores == "ahead" and not self.ahead):
+                run_window(cache if policy.prefill_scores == "appended" else None)
+                self.ahead = dict(queries)  # what the capture saw
+            if policy.prefill_scores in ("ahead", "appended"):  # queries after every held key: each sees them all
                 queries = {layer: _one_position(q, cache.layers[0].keys.shape[1]) for layer, q in self.ahead.items()}
             scores = held_scores(cache, queries, scaling, policy, self.positions, n,
                                  novelty=policy.prefill_scores == "novelty")[..., :end]
@@ -376,13 +376,12 @@ def _check_sdpa(model) -> None:
 
 
 @contextlib.contextmanager
-def _prefill_in_chunks(model, ends: list[int], after_chunk: Callable[[int], None] | None, ahead: int = 0,
-                       after_ahead: Callable[[], None] | None = None):
+def _prefill_in_chunks(model, ends: list[int], after_chunk: Callable[[int, Callable], None] | None, window: int = 0):
     """The decoder's prefill forward (the whole prompt, embeddings already merged with the images'
-    by the multimodal model) runs chunk by chunk, ending at `ends`, with `after_chunk(end)` between
-    chunks. `ahead` > 0: first the prompt's last `ahead` tokens run alone at their own positions
-    (attending only to each other, into a throwaway cache), then `after_ahead()`. Decode forwards
-    pass through."""
+    by the multimodal model) runs chunk by chunk, ending at `ends`, with `after_chunk(end,
+    run_window)` between chunks: `run_window(cache)` forwards the prompt's last `window` tokens at
+    their own positions over `cache` as it is (None: alone, into a throwaway cache), then drops
+    the keys and values they added. Decode forwards pass through."""
     from transformers import DynamicCache
 
     decoder = model.get_decoder()
@@ -395,12 +394,16 @@ def _prefill_in_chunks(model, ends: list[int], after_chunk: Callable[[int], None
         if inputs_embeds.shape[1] != n:  # not the prompt: a decode step
             return forward(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
                            **kwargs)
-        if ahead:
-            tail = torch.arange(n - ahead, n, device=inputs_embeds.device)
-            forward(inputs_embeds=inputs_embeds[:, n - ahead:], use_cache=True,
-                    position_ids=tail[None] if position_ids is None else position_ids[..., n - ahead:],
-                    past_key_values=DynamicCache(config=model.config), cache_position=tail - (n - ahead))
-            after_ahead()
+
+        def run_window(cache) -> None:
+            tail = torch.arange(n - window, n, device=inputs_embeds.device)
+            held = [] if cache is None else [layer.keys.shape[-2] for layer in cache.layers]
+            forward(inputs_embeds=inputs_embeds[:, n - window:], use_cache=True,
+                    position_ids=tail[None] if position_ids is None else position_ids[..., n - window:],
+                    past_key_values=DynamicCache(config=model.config) if cache is None else cache)
+            for layer, length in zip(cache.layers if cache is not None else (), held):
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
         start = 0
         for end in ends:
             # batch 1, no padding: the 2-D mask only grows; M-RoPE ids are [3 or 4, 1, n]
@@ -408,7 +411,7 @@ def _prefill_in_chunks(model, ends: list[int], after_chunk: Callable[[int], None
                              position_ids=None if position_ids is None else position_ids[..., start:end],
                              inputs_embeds=inputs_embeds[:, start:end], **kwargs)
             if end < ends[-1] and after_chunk is not None:
-                after_chunk(end)
+                after_chunk(end, run_window)
             start = end
         return output  # the last chunk's hidden states: what picks the first token
 
@@ -444,11 +447,8 @@ def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, p
     cache = DynamicCache(config=model.config)
     prefill = PrefillEviction(policy, tags, report, prefill_chunk) if policy.during_prefill else None
 
-    def after_chunk(end: int) -> None:
-        prefill.after_chunk(cache, capture.queries, capture.scaling, end)
-
-    def after_ahead() -> None:
-        prefill.ahead = dict(capture.queries)
+    def after_chunk(end: int, run_window: Callable) -> None:
+        prefill.after_chunk(cache, capture.queries, capture.scaling, end, run_window)
 
     class _EvictAfterPrefill(LogitsProcessor):
         def __call__(self, ids, scores):
@@ -467,8 +467,7 @@ def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, p
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", []) or [])
     processors.insert(0, _EvictAfterPrefill())
     chunks = contextlib.nullcontext() if not ends else _prefill_in_chunks(
-        model, ends, after_chunk if prefill else None, ahead=prefill.runs_ahead if prefill else 0,
-        after_ahead=after_ahead)
+        model, ends, after_chunk if prefill else None, window=policy.score_queries(n))
     with _wrapped_sdpa(capture), chunks:
         out = model.generate(**inputs, past_key_values=cache, logits_processor=processors, **generate_kwargs)
     return out, report

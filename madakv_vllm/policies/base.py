@@ -18,7 +18,7 @@ import torch
 from madakv_kernels import keep_indices, topk_mask
 
 MAX_TOKEN_COUNT = 2**31 - 1  # token counts beyond this are no real budget (and overflow int32 / msgpack)
-PREFILL_SCORES = ("chunk", "running", "novelty", "ahead")  # scores between prefill chunks (during_prefill)
+PREFILL_SCORES = ("chunk", "running", "novelty", "ahead", "appended")  # scores between prefill chunks (during_prefill)
 
 
 def budget_error(budget) -> str | None:
@@ -97,10 +97,11 @@ class EvictionPolicy:
     ratio of the kept count (float) or a token count (int). Early chunks do not see the question:
     `prefill_scores` "chunk" scores with each chunk's own last `window` queries (SnapKV in chunks),
     "running" with the mean of the window scores of every chunk that saw the token so far,
-    "novelty" with each key's distance from the mean key (no query), "ahead" with the queries
-    of the prompt's last `window` tokens run alone at their positions before the first chunk (a
-    proxy for the question; "novelty" and "ahead" on the HF path only). The compaction after the
-    last chunk is the usual one (the question's window over the survivors).
+    "novelty" with each key's distance from the mean key (no query), "ahead" / "appended" with the
+    queries of the prompt's last `window` tokens (the question, where it ends the prompt) run at
+    their own positions alone / right after the chunk over what the request holds, then dropped
+    (FINCH's rule; "novelty", "ahead" and "appended" on the HF path only). The compaction after
+    the last chunk is the usual one (the question's window over the survivors).
 
     `decode_budget`: a cap on the tokens each head keeps per layer while the output grows (a
     ratio of the prompt or a token count; None = the output is never evicted). Once the layer
