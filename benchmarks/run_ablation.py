@@ -190,10 +190,12 @@ def write(args, rows: list[dict], seconds: float | None) -> None:
     summary = summarize(rows, {})
     cell = {(r["policy"], r["budget"] or None, r["task"]): r for r in summary}
     tasks = sorted({r["task"] for r in rows})
-    n = min(r["samples"] for r in summary if r["task"] != "ALL")
+    counts = [r["samples"] for r in summary if r["task"] != "ALL"]
+    n = min(counts)
+    each = f"{n}" if n == max(counts) else f"{n}-{max(counts)} (by setting)"  # runs of several lengths, summarized
     names = [name for name in dict.fromkeys(r["policy"] for r in rows) if name != "full cache"]
     full = cell.get(("full cache", None, "ALL"))
-    lines = [f"Mean score over {', '.join(tasks)} ({n} samples each, pooled Wilson 95 % interval); full cache "
+    lines = [f"Mean score over {', '.join(tasks)} ({each} samples each, pooled Wilson 95 % interval); full cache "
              + (f"{full['score']:.2f} [{full['ci_low']:.2f}, {full['ci_high']:.2f}]." if full else "not run."), "",
              f"Each other variant: its difference to the reference ({reference_name(args.reference)}) on the samples "
              "both ran and the exact McNemar p of that difference on the same samples (p < 0.05: significant).", "",

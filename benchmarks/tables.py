@@ -241,7 +241,7 @@ def _run_stamp(run: str) -> dict | None:
     commits = list(dict.fromkeys(commit for _, commit, _ in found))
     machine, _, date = found[-1]
     commit = commits[0] if len(commits) == 1 else f"{commits[0]} to {commits[-1]} ({len(found)} runs)"
-    return dict(machine=machine, commit=commit, date=date)
+    return dict(machine=machine, commit=commit, commits=commits, date=date)
 
 
 def _interval(row: dict) -> str:
@@ -301,7 +301,7 @@ def accuracy_glance(rows: list) -> str | None:
         return None
     served = {m["setting"] for _, _, m, _ in cells} == {"endpoint"}
     n = cells[0][1]["n"]
-    runs = "; ".join(f"{s['label']}{s['machine']}, commit{'s' if ' to ' in s['commit'] else ''} {s['commit']}, "
+    runs = "; ".join(f"{s['label']}{s['machine']}, commit{'s' if len(s['commits']) > 1 else ''} {s['commit']}, "
                      f"{s['date']}" for s in _glance_stamps())
     path = {"endpoint": "vLLM", "hf": "HF path"}
     return _markdown(
