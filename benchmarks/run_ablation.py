@@ -55,10 +55,10 @@ def variants(budget: float) -> dict:
     # Every variant names what it changes; the rest is pinned to the defaults it was measured
     # against, so a later change of a default does not change what a name means.
     def madakv(**options):  # window 32 unless a variant names its window (the old default, see REFERENCE)
-        return MadaKV(budget=budget, **{"window": 32, "span": 1, **options})
+        return MadaKV(budget=budget, **{"window": 32, "span": 1, "mpa_quota": "tokens", **options})
 
     def uniform(**options):  # what vLLM ran by default before the levers: MPA on, HCC off, window 8, tokens
-        return MadaKV(budget=budget, **{"hcc": False, "window": 8, "span": 1, **options})
+        return MadaKV(budget=budget, **{"hcc": False, "window": 8, "span": 1, "mpa_quota": "tokens", **options})
 
     out = {}
     for mpa in (False, True):
@@ -106,14 +106,13 @@ def variants(budget: float) -> dict:
     out["MPA on, HCC off, window 8, span 8, during prefill"] = uniform(span=8, during_prefill=True)
     out["MPA on, HCC off, window 8, span 8, during prefill, running"] = uniform(span=8, during_prefill=True,
                                                                                  prefill_scores="running")
-    # a question-agnostic score: each key's distance from the mean key (KeyDiff's observation)
-    out["MPA on, HCC off, window 8, span 8, during prefill, novelty"] = uniform(span=8, during_prefill=True,
-                                                                                 prefill_scores="novelty")
-    # a proxy for the question: the prompt's last window tokens forwarded alone, or right after the
-    # chunk over what is held (FINCH's rule), their keys dropped again
-    for scores in ("ahead", "appended"):
-        out[f"MPA on, HCC off, window 8, span 8, during prefill, {scores}"] = uniform(span=8, during_prefill=True,
-                                                                                       prefill_scores=scores)
+    # early chunks scored by a question-agnostic score (each key's distance from the mean key, KeyDiff's
+    # observation) or by a proxy for the question: the prompt's last window tokens forwarded alone, or
+    # right after the chunk over what is held, their keys dropped again (FINCH's rule); MPA's quotas in
+    # spans (the default when these were measured)
+    for scores in ("novelty", "ahead", "appended"):
+        out[f"MPA on, HCC off, window 8, span 8, quota in spans, during prefill, {scores}"] = uniform(
+            span=8, mpa_quota="spans", during_prefill=True, prefill_scores=scores)
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group

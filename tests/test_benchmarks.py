@@ -149,3 +149,20 @@ def test_accuracy_results_carry_their_split_and_the_glance_shows_the_test_split_
     assert [(m["score"], best["score"]) for _, _, m, best in tables._glance_cells(merged)] == [(0.7, 0.65)] * 3
     with pytest.raises(SystemExit, match="neither the dev"):
         run_accuracy.run_dir(False, 7)
+
+
+def test_ablation_variant_names_keep_their_meaning_when_a_default_changes():
+    """A variant's name says what it changes; the rest stays what it was measured with (MPA's
+    quotas in single tokens unless the name says spans, floors or nearest), so rows of runs from
+    before and after a default changed can be pooled by name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_ablation
+    from madakv_vllm.policies import MadaKV
+
+    variants = run_ablation.variants(0.2)
+    assert any(name.endswith("during prefill, appended") for name in variants)
+    named = {"quota in spans": "spans", "quota floors": "floors", "quota floor": "floor", "quota nearest": "nearest"}
+    for name, policy in variants.items():
+        if isinstance(policy, MadaKV):
+            quota = next((q for phrase, q in named.items() if phrase in name), "tokens")
+            assert policy.mpa_quota == quota, name
