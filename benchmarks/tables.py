@@ -470,7 +470,7 @@ TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": 
           "accuracy_glance": accuracy_glance, "serving_glance": serving_glance, "kernels": kernels,
           "kernels_h200": kernels_h200, "stress": stress, "prefill_memory": prefill_memory,
           "decode_memory": decode_memory, "decode_fidelity": decode_fidelity,
-          "decode_recall": decode_recall, "prefill_eviction": ablation,
+          "decode_recall": decode_recall, "prefill_eviction": ablation, "prefill_appended": ablation,
           **{f"levers_round{n}": ablation for n in LEVER_ROUNDS}}
 # the JSON each table is rendered from, when its name is not NAME.json (None: the table reads its own files)
 TABLE_SOURCES = {"accuracy": None, "accuracy_test": None, "accuracy_glance": "accuracy", "serving_glance": "serving"}
@@ -596,8 +596,8 @@ PLOTS = {
     "benchmarks/results/levers.png": Plot("benchmarks/results/levers.json", _module_draw("run_ablation")),
     **{f"benchmarks/results/levers_round{n}.png": Plot(f"benchmarks/results/levers_round{n}.json",
                                                        _module_draw("run_ablation")) for n in LEVER_ROUNDS},
-    "benchmarks/results/prefill_eviction.png": Plot("benchmarks/results/prefill_eviction.json",
-                                                    _module_draw("run_ablation")),
+    **{f"benchmarks/results/{name}.png": Plot(f"benchmarks/results/{name}.json", _module_draw("run_ablation"))
+       for name in ("prefill_eviction", "prefill_appended")},
     "benchmarks/results/accuracy-glance.png": Plot("benchmarks/results/accuracy.json",
                                                    lambda: draw_accuracy_glance, lambda _: _glance_stamps()),
     **{f"benchmarks/results/{run}/scores.png": Plot(
