@@ -258,8 +258,9 @@ def draw(plt, result: dict):
     axes[0].set_yticks(list(range(len(names))), names, fontsize=8)
     axes[0].invert_yaxis()
     fig.text(0.01, 0.01, f"{result['model']}; {result['samples_per_task']} samples per task; orange: the "
-                         f"reference ({reference_name(reference)}), green: vLLM's default as of this result "
-                         f"({vllm_default})", fontsize=7)
+                         f"reference ({reference_name(reference)})"
+                         + (f", green: vLLM's default as of this result ({vllm_default})" if vllm_default else ""),
+             fontsize=7)
     return fig
 
 
