@@ -296,7 +296,7 @@ def test_ahead_scores_early_chunks_with_the_last_window_run_alone(hf_model, arch
         keys = [layer.keys[0].clone() for layer in cache.layers]
         after_chunk(self, cache, queries, scaling, end, run_window)
         if due:
-            seen.update(keys=keys, ahead=dict(self.ahead), scaling=dict(scaling))
+            seen.update(keys=keys, ahead=dict(self.question_queries), scaling=dict(scaling))
 
     def record_window(cache, queries, *args, **kwargs):
         seen["window"] = dict(queries)
@@ -345,7 +345,7 @@ def test_appended_scores_with_the_window_asked_right_after_the_chunk(tiny_llama,
         held = [(layer.keys.clone(), layer.get_seq_length()) for layer in cache.layers]
         after_chunk(self, cache, queries, scaling, end, run_window)
         if self.report.prefill_compactions and self.report.prefill_compactions[-1][0] == end:
-            seen.append((end, held, dict(self.ahead), dict(scaling)))
+            seen.append((end, held, dict(self.question_queries), dict(scaling)))
 
     def record_scores(psi, *args, **kwargs):
         scores.append(psi)

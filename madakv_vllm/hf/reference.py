@@ -248,7 +248,8 @@ class PrefillEviction:
         self.limit = self.kept + policy.slack_tokens(self.kept)
         self.positions: list[torch.Tensor] | None = None  # per layer [H, held]; None: every token so far
         self.running: tuple[torch.Tensor, torch.Tensor] | None = None  # score sums and counts [L, H, n]
-        self.ahead: dict[int, torch.Tensor] = {}  # "ahead": layer -> the last window's queries [W, Hq, D]
+        # "ahead" / "appended": layer -> the queries [W, Hq, D] of the prompt's last window tokens
+        self.question_queries: dict[int, torch.Tensor] = {}
 
     def sync(self, cache, end: int) -> list[torch.Tensor] | None:
         """Account for the tokens the chunk ending at `end` appended after the survivors; returns
@@ -275,11 +276,12 @@ class PrefillEviction:
         scores = None
         present = held_mask(self.positions, end)
         if policy.needs_scores:
-            if policy.prefill_scores == "appended" or (policy.prefill_scores == "ahead" and not self.ahead):
-                run_window(cache if policy.prefill_scores == "appended" else None)
-                self.ahead = dict(queries)  # what the capture saw
+            if policy.prefill_scores == "appended" or (policy.prefill_scores == "ahead" and not self.question_queries):
+                run_window(cache if policy.prefill_scores == "appended" else None)  # "ahead": once, alone
+                self.question_queries = dict(queries)  # what the capture saw
             if policy.prefill_scores in ("ahead", "appended"):  # queries after every held key: each sees them all
-                queries = {layer: _one_position(q, cache.layers[0].keys.shape[1]) for layer, q in self.ahead.items()}
+                queries = {layer: _one_position(q, cache.layers[0].keys.shape[1])
+                           for layer, q in self.question_queries.items()}
             scores = held_scores(cache, queries, scaling, policy, self.positions, n,
                                  novelty=policy.prefill_scores == "novelty")[..., :end]
             if running:  # every chunk's window adds to the sums of the tokens it saw
