@@ -110,12 +110,15 @@ def variants(budget: float) -> dict:
     # observation) or by a proxy for the question: the prompt's last window tokens forwarded alone, or
     # right after the chunk over what is held, their keys dropped again (FINCH's rule); MPA's quotas in
     # spans (the default when these were measured)
+    def during_prefill(**options):
+        return uniform(span=8, mpa_quota="spans", during_prefill=True, **options)
+
     for scores in ("novelty", "ahead", "appended"):
-        out[f"MPA on, HCC off, window 8, span 8, quota in spans, during prefill, {scores}"] = uniform(
-            span=8, mpa_quota="spans", during_prefill=True, prefill_scores=scores)
+        out[f"MPA on, HCC off, window 8, span 8, quota in spans, during prefill, {scores}"] = during_prefill(
+            prefill_scores=scores)
     # a larger slack: fewer compactions before the question, more held between them
-    out["MPA on, HCC off, window 8, span 8, quota in spans, during prefill, appended, slack 1.0"] = uniform(
-        span=8, mpa_quota="spans", during_prefill=True, prefill_scores="appended", prefill_slack=1.0)
+    out["MPA on, HCC off, window 8, span 8, quota in spans, during prefill, appended, slack 1.0"] = during_prefill(
+        prefill_scores="appended", prefill_slack=1.0)
     for pool in (3, 7):
         out[f"MPA on, HCC balanced, pool {pool}"] = madakv(pool=pool)
     # every layer keeps the same count: what vLLM runs with its default single KV-cache group

@@ -262,7 +262,7 @@ class PrefillEviction:
             self.positions = [torch.cat([p, new], dim=1) for p in self.positions]
         return self.positions
 
-    def after_chunk(self, cache, queries, scaling, end: int, run_window: Callable | None = None) -> None:
+    def after_chunk(self, cache, queries, scaling, end: int, run_window: Callable) -> None:
         """`run_window(cache or None)`: forwards the prompt's last window tokens over that cache
         (None: alone) and undoes what they added; the capture then holds their queries."""
         layers = cache.layers
