@@ -12,7 +12,7 @@ import torch
 from ._paged import dense_as_paged, gather_tokens, paged_dims
 from ._triton import HAS_TRITON
 from .compaction import compact_kv_torch, compact_kv_triton
-from .scoring import key_novelty, value_norms, window_scores_torch, window_scores_triton
+from .scoring import key_novelty, queries_after_every_key, value_norms, window_scores_torch, window_scores_triton
 from .selection import (
     IMAGE,
     MODALITY_TAGS,
@@ -46,7 +46,8 @@ def compact_kv(key_cache, value_cache, src_block_table, dst_block_table, keep_id
 
 __all__ = [
     "TEXT", "IMAGE", "VIDEO", "MODALITY_TAGS", "HAS_TRITON",
-    "window_scores", "window_scores_torch", "window_scores_triton", "value_norms", "key_novelty",
+    "window_scores", "window_scores_torch", "window_scores_triton", "queries_after_every_key", "value_norms",
+    "key_novelty",
     "compact_kv", "compact_kv_torch", "compact_kv_triton",
     "modality_mass", "coverage_demand", "topk_mask", "span_ranks", "split_quota", "keep_indices", "held_mask",
     "physical_indices", "logical_positions",

@@ -62,6 +62,16 @@ def window_scores_torch(
     return psi
 
 
+def queries_after_every_key(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Queries [W, Hq, D] that follow every scored key (a question's window run after a chunk)
+    as one query position with W times the heads per KV head: `window_scores` then lets each of
+    them see every key (its causal mask places them at the last W keys otherwise) and still sums
+    their attention per KV head."""
+    w, num_q_heads, head_dim = queries.shape
+    per_kv_head = queries.reshape(w, num_kv_heads, num_q_heads // num_kv_heads, head_dim).transpose(0, 1)
+    return per_kv_head.reshape(1, -1, head_dim)
+
+
 def value_norms(value_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
                 layout: str = "NHD") -> torch.Tensor:
     """L2 norm of each of the first `context_len` values of one request per KV head: [Hkv, N]

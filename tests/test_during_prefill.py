@@ -39,8 +39,8 @@ def reference(hf_model, arch, **options):
 
 
 @pytest.mark.parametrize("arch", ["qwen2vl", "llava"])
-@pytest.mark.parametrize("options", [{}, {"policy": "snapkv"}, {"span": 1, "sinks": 4}], ids=["madakv", "snapkv",
-                                                                                                "tokens-sinks"])
+@pytest.mark.parametrize("options", [{}, {"policy": "snapkv"}, {"span": 1, "sinks": 4}, {"prefill_scores": "appended"}],
+                         ids=["madakv", "snapkv", "tokens-sinks", "appended"])
 def test_parity_with_the_hf_chunked_reference(engines, hf_model, arch, options):
     inputs, expected, report, policy = reference(hf_model, arch, **options)
     n = inputs["input_ids"].shape[1]
@@ -50,9 +50,31 @@ def test_parity_with_the_hf_chunked_reference(engines, hf_model, arch, options):
         **{k: v for k, v in options.items() if k != "policy"}), max_new_tokens=MAX_TOKENS, do_sample=False)
     assert one_shot[0, n:].tolist() != expected, "evicting during prefill should change this output"
     llm = chunked_engine(engines, arch, **options)
+    probes = probes_scheduled(scheduler_of(llm))
     out = llm.chat(vllm_messages(3), greedy(), use_tqdm=False)[0]
     assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
     assert list(out.outputs[0].token_ids) == expected
+    if options.get("prefill_scores") == "appended":  # points scored by the question (not those an image follows)
+        scored = {end for end, _ in report.prefill_compactions}
+        assert probes and set(probes) <= scored, (probes, scored)
+    else:
+        assert not probes
+
+
+def probes_scheduled(scheduler) -> list[int]:
+    """The points whose compaction a probe (the question's window after the chunk) scored, from
+    here on: the scheduler's outputs say."""
+    from madakv_vllm.vllm.protocol import probes_of
+
+    points, schedule = [], type(scheduler).schedule
+
+    def schedule_and_record(*args, **kwargs):
+        output = schedule(scheduler, *args, **kwargs)
+        points.extend(probes_of(output).values())
+        return output
+
+    scheduler.schedule = schedule_and_record
+    return points
 
 
 # ---- capacity: prompts larger than the KV pool --------------------------------------------------
@@ -123,16 +145,18 @@ def test_stock_vllm_cannot_start_with_that_pool(tiny_model_dir):
                  max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=2)
 
 
-def test_prefix_hits_preemption_and_aborts_mid_prefill_lose_nothing(engines):
+@pytest.mark.parametrize("prefill_scores", ["chunk", "appended"])
+def test_prefix_hits_preemption_and_aborts_mid_prefill_lose_nothing(engines, prefill_scores):
     """Requests sharing a long prefix (hits only on blocks cached before their first compaction),
     preempted and aborted between compactions: every block comes back, nothing is left behind,
     and a request preempted mid-prefill re-prefills to the same tokens as when it ran alone."""
     from madakv_vllm.testing.stress import blocks_held_mismatches
     from test_vllm_engine import run_steps, sampling, text_prompt
 
-    llm = engines.get("qwen2vl", additional_config={"kv_eviction": HUGE}, num_gpu_blocks_override=80,
-                      max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=4)
+    llm = engines.get("qwen2vl", additional_config={"kv_eviction": {**HUGE, "prefill_scores": prefill_scores}},
+                      num_gpu_blocks_override=80, max_model_len=3072, max_num_batched_tokens=64, max_num_seqs=4)
     scheduler = scheduler_of(llm)
+    probes = probes_scheduled(scheduler)
     pool = scheduler.kv_cache_manager.block_pool
     free_at_start = pool.get_num_free_blocks()
     prefix = text_prompt(1200, seed=11)["prompt_token_ids"]
@@ -148,3 +172,4 @@ def test_prefix_hits_preemption_and_aborts_mid_prefill_lose_nothing(engines):
     assert not scheduler.eviction_targets
     for rid in ("p0", "p1", "p2"):
         assert outputs[rid] == solo[rid], rid
+    assert bool(probes) == (prefill_scores == "appended")

@@ -345,7 +345,8 @@ def test_appended_scores_with_the_window_asked_right_after_the_chunk(tiny_llama,
         held = [(layer.keys.clone(), layer.get_seq_length()) for layer in cache.layers]
         after_chunk(self, cache, queries, scaling, end, run_window)
         if self.report.prefill_compactions and self.report.prefill_compactions[-1][0] == end:
-            seen.append((end, held, dict(self.question_queries), dict(scaling)))
+            # where the window cannot follow the chunk (it would reach the prompt's end) the chunk's own queries score
+            seen.append((end, held, dict(self.question_queries) if end + window < n else None, dict(scaling)))
 
     def record_scores(psi, *args, **kwargs):
         scores.append(psi)
@@ -366,7 +367,8 @@ def test_appended_scores_with_the_window_asked_right_after_the_chunk(tiny_llama,
     # each compaction scores what the chunks left (the window's own keys and values are dropped again),
     # at their logical positions: what the compaction before kept and the chunks since
     previous = (0, None)
-    for (at, held, appended, scaling), psi, (_, keep) in zip(seen, scores, report.prefill_compactions):
+    assert seen[-1][0] + window == n and seen[-1][2] is None  # 192 = 6 x (40 - 8): chunks carry their probe
+    for (at, held, appended, scaling), psi, (_, keep) in zip(seen[:-1], scores, report.prefill_compactions):
         for layer, (keys, _) in enumerate(held):
             since = torch.arange(previous[0], at).expand(keys.shape[1], -1)
             logical = since if previous[1] is None else torch.cat([previous[1][layer], since], dim=1)

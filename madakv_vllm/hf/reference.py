@@ -39,11 +39,13 @@ from madakv_kernels import (
     key_novelty,
     logical_positions,
     physical_indices,
+    queries_after_every_key,
     value_norms,
     window_scores,
 )
 
 from ..policies import EvictionPolicy
+from ..policies.base import probe_fits
 
 
 @dataclass
@@ -223,15 +225,6 @@ def prefill_chunks(n: int, chunk: int, window: int) -> list[int]:
     return ends
 
 
-def _one_position(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Window queries [W, Hq, D] as one query position with W x the heads per KV head, so that
-    `window_scores` (which places its W queries at the last W key positions, causally) lets every
-    query see every key and still sums their attention per KV head."""
-    w, num_q_heads, head_dim = queries.shape
-    per_kv_head = queries.reshape(w, num_kv_heads, num_q_heads // num_kv_heads, head_dim).transpose(0, 1)
-    return per_kv_head.reshape(1, -1, head_dim)
-
-
 class PrefillEviction:
     """Compaction between prefill chunks (`policy.during_prefill`). After a chunk ending at a
     multiple of `chunk` (vLLM's fixed compaction points), a cache holding more than kept + slack
@@ -276,11 +269,13 @@ class PrefillEviction:
         scores = None
         present = held_mask(self.positions, end)
         if policy.needs_scores:
-            if policy.prefill_scores == "appended" or (policy.prefill_scores == "ahead" and not self.question_queries):
+            question = policy.prefill_scores == "ahead" or (policy.prefill_scores == "appended" and probe_fits(
+                end, n, policy.question_probe(n), lambda start, stop: bool((self.tags[start:stop] != TEXT).any())))
+            if policy.prefill_scores == "appended" and question or (question and not self.question_queries):
                 run_window(cache if policy.prefill_scores == "appended" else None)  # "ahead": once, alone
                 self.question_queries = dict(queries)  # what the capture saw
-            if policy.prefill_scores in ("ahead", "appended"):  # queries after every held key: each sees them all
-                queries = {layer: _one_position(q, cache.layers[0].keys.shape[1])
+            if question:  # queries after every held key: each sees them all
+                queries = {layer: queries_after_every_key(q, cache.layers[0].keys.shape[1])
                            for layer, q in self.question_queries.items()}
             scores = held_scores(cache, queries, scaling, policy, self.positions, n,
                                  novelty=policy.prefill_scores == "novelty")[..., :end]
@@ -438,6 +433,8 @@ def generate_with_eviction(model, inputs: dict, policy: EvictionPolicy | None, p
     n = tags.numel()
     if policy is not None and policy.during_prefill and prefill_chunk is None:
         raise ValueError(f"{policy.name} evicts during prefill: pass prefill_chunk (tokens per chunk)")
+    if prefill_chunk is not None and policy is not None and policy.during_prefill:
+        prefill_chunk = policy.compaction_interval(prefill_chunk, n)  # as vLLM: a probe shares the chunk's step
     ends = None if prefill_chunk is None else prefill_chunks(
         n, prefill_chunk, policy.score_queries(n) if policy is not None and policy.needs_scores else 0)
     if policy is None:

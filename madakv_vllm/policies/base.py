@@ -32,6 +32,17 @@ def budget_error(budget) -> str | None:
     return None
 
 
+def probe_fits(point: int, prompt_len: int, probe: int, has_embeds) -> bool:
+    """Whether the question's window (the prompt's last `probe` tokens) can run right after the
+    prefill chunk ending at `point` to score it (`prefill_scores: appended`). In vLLM its rows
+    ride on that chunk's step at the positions that follow it, so they must end before the prompt
+    does, and `has_embeds(start, end)` (an image's or video's embeddings among those positions)
+    must be false there and in the window itself: the step would merge them into the probe.
+    Otherwise the chunk's own last queries score the point, on the HF path as in vLLM."""
+    return probe > 0 and point + probe < prompt_len and not has_embeds(point, point + probe) \
+        and not has_embeds(prompt_len - probe, prompt_len)
+
+
 def distribute(targets: list[float], total: int, cap: int) -> list[int]:
     """Integers close to `targets`, each in [0, cap], summing to min(total, cap * len).
 
@@ -169,6 +180,17 @@ class EvictionPolicy:
     def score_queries(self, n: int) -> int:
         """How many trailing prompt queries score the tokens (the proxy window)."""
         return min(max(self.window, 1), n)
+
+    def question_probe(self, n: int) -> int:
+        """With prefill_scores "appended": how many of an n-token prompt's last tokens (its
+        question's window) run right after a chunk to score it; 0 otherwise."""
+        appended = self.during_prefill and self.needs_scores and self.prefill_scores == "appended"
+        return self.score_queries(n) if appended else 0
+
+    def compaction_interval(self, chunk: int, n: int) -> int:
+        """With during_prefill and prefill chunks of `chunk` tokens: compactions may follow every
+        this many prompt tokens. The probe rides on the chunk's step, so both fit in `chunk`."""
+        return chunk - self.question_probe(n)
 
     def slack_tokens(self, kept: int) -> int:
         """With during_prefill: tokens a request may hold beyond its kept count before the next

@@ -254,6 +254,27 @@ def too_large_error(vllm_config, request) -> str | None:
             f"up to {max_tokens} output tokens), more than the {usable} the KV cache has; {advice}")
 
 
+def probe_error(vllm_config, request) -> str | None:
+    """Why a request whose early chunks are scored by the question's window run after them
+    (`prefill_scores: appended`) cannot be served, or None: its probe rides on a chunk's step, so
+    that step has no prompt logprobs to give for its rows, and the chunk must leave room for it."""
+    base, params = _state["server_config"], request.sampling_params
+    if base is None or params is None or request.prompt_token_ids is None:
+        return None
+    policy = request_policy(base, params.extra_args, layer_groups(vllm_config.additional_config))
+    probe = policy.question_probe(len(request.prompt_token_ids)) if policy is not None else 0
+    if not probe:
+        return None
+    if params.prompt_logprobs is not None:
+        return ("KV eviction with prefill_scores: appended cannot return prompt_logprobs; drop them, or send "
+                "vllm_xargs {\"kv_eviction_during_prefill\": false}")
+    chunk = prefill_chunk_tokens(vllm_config)
+    if chunk <= probe:
+        return (f"KV eviction with prefill_scores: appended runs the prompt's last {probe} tokens after a prefill "
+                f"chunk of at most {chunk} tokens; raise --max-num-batched-tokens above {probe}, or lower the window")
+    return None
+
+
 def _hook_input_processor(module) -> None:
     """Requests eviction cannot serve are an HTTP 400 in the API server (ValueError offline):
     streaming-input sessions (resumable requests), which replace the prompt between chunks that
@@ -273,7 +294,7 @@ def _hook_input_processor(module) -> None:
             raise VLLMValidationError("KV eviction does not support streaming-input sessions; send "
                                       "vllm_xargs {\"kv_eviction\": \"none\"} with them", parameter="vllm_xargs")
         request = process_inputs(self, request_id, prompt, params, *args, **kwargs)
-        if (error := too_large_error(self.vllm_config, request)) is not None:
+        if (error := too_large_error(self.vllm_config, request) or probe_error(self.vllm_config, request)) is not None:
             raise VLLMValidationError(error)
         return request
 

@@ -1,7 +1,9 @@
 """The messages between the scheduler (engine core) and the workers, and where they travel.
 
 Scheduler -> workers: a {request id: CompactionPlan} dict on each SchedulerOutput under
-PLANS_ATTR; vLLM pickles the whole object to the workers, attribute included.
+PLANS_ATTR; vLLM pickles the whole object to the workers, attribute included. Likewise
+{request id: point} under PROBES_ATTR: the request's last `probe` scheduled rows in that step
+are its question's window, run right after its chunk ending at `point` (`prefill_scores: appended`).
 Workers -> scheduler (several KV-cache groups and layer budgets that depend on the scores only):
 {request id: kept tokens per group} on the ModelRunnerOutput of the step that finished scoring
 the prompt, under REPORT_ATTR (pickled back the same way). Everything else both sides need
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PLANS_ATTR = "kv_eviction_plans"
+PROBES_ATTR = "kv_eviction_probes"
 REPORT_ATTR = "kv_eviction_kept_per_group"
 
 
@@ -34,6 +37,14 @@ def attach_plans(scheduler_output, plans: dict[str, CompactionPlan]) -> None:
 
 def plans_of(scheduler_output) -> dict[str, CompactionPlan]:
     return getattr(scheduler_output, PLANS_ATTR, None) or {}
+
+
+def attach_probes(scheduler_output, probes: dict[str, int]) -> None:
+    setattr(scheduler_output, PROBES_ATTR, probes)
+
+
+def probes_of(scheduler_output) -> dict[str, int]:
+    return getattr(scheduler_output, PROBES_ATTR, None) or {}
 
 
 def attach_report(model_runner_output, kept: dict[str, list[int]]) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import EvictionConfig, EvictionConfigError
 from ..policies import EvictionPolicy
-from ..policies.base import decode_point
+from ..policies.base import decode_point, probe_fits
 
 logger = logging.getLogger("madakv_vllm")
 
@@ -23,8 +23,9 @@ XARG_BUDGET = "kv_eviction_budget"
 XARG_WINDOW = "kv_eviction_window"
 XARG_DURING_PREFILL = "kv_eviction_during_prefill"
 XARG_DECODE_BUDGET = "kv_eviction_decode_budget"
+XARG_PREFILL_SCORES = "kv_eviction_prefill_scores"
 _XARGS = {XARG_POLICY: "policy", XARG_BUDGET: "budget", XARG_WINDOW: "window", XARG_DURING_PREFILL: "during_prefill",
-          XARG_DECODE_BUDGET: "decode_budget"}
+          XARG_DECODE_BUDGET: "decode_budget", XARG_PREFILL_SCORES: "prefill_scores"}
 
 
 def engine_config(additional_config: Mapping[str, Any] | None) -> EvictionConfig | None:
@@ -36,12 +37,15 @@ def engine_config(additional_config: Mapping[str, Any] | None) -> EvictionConfig
     return None if config.policy == "none" else config
 
 
+SERVED_PREFILL_SCORES = ("chunk", "appended")
+
+
 def check_served(config: EvictionConfig) -> EvictionConfig:
     """What the HF reference path runs but vLLM does not (yet): raises EvictionConfigError."""
     policy = config.build_policy()
-    if policy is not None and policy.during_prefill and policy.prefill_scores != "chunk":
+    if policy is not None and policy.during_prefill and policy.prefill_scores not in SERVED_PREFILL_SCORES:
         raise EvictionConfigError(f"prefill_scores {policy.prefill_scores!r} runs on the HF reference path only; "
-                                  f"vLLM scores each prefill chunk with its own window (prefill_scores: chunk)")
+                                  f"vLLM serves {' and '.join(SERVED_PREFILL_SCORES)}")
     return config
 
 
@@ -115,6 +119,13 @@ class EvictionTarget:
     decode_slack: int = 0
     decode_interval: int = 0
     decode_queries: int = 0
+    probe: int = 0  # prefill_scores "appended": the question's window runs after the chunk a compaction follows
+
+    def probes_at(self, point: int, mm_features) -> bool:
+        """Whether the compaction after the chunk ending at `point` is scored by the question's
+        window run right after that chunk (`probe_fits`); else by the chunk's own last queries."""
+        return probe_fits(point, self.prompt_len, self.probe,
+                          lambda start, end: has_embeds_between(mm_features, start, end))
 
     @property
     def prompt_evicted(self) -> bool:
@@ -161,7 +172,9 @@ class EvictionTarget:
         blocks = lambda tokens: -(-tokens // block_size)  # noqa: E731
         if self.limit is None:
             return blocks(self.prompt_len)
-        held, copy = min(self.prompt_len, self.limit + self.chunk), min(self.prompt_len, self.kept + self.chunk)
+        # a probe's scratch slots follow the chunk it rides on
+        held = min(self.prompt_len, self.limit + self.chunk + self.probe)
+        copy = min(self.prompt_len, self.kept + self.chunk)
         return blocks(held) + blocks(copy)
 
     def decode_peak_blocks(self, block_size: int) -> int:
@@ -228,6 +241,17 @@ def max_score_bytes(additional_config: Mapping[str, Any] | None) -> int:
     return MAX_SCORE_BYTES if value is None else int(value)
 
 
+def has_embeds_between(mm_features, start: int, end: int) -> bool:
+    """Whether any of a request's images or videos puts embeddings among positions [start, end)
+    (vLLM merges them there, by position, into whatever rows the step computes)."""
+    for feature in mm_features or ():
+        pos = feature.mm_position
+        lo, hi = max(start, pos.offset), min(end, pos.offset + pos.length)
+        if lo < hi and (pos.is_embed is None or bool(pos.is_embed[lo - pos.offset : hi - pos.offset].any())):
+            return True
+    return False
+
+
 def prefill_chunk_tokens(vllm_config) -> int:
     """The most prompt tokens a request computes in one step (chunked prefill's chunk): where
     compactions between chunks may happen (EvictionTarget.chunk)."""
@@ -263,13 +287,21 @@ def eviction_target(policy: EvictionPolicy | None, prompt_len: int, scores_per_t
                        prompt_len, policy.name, kept, score_queries)
         return None
     evicted = kept < prompt_len
-    limit = kept + policy.slack_tokens(kept) if policy.during_prefill and chunk > 0 and evicted else None
+    during = policy.during_prefill and chunk > 0 and evicted
+    limit = kept + policy.slack_tokens(kept) if during else None
+    probe = policy.question_probe(prompt_len) if during else 0
+    if during:
+        chunk = policy.compaction_interval(chunk, prompt_len)
+        if chunk < 1:  # the API server refuses such requests (plugin.probe_error)
+            logger.warning("KV eviction skipped for a %d-token prompt: its %d-token probe leaves no room in the "
+                           "prefill chunk", prompt_len, probe)
+            return None
     decode = {} if cap is None else dict(decode_cap=cap, decode_slack=policy.decode_slack_tokens(cap),
                                          decode_interval=policy.decode_interval(prompt_len),
                                          decode_queries=max(policy.window, 1))
     return EvictionTarget(prompt_len, kept, score_queries,
                           reported_counts=evicted and groups > 1 and policy.varies_by_layer(), limit=limit, chunk=chunk,
-                          **decode)
+                          probe=probe, **decode)
 
 
 def peak_blocks(policy: EvictionPolicy | None, prompt_len: int, max_tokens: int, chunk: int, block_size: int,

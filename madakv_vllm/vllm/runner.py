@@ -9,7 +9,9 @@ CPU runner subclasses), installed once its KV cache exists.
   logical positions and the next selection knows what each head still holds.
 - `_prepare_inputs` (after): for compacted requests give attention physical `seq_lens` and
   write slots at `position - E_g`; positions (RoPE, M-RoPE) stay logical. List the rows of this
-  step's queries that score a prompt (the last `score_queries` prompt tokens).
+  step's queries that score a prompt (the last `score_queries` prompt tokens). A probe's rows
+  (`prefill_scores: appended`) become the question's window: its token ids at its own positions,
+  its keys in scratch slots right after the chunk's; they score the point the chunk ends at.
 - `execute_model` (after): for prompts whose scoring finished in this step and whose groups keep
   counts that depend on the scores, plan the per-group counts (tensor-parallel ranks agree by
   averaging their layer demands); `sample_tokens` (after) reports them on the step's output.
@@ -40,6 +42,7 @@ from madakv_kernels import (
     logical_positions,
     paged_dims,
     physical_indices,
+    queries_after_every_key,
     value_norms,
     window_scores,
 )
@@ -47,7 +50,7 @@ from madakv_kernels import (
 from ..policies import EvictionPolicy
 from .kv_layout import check_layout, key_value_views
 from .metrics import Counters
-from .protocol import attach_report, plans_of
+from .protocol import attach_report, plans_of, probes_of
 from .requests import (
     EvictionTarget,
     engine_config,
@@ -110,13 +113,15 @@ class RequestEviction:
 class ScoringRows:
     """Rows [start, end) of this step's queries are the last end - start of the first
     `context_lens[g]` tokens the request holds in KV-cache group g (physical; logical when nothing
-    is compacted yet) and score them."""
+    is compacted yet) and score them; or, for a probe (`after_keys`), queries that follow all of
+    those tokens, each scoring every one of them."""
 
     request: RequestEviction
     start: int
     end: int
     context_lens: list[int]
     block_tables: list[torch.Tensor]  # the request's row, per KV-cache group
+    after_keys: bool = False
 
 
 class WorkerEviction:
@@ -403,6 +408,8 @@ class WorkerEviction:
         computed = batch.num_computed_tokens_cpu[:num_reqs]
         starts = runner.query_start_loc.np[:num_reqs]
         scheduled = num_scheduled_tokens[:num_reqs]
+        num_tokens = int(scheduled.sum())
+        probes = probes_of(scheduler_output)
         evicted = np.zeros((self.num_groups, num_reqs), dtype=np.int64)
         for i, req_id in enumerate(req_ids):
             state = self.requests.get(req_id)
@@ -415,10 +422,11 @@ class WorkerEviction:
             stage.np[:num_reqs] = evicted[0]
             runner.seq_lens[:num_reqs] -= stage.copy_to_gpu(num_reqs)
             runner.optimistic_seq_lens_cpu[:num_reqs] -= torch.from_numpy(evicted.min(axis=0))  # upper bound
-            num_tokens = int(scheduled.sum())
+        probe_shift = self._place_probes(probes, req_ids, starts, computed, num_tokens) if probes else 0
+        if evicted.any() or probes:
             for g in range(self.num_groups):
                 per_token = self.evicted_per_token[g]
-                per_token.np[:num_tokens] = np.repeat(evicted[g], scheduled)
+                per_token.np[:num_tokens] = np.repeat(evicted[g], scheduled) + probe_shift
                 physical = runner.positions[:num_tokens] - per_token.copy_to_gpu(num_tokens)
                 batch.block_table[g].compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1],
                                                           physical)
@@ -437,12 +445,14 @@ class WorkerEviction:
             if state is None or (state.final and state.first_decode is None):
                 continue
             target, start = state.target, int(computed[i])
-            done = start + int(scheduled[i])
+            probe_point = probes.get(req_id)
+            done = start + int(scheduled[i]) - (0 if probe_point is None else target.probe)  # the chunk's end
             if not state.final and start < target.prompt_len <= done:
                 completing.append(req_id)
             if not state.policy.needs_scores:
                 continue
             before = state.evicted or [0] * self.num_groups
+            after_keys = False
             if state.final:  # during decode: the last queries before the next point score what is held
                 point = target.decode_point_after(state.first_decode, start)
                 lo, hi, scores_for = max(start, point - target.decode_queries), min(done, point), point
@@ -454,7 +464,17 @@ class WorkerEviction:
                     min(done, target.prompt_len), target.prompt_len
                 point = target.next_compaction_point(start)
                 if lo >= hi and point is not None and target.compacts_after_chunk(point, point - before[0]):
-                    lo, hi, scores_for = max(start, point - target.score_queries), min(done, point), point
+                    if probe_point is not None:  # the question's window, run right after the chunk
+                        if probe_point != point:
+                            raise RuntimeError(f"KV eviction: request {req_id} got a probe at {probe_point}, "
+                                               f"its next compaction point is {point}")
+                        lo, hi, scores_for, after_keys = point, point + target.probe, point, True
+                    elif target.probes_at(point, runner.requests[req_id].mm_features):
+                        lo = hi  # the probe that follows the chunk ending there will score the point
+                    else:
+                        lo, hi, scores_for = max(start, point - target.score_queries), min(done, point), point
+            if probe_point is not None and not after_keys:  # both sides decide alike: a bug, never a case to skip
+                raise RuntimeError(f"KV eviction: request {req_id} got a probe at {probe_point} that scores nothing")
             if lo < hi:
                 if state.scores_for != scores_for:  # a new selection: the last one's scores are spent
                     state.scores_for = scores_for
@@ -462,9 +482,33 @@ class WorkerEviction:
                     if state.scores is not None:
                         state.scores.zero_()
                 first_row = int(starts[i]) + lo - start
-                rows.append(ScoringRows(state, first_row, first_row + hi - lo, [hi - e for e in before],
-                                        [table[i] for table in block_tables]))
+                held = [(scores_for if after_keys else hi) - e for e in before]
+                rows.append(ScoringRows(state, first_row, first_row + hi - lo, held,
+                                        [table[i] for table in block_tables], after_keys))
         self.step_rows, self.completing = rows, completing
+
+    def _place_probes(self, probes: dict[str, int], req_ids, starts, computed, num_tokens: int) -> np.ndarray:
+        """Turn each probe's rows (its request's last `probe` rows this step, scheduled as the
+        prompt tokens after its chunk) into the question's window: the prompt's last tokens at their
+        own positions (M-RoPE too). Returns what to add, per row, to the evicted count: the
+        window's keys then land in the slots right after the chunk's, which the next chunk
+        overwrites or the compaction leaves behind."""
+        runner, shift = self.runner, np.zeros(num_tokens, dtype=np.int64)
+        for i, req_id in enumerate(req_ids):
+            point = probes.get(req_id)
+            if point is None:
+                continue
+            n, w = self.requests[req_id].target.prompt_len, self.requests[req_id].target.probe
+            first = int(starts[i]) + point - int(computed[i])
+            rows = slice(first, first + w)
+            shift[rows] = n - w - point
+            window = torch.from_numpy(runner.input_batch.token_ids_cpu[i, n - w : n])
+            runner.input_ids.gpu[rows] = window.to(self.device, runner.input_ids.gpu.dtype)
+            runner.positions[rows] += n - w - point
+            if runner.uses_mrope:
+                mrope = runner.requests[req_id].mrope_positions[:, n - w : n]
+                runner.mrope_positions.gpu[:, rows] = mrope.to(self.device, runner.mrope_positions.gpu.dtype)
+        return shift
 
     def _scoring_forward(self, layer_index: int, forward, impl):
         @functools.wraps(forward)
@@ -483,6 +527,8 @@ class WorkerEviction:
         group = self.layer_group[layer_index]
         for rows in self.step_rows:
             queries = query[rows.start : rows.end].reshape(rows.end - rows.start, -1, head_dim)
+            if rows.after_keys:
+                queries = queries_after_every_key(queries, self.num_kv_heads)
             context_len = rows.context_lens[group]
             psi = window_scores(keys, rows.block_tables[group], queries, context_len, layout=layout, scale=impl.scale)
             state = rows.request

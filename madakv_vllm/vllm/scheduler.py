@@ -20,7 +20,11 @@ Eviction during prefill (`during_prefill`): the same swap also follows a prefill
 which the request holds more than kept + slack tokens per head (`EvictionTarget.limit`); it keeps
 the prompt's kept count of the tokens computed so far (E grows with every such compaction, and
 later chunks are allocated and attend by physical length), and the usual compaction still
-follows the prompt's last chunk.
+follows the prompt's last chunk. With `prefill_scores: appended` the chunk a compaction follows
+also carries a probe: `probe` more rows (its budget and slots counted as prompt tokens), which
+the workers turn into the question's window; `schedule` then rewinds num_computed_tokens to the
+chunk's end, and the probe's slots (never hashed) are overwritten by the next chunk or dropped
+by the compaction.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from .compat import check_parallel_and_runner, require_supported
 from .metrics import Counters
-from .protocol import CompactionPlan, attach_plans, plans_of, report_of
+from .protocol import CompactionPlan, attach_plans, attach_probes, plans_of, report_of
 from .requests import (
     EvictionTarget,
     engine_config,
@@ -57,7 +61,7 @@ class EvictingManager:
     compacted request holds `logical - evicted` tokens: allocation counts physical tokens,
     compacted blocks are never hashed, freeing forgets the request."""
 
-    def __init__(self, manager):
+    def __init__(self, manager, probe_points: dict[str, int]):
         self.manager = manager
         self.evicted_tokens: dict[str, int] = {}
         self.covered: dict[str, int] = {}  # logical tokens the request's last compaction selected from
@@ -74,8 +78,10 @@ class EvictingManager:
             return allocate_new_blocks(request_id, num_tokens - e, num_tokens_main_model - e)
 
         def cache_blocks_unless_compacted(request, num_tokens, *args, **kwargs):
-            if request.request_id not in evicted:  # compacted blocks no longer match their hashes
-                cache_blocks(request, num_tokens, *args, **kwargs)
+            if request.request_id in evicted:  # compacted blocks no longer match their hashes
+                return
+            # a probe's rows hold the question's keys, not those of the prompt tokens at their positions
+            cache_blocks(request, min(num_tokens, probe_points.get(request.request_id, num_tokens)), *args, **kwargs)
 
         def pop_blocks_for_free_and_forget(request_id):
             evicted.pop(request_id, None)
@@ -126,7 +132,8 @@ class EvictingSchedulerMixin:
         self.scores_per_token = sum(len(g.layer_names) for g in groups) * groups[0].kv_cache_spec.num_kv_heads
         self.score_bytes_limit = max_score_bytes(self.vllm_config.additional_config)  # the workers read the same
         self.prefill_chunk = prefill_chunk_tokens(self.vllm_config)  # the workers too
-        self.evicting_managers = [EvictingManager(m) for m in managers]
+        self.probe_points: dict[str, int] = {}  # this schedule()'s probes: request -> the point they score
+        self.evicting_managers = [EvictingManager(m, self.probe_points) for m in managers]
         manager = self.evicting_managers[0]  # compaction state is per group; the first one answers "compacted?"
         self.evicting_manager = manager
         # kept prompt tokens per group, as the workers reported them (targets with reported_counts)
@@ -186,10 +193,14 @@ class EvictingSchedulerMixin:
         super().add_request(request)
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
-        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        room = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
         target = self.eviction_targets.get(request.request_id)
-        if target is None or not target.score_queries:
-            return num_new_tokens
+        if target is None:
+            return room
+        chunk = self._cut_at_points(request, target, num_computed_tokens, room)
+        return self._with_probe(request, target, num_computed_tokens, chunk, room)
+
+    def _cut_at_points(self, request, target: EvictionTarget, num_computed_tokens: int, num_new_tokens: int) -> int:
         point = target.next_compaction_point(num_computed_tokens)
         first_decode = self._first_decode_point(request.request_id, target)
         if first_decode is not None:  # a resumed request re-prefills its output: the same points
@@ -206,9 +217,38 @@ class EvictingSchedulerMixin:
             return start - num_computed_tokens
         return num_new_tokens
 
+    def _with_probe(self, request, target: EvictionTarget, computed: int, num_new_tokens: int, room: int) -> int:
+        """A chunk ending at a point where a compaction scored by the question's window follows
+        carries that window after it: `target.probe` more rows in the same step, which the
+        workers run at the window's positions (its probe). When the step's room cannot carry
+        both, the chunk stops short of the point and the next step brings the rest and the probe."""
+        end = computed + num_new_tokens
+        held = end - self.evicting_manager.evicted_tokens.get(request.request_id, 0)
+        if not (target.probe and target.compacts_after_chunk(end, held) and target.probes_at(end, request.mm_features)):
+            return num_new_tokens
+        if room >= num_new_tokens + target.probe:
+            self.probe_points[request.request_id] = end
+            return num_new_tokens + target.probe
+        shorter = room - target.probe
+        if shorter <= 0 or (self.scheduler_config.disable_chunked_mm_input and
+                            inside_multimodal_item(request, computed + shorter)):
+            return 0
+        return shorter
+
     def schedule(self, *args, **kwargs):
         frees, plans = self._plan_compactions()
+        self.probe_points.clear()
         output = super().schedule(*args, **kwargs)
+        probes = {}
+        for request_id, point in self.probe_points.items():
+            if request_id in output.num_scheduled_tokens:  # not preempted after its chunk was sized
+                # the probe's rows are not prompt tokens: the next chunk starts at the point
+                request = self.requests[request_id]
+                request.num_computed_tokens -= self.eviction_targets[request_id].probe
+                assert request.num_computed_tokens == point, (request_id, request.num_computed_tokens, point)
+                probes[request_id] = point
+        self.probe_points.clear()
+        attach_probes(output, probes)
         delivered, taken = {}, 0
         for request_id, (plan, old_blocks, first) in plans.items():
             if request_id not in self.evicting_manager.evicted_tokens:  # preempted while scheduling: plan void
