@@ -55,10 +55,12 @@ def variants(budget: float) -> dict:
     # Every variant names what it changes; the rest is pinned to the defaults it was measured
     # against, so a later change of a default does not change what a name means.
     def madakv(**options):  # window 32 unless a variant names its window (the old default, see REFERENCE)
-        return MadaKV(budget=budget, **{"window": 32, "span": 1, "mpa_quota": "tokens", **options})
+        return MadaKV(budget=budget, **{"window": 32, "span": 1, "mpa_quota": "tokens", "prefill_scores": "chunk",
+                                        **options})
 
     def uniform(**options):  # what vLLM ran by default before the levers: MPA on, HCC off, window 8, tokens
-        return MadaKV(budget=budget, **{"hcc": False, "window": 8, "span": 1, "mpa_quota": "tokens", **options})
+        return MadaKV(budget=budget, **{"hcc": False, "window": 8, "span": 1, "mpa_quota": "tokens",
+                                        "prefill_scores": "chunk", **options})
 
     out = {}
     for mpa in (False, True):

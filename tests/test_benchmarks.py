@@ -153,7 +153,8 @@ def test_accuracy_results_carry_their_split_and_the_glance_shows_the_test_split_
 
 def test_ablation_variant_names_keep_their_meaning_when_a_default_changes():
     """A variant's name says what it changes; the rest stays what it was measured with (MPA's
-    quotas in single tokens unless the name says spans, floors or nearest), so rows of runs from
+    quotas in single tokens unless the name says spans, floors or nearest; early chunks scored by
+    their own window unless it names another score), so rows of runs from
     before and after a default changed can be pooled by name."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run_ablation
@@ -166,3 +167,5 @@ def test_ablation_variant_names_keep_their_meaning_when_a_default_changes():
         if isinstance(policy, MadaKV):
             quota = next((q for phrase, q in named.items() if phrase in name), "tokens")
             assert policy.mpa_quota == quota, name
+            scores = next((s for s in ("running", "novelty", "ahead", "appended") if f"prefill, {s}" in name), "chunk")
+            assert policy.prefill_scores == scores, name

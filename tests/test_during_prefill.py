@@ -39,8 +39,8 @@ def reference(hf_model, arch, **options):
 
 
 @pytest.mark.parametrize("arch", ["qwen2vl", "llava"])
-@pytest.mark.parametrize("options", [{}, {"policy": "snapkv"}, {"span": 1, "sinks": 4}, {"prefill_scores": "appended"}],
-                         ids=["madakv", "snapkv", "tokens-sinks", "appended"])
+@pytest.mark.parametrize("options", [{}, {"policy": "snapkv"}, {"span": 1, "sinks": 4}, {"prefill_scores": "chunk"}],
+                         ids=["madakv", "snapkv", "tokens-sinks", "chunk-scores"])
 def test_parity_with_the_hf_chunked_reference(engines, hf_model, arch, options):
     inputs, expected, report, policy = reference(hf_model, arch, **options)
     n = inputs["input_ids"].shape[1]
@@ -54,11 +54,32 @@ def test_parity_with_the_hf_chunked_reference(engines, hf_model, arch, options):
     out = llm.chat(vllm_messages(3), greedy(), use_tqdm=False)[0]
     assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
     assert list(out.outputs[0].token_ids) == expected
-    if options.get("prefill_scores") == "appended":  # points scored by the question (not those an image follows)
+    if policy.prefill_scores == "appended":  # points scored by the question (not those an image follows)
         scored = {end for end, _ in report.prefill_compactions}
         assert probes and set(probes) <= scored, (probes, scored)
     else:
         assert not probes
+
+
+def test_what_a_probe_cannot_serve_is_refused_in_one_line(engines):
+    """A probe rides on its chunk's step: no prompt logprobs for its rows, and the chunk must
+    leave room for it (HTTP 400 in the server); the engine goes on."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from test_vllm_engine import sampling, text_prompt
+
+    llm = chunked_engine(engines, "qwen2vl")
+    with pytest.raises(VLLMValidationError, match="cannot return prompt_logprobs"):
+        params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+        llm.generate([text_prompt(300, seed=1)], params, use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match=f"chunk of at most {CHUNK} tokens.*above {CHUNK}"):
+        llm.generate([text_prompt(300, seed=1)], sampling(max_tokens=2, kv_eviction_window=CHUNK), use_tqdm=False)
+    # the same requests scored by each chunk's own window are served
+    assert llm.generate([text_prompt(300, seed=1)], sampling(max_tokens=2, kv_eviction_window=CHUNK,
+                                                             kv_eviction_prefill_scores="chunk"), use_tqdm=False)
+    assert len(llm.generate([text_prompt(300, seed=2)], sampling(max_tokens=3), use_tqdm=False)[0]
+               .outputs[0].token_ids) == 3
 
 
 def probes_scheduled(scheduler) -> list[int]:
@@ -106,8 +127,9 @@ def test_a_prompt_four_times_the_kv_pool_is_served_like_the_hf_reference(engines
             evicted = manager.evicted_tokens.get(request.request_id, 0)
             held = request.num_computed_tokens - evicted
             blocks = len(manager.block_ids(request.request_id))
-            assert blocks == -(-held // BLOCK)
-            limit = scheduler.eviction_targets[request.request_id].limit
+            target = scheduler.eviction_targets[request.request_id]
+            assert blocks in (-(-held // BLOCK), -(-(held + target.probe) // BLOCK))  # after a probe: its slots
+            limit = target.limit
             peak = max(peak, held)
     assert pool.get_num_free_blocks() == free_at_start
     assert peak <= limit + 64, (peak, limit)  # what a step starts with never exceeds kept + slack + one chunk

@@ -246,13 +246,14 @@ def test_chunked_prefill_without_eviction_during_it_changes_nothing(hf_model, ar
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
-@pytest.mark.parametrize("options", [dict(policy="madakv"), dict(policy="madakv", prefill_scores="running",
+@pytest.mark.parametrize("options", [dict(policy="madakv", prefill_scores="chunk"),
+                                     dict(policy="madakv", prefill_scores="running",
                                                                        sinks=2),
                                      dict(policy="madakv", prefill_scores="novelty"),
                                      dict(policy="madakv", prefill_scores="ahead"),
                                      dict(policy="madakv", prefill_scores="appended"),
                                      dict(policy="snapkv"), dict(policy="streamingllm")],
-                         ids=["madakv", "madakv-running-sinks", "madakv-novelty", "madakv-ahead",
+                         ids=["madakv-chunk", "madakv-running-sinks", "madakv-novelty", "madakv-ahead",
                               "madakv-appended", "snapkv", "streamingllm"])
 def test_eviction_during_prefill_equals_hiding_what_each_chunk_no_longer_held(hf_model, arch, options):
     model, processor = hf_model(arch)

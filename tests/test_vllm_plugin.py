@@ -557,14 +557,28 @@ def test_during_prefill_flag_xargs_and_target():
 
     with pytest.raises(EvictionConfigError, match="HF reference path only"):  # what vLLM does not run
         engine_config({"kv_eviction": {"policy": "madakv", "during_prefill": True, "prefill_scores": "running"}})
-    target = eviction_target(request_policy(base, {"kv_eviction_during_prefill": True}), 1000, chunk=64)
-    assert (target.kept, target.limit) == (200, 300)  # slack 0.5 of the kept count
+    chunk_scored = {"kv_eviction_during_prefill": True, "kv_eviction_prefill_scores": "chunk"}
+    target = eviction_target(request_policy(base, chunk_scored), 1000, chunk=64)
+    assert (target.kept, target.limit, target.probe) == (200, 300, 0)  # slack 0.5 of the kept count
     assert target.compacts_after_chunk(512, 301) and not target.compacts_after_chunk(512, 300)
     assert not target.compacts_after_chunk(500, 400)  # only at multiples of the chunk: fixed points
     assert not target.compacts_after_chunk(993, 400)  # inside the proxy window: the prompt's own compaction
     assert target.next_compaction_point(500) == 512 and target.next_compaction_point(512) == 576
     assert target.next_compaction_point(960) is None  # 1024 is past the window's start (992)
     assert eviction_target(request_policy(base, None), 1000, chunk=64).limit is None
+    # the default scores early chunks with the question's window run after them: the probe shares the
+    # chunk's step (points every 64 - 8 tokens), and runs where its rows and the window hold no image
+    target = eviction_target(request_policy(base, {"kv_eviction_during_prefill": True}), 1000, chunk=64)
+    assert (target.chunk, target.probe) == (56, 8)
+    assert target.next_compaction_point(500) == 504 and target.next_compaction_point(952) is None
+    image = SimpleNamespace(mm_position=SimpleNamespace(offset=510, length=20, is_embed=None))
+    assert target.probes_at(504, []) and not target.probes_at(504, [image]) and target.probes_at(448, [image])
+    separator = SimpleNamespace(mm_position=SimpleNamespace(offset=510, length=20, is_embed=torch.arange(20) > 3))
+    assert target.probes_at(504, [separator])  # 510-513 take no embeddings: the probe's rows stay text
+    at_the_end = SimpleNamespace(mm_position=SimpleNamespace(offset=990, length=6, is_embed=None))
+    assert not target.probes_at(504, [at_the_end])  # the window itself would hold the image
+    assert not eviction_target(request_policy(base, {"kv_eviction_during_prefill": True}), 1000,
+                               chunk=64).probes_at(992, [])  # its rows would reach the prompt's end
 
 
 def test_peak_blocks_count_what_a_request_holds_at_once():

@@ -106,13 +106,14 @@ class EvictionPolicy:
     `during_prefill`: also evict between prefill chunks, so a request never holds more than its
     kept count + `prefill_slack` + one chunk (prompts larger than the KV pool fit). The slack is a
     ratio of the kept count (float) or a token count (int). Early chunks do not see the question:
-    `prefill_scores` "chunk" scores with each chunk's own last `window` queries (SnapKV in chunks),
-    "running" with the mean of the window scores of every chunk that saw the token so far,
-    "novelty" with each key's distance from the mean key (no query), "ahead" / "appended" with the
-    queries of the prompt's last `window` tokens (the question, where it ends the prompt) run at
-    their own positions alone / right after the chunk over what the request holds, then dropped
-    (FINCH's rule; "novelty", "ahead" and "appended" on the HF path only). The compaction after
-    the last chunk is the usual one (the question's window over the survivors).
+    `prefill_scores` "appended" (the default) scores them with the queries of the prompt's last
+    `window` tokens (the question, where it ends the prompt) run at their own positions right after
+    the chunk, over what the request holds, then dropped (FINCH's rule; `probe_fits` says where it
+    cannot, and the chunk's own queries score instead); "chunk" with each chunk's own last `window`
+    queries (SnapKV in chunks); "running" with the mean of the window scores of every chunk that
+    saw the token so far; "novelty" with each key's distance from the mean key (no query); "ahead"
+    with the question's window run alone ("running", "novelty" and "ahead" on the HF path only).
+    The compaction after the last chunk is the usual one (the question's window over the survivors).
 
     `decode_budget`: a cap on the tokens each head keeps per layer while the output grows (a
     ratio of the prompt or a token count; None = the output is never evicted). Once the layer
@@ -128,7 +129,7 @@ class EvictionPolicy:
     value_weighted: bool = False
     during_prefill: bool = False
     prefill_slack: float | int = 0.5
-    prefill_scores: str = "chunk"
+    prefill_scores: str = "appended"
     decode_budget: float | int | None = None
     decode_slack: float | int = 0.25
     name: ClassVar[str] = "base"
