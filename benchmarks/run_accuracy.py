@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -50,6 +51,9 @@ def main():
     p.add_argument("--tasks", nargs="+", help="(--hf) only these tasks (e.g. to split a run over processes)")
     p.add_argument("--seed", type=int, default=0, help="suite seed: 0 the dev split (options are chosen on it, "
                                                        "the default), 1 the test split (never used to choose)")
+    p.add_argument("--serve-flags", default="", metavar="FLAGS",
+                   help="(vLLM) more `vllm serve` flags, e.g. \"--kv-eviction-during-prefill "
+                        "--max-num-batched-tokens 136\"; use a fresh --out")
     p.add_argument("--kv-eviction-config", metavar="PRESET|FILE.yaml",
                    help="(vLLM) the server's --kv-eviction-config: policy options away from the defaults (each "
                         "request still names its policy and budget); use a fresh --out")
@@ -189,7 +193,8 @@ def run_vllm(args, model: Path, data: Path) -> None:
     server = subprocess.Popen([str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
                                "--served-model-name", "smollm2-llava", "--dtype", args.dtype, "--max-model-len",
                                "8192", "--limit-mm-per-prompt", '{"image": 64}', "--kv-eviction", "madakv",
-                               *(["--kv-eviction-config", args.kv_eviction_config] if args.kv_eviction_config else [])],
+                               *(["--kv-eviction-config", args.kv_eviction_config] if args.kv_eviction_config else []),
+                               *shlex.split(args.serve_flags)],
                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}", server, log)

@@ -571,12 +571,12 @@ def test_during_prefill_flag_xargs_and_target():
     target = eviction_target(request_policy(base, {"kv_eviction_during_prefill": True}), 1000, chunk=64)
     assert (target.chunk, target.probe) == (56, 8)
     assert target.next_compaction_point(500) == 504 and target.next_compaction_point(952) is None
-    image = SimpleNamespace(mm_position=SimpleNamespace(offset=510, length=20, is_embed=None))
-    assert target.probes_at(504, []) and not target.probes_at(504, [image]) and target.probes_at(448, [image])
-    separator = SimpleNamespace(mm_position=SimpleNamespace(offset=510, length=20, is_embed=torch.arange(20) > 3))
-    assert target.probes_at(504, [separator])  # 510-513 take no embeddings: the probe's rows stay text
+    image = SimpleNamespace(mm_position=SimpleNamespace(offset=500, length=20, is_embed=None))
+    assert target.probes_at(504, []) and target.probes_at(504, [image])  # the probe's rows run as text
     at_the_end = SimpleNamespace(mm_position=SimpleNamespace(offset=990, length=6, is_embed=None))
-    assert not target.probes_at(504, [at_the_end])  # the window itself would hold the image
+    assert not target.probes_at(504, [at_the_end])  # the window itself holds the image
+    separator = SimpleNamespace(mm_position=SimpleNamespace(offset=988, length=6, is_embed=torch.arange(6) < 4))
+    assert target.probes_at(504, [separator])  # 992-993 are in its range but take no embeddings
     assert not eviction_target(request_policy(base, {"kv_eviction_during_prefill": True}), 1000,
                                chunk=64).probes_at(992, [])  # its rows would reach the prompt's end
 

@@ -36,11 +36,10 @@ def probe_fits(point: int, prompt_len: int, probe: int, has_embeds) -> bool:
     """Whether the question's window (the prompt's last `probe` tokens) can run right after the
     prefill chunk ending at `point` to score it (`prefill_scores: appended`). In vLLM its rows
     ride on that chunk's step at the positions that follow it, so they must end before the prompt
-    does, and `has_embeds(start, end)` (an image's or video's embeddings among those positions)
-    must be false there and in the window itself: the step would merge them into the probe.
-    Otherwise the chunk's own last queries score the point, on the HF path as in vLLM."""
-    return probe > 0 and point + probe < prompt_len and not has_embeds(point, point + probe) \
-        and not has_embeds(prompt_len - probe, prompt_len)
+    does, and the window must hold no image's or video's embeddings (`has_embeds(start, end)`):
+    the probe's rows are run as text. Otherwise the chunk's own last queries score the point, on
+    the HF path as in vLLM."""
+    return probe > 0 and point + probe < prompt_len and not has_embeds(prompt_len - probe, prompt_len)
 
 
 def distribute(targets: list[float], total: int, cap: int) -> list[int]:

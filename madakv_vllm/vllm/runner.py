@@ -172,6 +172,7 @@ class WorkerEviction:
         runner._determine_batch_execution_and_padding = without_full_graphs_while_scoring(
             runner._determine_batch_execution_and_padding, lambda: bool(self.step_rows))
         runner._update_states = self._after(runner._update_states, self.after_update_states)
+        runner._gather_mm_embeddings = self._without_probe_rows(runner._gather_mm_embeddings)
         runner._prepare_inputs = self._after(runner._prepare_inputs, self.after_prepare_inputs)
         execute_model, sample_tokens = runner.execute_model, runner.sample_tokens
 
@@ -509,6 +510,34 @@ class WorkerEviction:
                 mrope = runner.requests[req_id].mrope_positions[:, n - w : n]
                 runner.mrope_positions.gpu[:, rows] = mrope.to(self.device, runner.mrope_positions.gpu.dtype)
         return shift
+
+    def _without_probe_rows(self, gather):
+        """vLLM merges a request's image and video embeddings into the rows of the positions it
+        schedules: a probe's rows, scheduled as the positions after its chunk, must get none (they
+        are the question's text). The gather sees each chunk without its probe, and the probe's
+        rows are put back as text rows."""
+
+        @functools.wraps(gather)
+        def gather_for_chunks(scheduler_output, *args, **kwargs):
+            probes = probes_of(scheduler_output)
+            if not probes:
+                return gather(scheduler_output, *args, **kwargs)
+            chunks = copy.copy(scheduler_output)
+            chunks.num_scheduled_tokens = {req_id: count - (self.requests[req_id].target.probe if req_id in probes
+                                                            else 0)
+                                           for req_id, count in scheduler_output.num_scheduled_tokens.items()}
+            chunks.total_num_scheduled_tokens = sum(chunks.num_scheduled_tokens.values())
+            mm_embeds, is_mm_embed = gather(chunks, *args, **kwargs)
+            rows = torch.zeros(scheduler_output.total_num_scheduled_tokens, dtype=torch.bool,
+                               pin_memory=is_mm_embed.is_pinned())
+            start, row = 0, 0
+            for req_id in self.runner.input_batch.req_ids:  # the order the gather and the batch use
+                count = chunks.num_scheduled_tokens[req_id]
+                rows[row : row + count] = is_mm_embed[start : start + count]
+                start, row = start + count, row + scheduler_output.num_scheduled_tokens[req_id]
+            return mm_embeds, rows
+
+        return gather_for_chunks
 
     def _scoring_forward(self, layer_index: int, forward, impl):
         @functools.wraps(forward)
