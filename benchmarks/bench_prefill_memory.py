@@ -97,7 +97,9 @@ def main():
     rows = []
     llm = engine(None, longest + 64, eviction)
     settings = {"eviction off": {"kv_eviction": "none"}, "one-shot": {},
-                "during prefill": {"kv_eviction_during_prefill": True}}
+                "during prefill": {"kv_eviction_during_prefill": True},  # early chunks scored with a probe
+                "during prefill, chunk scores": {"kv_eviction_during_prefill": True,
+                                                 "kv_eviction_prefill_scores": "chunk"}}
     with tqdm(total=len(args.lengths) * len(settings), desc="peak blocks") as bar:
         for n in args.lengths:
             for setting, xargs in settings.items():

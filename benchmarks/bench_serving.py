@@ -61,6 +61,7 @@ def main():
     p.add_argument("--long-tokens", type=int, default=512, help="output tokens, long-output scenario (0: skip)")
     p.add_argument("--decode-cap", type=int, default=128, help="eviction during decode in the long-output scenario")
     p.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens: the prefill chunk")
+    p.add_argument("--out", default="serving", help="results name under benchmarks/results (a subset: a new name)")
     p.add_argument("--reference-pool", type=int, default=5, help="KV pool multiple of the stock reference row")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
@@ -150,7 +151,7 @@ def main():
                   decode_cap=args.decode_cap, chunk=args.chunk, budget=args.budget, sweep=args.sweep,
                   reference_pool=args.reference_pool, prefix_cache=PREFIX_CACHE_NOTE, rows=rows)
 
-    write_results(HERE / "results" / "serving", result, draw)
+    write_results(HERE / "results" / args.out, result, draw)
 
 
 def draw(plt, result: dict, settings: tuple[str, ...] | None = None):
