@@ -269,10 +269,11 @@ class PrefillEviction:
         scores = None
         present = held_mask(self.positions, end)
         if policy.needs_scores:
-            question = policy.prefill_scores == "ahead" or (policy.prefill_scores == "appended" and probe_fits(
+            appended = policy.prefill_scores == "appended"
+            question = policy.prefill_scores == "ahead" or (appended and probe_fits(
                 end, n, policy.question_probe(n), lambda start, stop: bool((self.tags[start:stop] != TEXT).any())))
-            if policy.prefill_scores == "appended" and question or (question and not self.question_queries):
-                run_window(cache if policy.prefill_scores == "appended" else None)  # "ahead": once, alone
+            if question and (appended or not self.question_queries):
+                run_window(cache if appended else None)  # "ahead": once, alone
                 self.question_queries = dict(queries)  # what the capture saw
             if question:  # queries after every held key: each sees them all
                 queries = {layer: queries_after_every_key(q, cache.layers[0].keys.shape[1])
