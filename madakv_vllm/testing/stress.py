@@ -43,6 +43,7 @@ class StressReport:
     forced_preemptions: int = 0
     compactions: int = 0
     prefill_compactions: int = 0  # of those, between prefill chunks (eviction during prefill)
+    probes: int = 0  # chunks that carried the question's window to score such a compaction
     decode_compactions: int = 0  # of those, after the prompt's (eviction during decode)
     decoded_with_full_cache: int = 0
     solo_compared: int = 0
@@ -150,7 +151,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
     from vllm import SamplingParams
     from vllm.exceptions import VLLMClientError
 
-    from ..vllm.protocol import plans_of
+    from ..vllm.protocol import plans_of, probes_of
 
     rng, mode_rng, decode_rng = random.Random(seed), random.Random(f"during prefill {seed}"), \
         random.Random(f"during decode {seed}")
@@ -167,6 +168,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
 
     def schedule_and_note(*args, **kwargs):
         output = schedule(*args, **kwargs)
+        report.probes += len(probes_of(output))
         for request_id, plan in plans_of(output).items():
             report.compactions += 1
             target = scheduler.eviction_targets.get(request_id)
