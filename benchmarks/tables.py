@@ -392,7 +392,10 @@ def stress(r: dict) -> str:
         ["requests", "finished", "aborted", "refused (a server's HTTP 400)", "forced preemptions", "compactions",
          "solo reruns equal", "finished but not compared (decoded with the full cache first)", "leaks"],
         [[rep["requests"], rep["finished"], rep["aborted"], rep["rejected"], rep["forced_preemptions"],
-          f"{rep['compactions']}" + (f" ({rep['prefill_compactions']} between prefill chunks)"
+          f"{rep['compactions']}" + (f" ({rep['prefill_compactions']} between prefill chunks"
+                                     + (f", {rep['probes']} chunks carried a probe" if "probes" in rep else "")
+                                     + (f"; {rep['decode_compactions']} during decode" if "decode_compactions" in rep
+                                        else "") + ")"
                                      if "prefill_compactions" in rep else ""),
           f"{rep['solo_equal']} of {rep['solo_compared']}", rep["decoded_with_full_cache"],
           len(rep["leaks"]) or "none"]])
