@@ -76,6 +76,9 @@ def test_what_a_probe_cannot_serve_is_refused_in_one_line(engines):
     with pytest.raises(VLLMValidationError, match="cannot return prompt_logprobs"):
         params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
         llm.generate([text_prompt(300, seed=1)], params, use_tqdm=False)
+    # a prompt the budget keeps whole never probes: its prompt logprobs are served
+    whole = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1, extra_args={"kv_eviction_budget": 1.0})
+    assert len(llm.generate([text_prompt(300, seed=1)], whole, use_tqdm=False)[0].prompt_logprobs) == 300
     with pytest.raises(VLLMValidationError, match=f"chunk of at most {CHUNK} tokens.*above {CHUNK}"):
         llm.generate([text_prompt(300, seed=1)], sampling(max_tokens=2, kv_eviction_window=CHUNK), use_tqdm=False)
     # the same requests scored by each chunk's own window are served

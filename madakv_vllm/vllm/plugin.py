@@ -256,22 +256,34 @@ def too_large_error(vllm_config, request) -> str | None:
 
 def probe_error(vllm_config, request) -> str | None:
     """Why a request whose early chunks are scored by the question's window run after them
-    (`prefill_scores: appended`) cannot be served, or None: its probe rides on a chunk's step, so
-    that step has no prompt logprobs to give for its rows, and the chunk must leave room for it."""
+    (`prefill_scores: appended`) cannot be served, or None. The probe rides on a chunk's step as
+    rows scheduled at the positions after the chunk: those rows have no prompt logprobs to give,
+    the chunk must leave room for them, and vLLM must not fill them from elsewhere (prompt
+    embeddings, or video pruning's recomputed positions); with unsplittable images a chunk before
+    a large picture could never make room."""
     base, params = _state["server_config"], request.sampling_params
-    if base is None or params is None or request.prompt_token_ids is None:
+    if base is None or params is None:
         return None
     policy = request_policy(base, params.extra_args, layer_groups(vllm_config.additional_config))
-    probe = policy.question_probe(len(request.prompt_token_ids)) if policy is not None else 0
-    if not probe:
+    embeds = getattr(request, "prompt_embeds", None)
+    n = len(request.prompt_token_ids) if request.prompt_token_ids is not None else 0 if embeds is None else len(embeds)
+    probe = policy.question_probe(n) if policy is not None else 0
+    if not probe or policy.kept_tokens(n) >= n:  # nothing evicted, no probe
         return None
-    if params.prompt_logprobs is not None:
-        return ("KV eviction with prefill_scores: appended cannot return prompt_logprobs; drop them, or send "
-                "vllm_xargs {\"kv_eviction_during_prefill\": false}")
-    chunk = prefill_chunk_tokens(vllm_config)
+    scores_chunk = "send vllm_xargs {\"kv_eviction_prefill_scores\": \"chunk\"}"
+    chunk, multimodal = prefill_chunk_tokens(vllm_config), vllm_config.model_config.multimodal_config
     if chunk <= probe:
         return (f"KV eviction with prefill_scores: appended runs the prompt's last {probe} tokens after a prefill "
-                f"chunk of at most {chunk} tokens; raise --max-num-batched-tokens above {probe}, or lower the window")
+                f"chunk of at most {chunk} tokens; raise --max-num-batched-tokens above {probe}, lower the window, "
+                f"or {scores_chunk}")
+    if params.prompt_logprobs is not None:
+        return f"KV eviction with prefill_scores: appended cannot return prompt_logprobs; drop them, or {scores_chunk}"
+    if embeds is not None:
+        return f"KV eviction with prefill_scores: appended needs the prompt's token ids, not embeddings; {scores_chunk}"
+    if request.mm_features and (vllm_config.scheduler_config.disable_chunked_mm_input or (
+            multimodal is not None and multimodal.is_multimodal_pruning_enabled())):
+        return ("KV eviction with prefill_scores: appended cannot run with --disable-chunked-mm-input or video "
+                f"pruning; {scores_chunk}")
     return None
 
 
