@@ -483,7 +483,7 @@ class WorkerEviction:
                     if state.scores is not None:
                         state.scores.zero_()
                 first_row = int(starts[i]) + lo - start
-                held = [(scores_for if after_keys else hi) - e for e in before]
+                held = [(lo if after_keys else hi) - e for e in before]  # a probe scores what precedes it
                 rows.append(ScoringRows(state, first_row, first_row + hi - lo, held,
                                         [table[i] for table in block_tables], after_keys))
         self.step_rows, self.completing = rows, completing
@@ -499,7 +499,8 @@ class WorkerEviction:
             point = probes.get(req_id)
             if point is None:
                 continue
-            n, w = self.requests[req_id].target.prompt_len, self.requests[req_id].target.probe
+            target = self.requests[req_id].target
+            n, w = target.prompt_len, target.probe
             first = int(starts[i]) + point - int(computed[i])
             rows = slice(first, first + w)
             shift[rows] = n - w - point

@@ -237,7 +237,6 @@ class EvictingSchedulerMixin:
 
     def schedule(self, *args, **kwargs):
         frees, plans = self._plan_compactions()
-        self.probe_points.clear()
         output = super().schedule(*args, **kwargs)
         probes = {}
         for request_id, point in self.probe_points.items():
@@ -247,7 +246,7 @@ class EvictingSchedulerMixin:
                 request.num_computed_tokens -= self.eviction_targets[request_id].probe
                 assert request.num_computed_tokens == point, (request_id, request.num_computed_tokens, point)
                 probes[request_id] = point
-        self.probe_points.clear()
+        self.probe_points.clear()  # outside schedule() no cap applies (the probe's tokens are rewound)
         attach_probes(output, probes)
         delivered, taken = {}, 0
         for request_id, (plan, old_blocks, first) in plans.items():
