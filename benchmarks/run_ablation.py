@@ -103,6 +103,10 @@ def variants(budget: float) -> dict:
     # the smaller quota rounded to the nearest whole span (round 7's floor was MPA off in all but 2 of 2,000
     # replies, and lost MPA off's text among noisy pictures at 50 %)
     out["MPA on, HCC off, window 12, span 8, quota nearest"] = uniform(span=8, window=12, mpa_quota="nearest")
+    # each quota rounded up to whole spans as a ceiling, the best spans filling the budget under them
+    # (round 8: a quota rounded up is a guarantee that costs the pass key at 5 %, one rounded to the
+    # nearest span keeps no picture; a ceiling neither forces a span nor forbids one)
+    out["MPA on, HCC off, window 12, span 8, quota caps"] = uniform(span=8, window=12, mpa_quota="caps")
     # eviction during prefill (--prefill-chunk tokens per chunk), each chunk scored by its own window
     # or by the running mean of every chunk's window; slack 0.5 of the kept count
     out["MPA on, HCC off, window 8, span 8, during prefill"] = uniform(span=8, during_prefill=True)

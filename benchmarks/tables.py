@@ -139,17 +139,19 @@ def _sample_scores(samples: Path) -> dict[tuple, dict]:
 
 
 def _paired_test(folder: Path) -> str:
-    """MadaKV against the full cache, SnapKV and its old default (window 8, quotas as they fall; the
-    same samples in accuracy-vllm-test-window8/), per budget, by exact McNemar tests."""
+    """MadaKV against the full cache, SnapKV and its earlier defaults (the same samples in
+    accuracy-vllm-test-spans/ and -window8/), per budget, by exact McNemar tests."""
     from madakv_vllm.evaluation.report import paired_comparison
 
     scores = _sample_scores(folder / "samples.jsonl")
-    old = _sample_scores(folder.with_name(folder.name + "-window8") / "samples.jsonl")
+    earlier = {label: _sample_scores(folder.with_name(folder.name + suffix) / "samples.jsonl")
+               for suffix, label in (("-spans", "the default before (quotas rounded up to whole spans)"),
+                                     ("-window8", "the default before that (window 8, quotas as they fall)"))}
     rows = []
     for budget in sorted(b for p, b in scores if p == "madakv"):
         madakv = scores[("madakv", budget)]
-        for label, other in (("full cache", scores.get(("none", None))), ("SnapKV", scores.get(("snapkv", budget))),
-                             ("old default (window 8, quotas as they fall)", old.get(("madakv", budget)))):
+        others = [("full cache", scores.get(("none", None))), ("SnapKV", scores.get(("snapkv", budget)))]
+        for label, other in others + [(label, old.get(("madakv", budget))) for label, old in earlier.items()]:
             if not other or other.keys() != madakv.keys():
                 continue
             difference, wins, losses, p = paired_comparison(madakv, other)

@@ -85,7 +85,7 @@ def test_accuracy_summary_of_a_stopped_run_has_n_and_intervals(tmp_path):
 def test_a_folder_grown_with_resume_lists_every_run_that_wrote_into_it(tmp_path, monkeypatch):
     """runs.md: a run with --resume adds its line (command, machine, commit) to the folder's list, a
     run without starts the list afresh; the test split's table names every run in its caption and
-    pairs MadaKV with the full cache and with its old default on the same samples."""
+    pairs MadaKV with the full cache and with its earlier defaults on the same samples."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run_accuracy
     import tables
@@ -107,14 +107,16 @@ def test_a_folder_grown_with_resume_lists_every_run_that_wrote_into_it(tmp_path,
     runs = (out / "runs.md").read_text().splitlines()
     assert len(runs) == 2 and "--budgets 0.2" in runs[0] and "--budgets 0.1 --resume" in runs[1]
     assert all("commit" in line and "3 min" in line for line in runs)
-    old = tmp_path / "accuracy-vllm-test-window8"  # the old default on the same samples: half answered
-    old.mkdir()
-    (old / "samples.jsonl").write_text("".join(json.dumps(dict(r, score=float(r["sample_id"] in "01"))) + "\n"
-                                               for r in rows))
+    for suffix, answered in (("-window8", "01"), ("-spans", "012")):  # earlier defaults on the same samples
+        old = tmp_path / f"accuracy-vllm-test{suffix}"
+        old.mkdir()
+        (old / "samples.jsonl").write_text("".join(json.dumps(dict(r, score=float(r["sample_id"] in answered)))
+                                                   + "\n" for r in rows))
     caption = tables.accuracy_test()
     assert runs[0] in caption and runs[1] in caption and "| madakv 20% |" in caption
     assert "| 20% | full cache | +0.000 | 0 / 0 | 1.000 |" in caption
-    assert "| 20% | old default (window 8, quotas as they fall) | +0.500 | 2 / 0 | 0.500 |" in caption
+    assert "| 20% | the default before that (window 8, quotas as they fall) | +0.500 | 2 / 0 | 0.500 |" in caption
+    assert "| 20% | the default before (quotas rounded up to whole spans) | +0.250 | 1 / 0 | 1.000 |" in caption
     run("--budgets", "0.5")
     assert len((out / "runs.md").read_text().splitlines()) == 1
 
@@ -153,7 +155,7 @@ def test_accuracy_results_carry_their_split_and_the_glance_shows_the_test_split_
 
 def test_ablation_variant_names_keep_their_meaning_when_a_default_changes():
     """A variant's name says what it changes; the rest stays what it was measured with (MPA's
-    quotas in single tokens unless the name says spans, floors or nearest; early chunks scored by
+    quotas in single tokens unless the name says spans, floors, nearest or caps; early chunks scored by
     their own window unless it names another score), so rows of runs from
     before and after a default changed can be pooled by name."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -162,7 +164,8 @@ def test_ablation_variant_names_keep_their_meaning_when_a_default_changes():
 
     variants = run_ablation.variants(0.2)
     assert any(name.endswith("during prefill, appended") for name in variants)
-    named = {"quota in spans": "spans", "quota floors": "floors", "quota floor": "floor", "quota nearest": "nearest"}
+    named = {"quota in spans": "spans", "quota floors": "floors", "quota floor": "floor", "quota nearest": "nearest",
+             "quota caps": "caps"}
     for name, policy in variants.items():
         if isinstance(policy, MadaKV):
             quota = next((q for phrase, q in named.items() if phrase in name), "tokens")

@@ -367,6 +367,42 @@ def test_madakv_quota_floor_lets_a_strong_picture_span_compete_where_floors_fill
     assert tags[both].sum() == 4 and set(range(200, 208)) <= set(smaller.tolist())
 
 
+def test_madakv_quota_caps_let_a_sub_span_quota_compete_and_keep_a_strong_modality_to_its_share():
+    n, window = 532, 12
+    tags = torch.zeros(n, dtype=torch.int8)
+    tags[200:264] = 1
+    budget = (36 + window) / n
+
+    def kept(psi, **opts):
+        return MadaKV(hcc=False, window=window, budget=budget, **opts).select(psi, tags)[0][0]
+
+    # pictures draw 3 % of the mass, flat: their quota (~1 of 36 slots) rounds up to a ceiling of one
+    # span, which their spans do not earn; "spans" would spend a whole span on them anyway
+    generator = torch.Generator().manual_seed(0)
+    psi = torch.rand((1, 1, n), generator=generator)
+    text = tags[:n - window] == 0
+    psi[0, 0, :n - window][text] *= 0.97 / psi[0, 0, :n - window][text].sum()
+    psi[0, 0, 200:264] *= 0.03 / psi[0, 0, 200:264].sum()
+    caps, spans, off = kept(psi, mpa_quota="caps"), kept(psi, mpa_quota="spans"), kept(psi, mpa=False)
+    assert caps.numel() == spans.numel() == 36 + window
+    assert torch.equal(caps, off) and tags[caps].sum() == 0 and tags[spans].sum() == 8
+    # the same 3 % on one picture span that outscores every text span: it is kept whole (its ceiling)
+    psi[0, 0, 200:264] = 0
+    psi[0, 0, 200:208] = 0.03 / 8
+    assert set(range(200, 208)) <= set(kept(psi, mpa_quota="caps").tolist())
+    # pictures draw 90 % of the mass, spread so that every picture span outscores every text span:
+    # at 100 slots MPA off keeps pictures only; under caps they stop at their ceiling (90 -> 96, whole
+    # spans) and the text keeps its best tokens in the rest
+    budget = (100 + window) / n
+    psi = torch.zeros((1, 1, n))
+    tags[264:400] = 1  # 200 picture tokens
+    psi[0, 0, :n - window] = 0.1 / (n - window - 200)
+    psi[0, 0, 200:400] = 0.9 / 200
+    caps, off = kept(psi, mpa_quota="caps"), kept(psi, mpa=False)
+    assert tags[off].sum() == 100
+    assert tags[caps].sum() == 96
+
+
 def test_mpa_quota_follows_each_heads_modality_preference():
     scores, tags = head_preferring(visual_heads={0, 2})
     policy = MadaKV(budget=0.25, window=16, hcc=False, span=1)  # single tokens: the paper's top-k inside a modality
