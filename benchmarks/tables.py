@@ -139,11 +139,13 @@ def _sample_scores(samples: Path) -> dict[tuple, dict]:
 
 
 def _paired_test(folder: Path) -> str:
-    """MadaKV against the full cache, SnapKV and its earlier defaults (the same samples in
-    accuracy-vllm-test-spans/ and -window8/), per budget, by exact McNemar tests."""
+    """MadaKV against the full cache, SnapKV, the baselines run on the HF path (accuracy-test/) and its
+    earlier defaults (the same samples in accuracy-vllm-test-spans/ and -window8/), per budget, by
+    exact McNemar tests."""
     from madakv_vllm.evaluation.report import paired_comparison
 
     scores = _sample_scores(folder / "samples.jsonl")
+    hf = _sample_scores(folder.with_name("accuracy-test") / "samples.jsonl")  # baselines vLLM did not serve
     earlier = {label: _sample_scores(folder.with_name(folder.name + suffix) / "samples.jsonl")
                for suffix, label in (("-spans", "the default before (quotas rounded up to whole spans)"),
                                      ("-window8", "the default before that (window 8, quotas as they fall)"))}
@@ -151,6 +153,8 @@ def _paired_test(folder: Path) -> str:
     for budget in sorted(b for p, b in scores if p == "madakv"):
         madakv = scores[("madakv", budget)]
         others = [("full cache", scores.get(("none", None))), ("SnapKV", scores.get(("snapkv", budget)))]
+        others += [(f"{policy} (HF path)", hf[(policy, b)]) for policy, b in sorted(hf, key=str)
+                   if b == budget and policy not in ("madakv", "snapkv", "none")]
         for label, other in others + [(label, old.get(("madakv", budget))) for label, old in earlier.items()]:
             if not other or other.keys() != madakv.keys():
                 continue
@@ -468,7 +472,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-LEVER_ROUNDS = range(4, 9)  # the ablation rounds on MadaKV's levers in docs/evaluation.md, one table and plot each
+LEVER_ROUNDS = range(4, 10)  # the ablation rounds on MadaKV's levers in docs/evaluation.md, one table and plot each
 TABLES = {"overhead": overhead, "serving": serving, "video": video, "accuracy": accuracy, "lengths": lengths,
           "accuracy_test": accuracy_test,
           "ablation": ablation, "levers": ablation, "layer_groups": layer_groups, "layer_buckets": layer_buckets,

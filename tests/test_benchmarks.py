@@ -112,9 +112,14 @@ def test_a_folder_grown_with_resume_lists_every_run_that_wrote_into_it(tmp_path,
         old.mkdir()
         (old / "samples.jsonl").write_text("".join(json.dumps(dict(r, score=float(r["sample_id"] in answered)))
                                                    + "\n" for r in rows))
+    hf = tmp_path / "accuracy-test"  # a baseline served on the HF path only: it answered none
+    hf.mkdir()
+    (hf / "samples.jsonl").write_text("".join(json.dumps(dict(r, policy="pyramidkv", score=0.0)) + "\n"
+                                              for r in rows if r["policy"] == "madakv"))
     caption = tables.accuracy_test()
     assert runs[0] in caption and runs[1] in caption and "| madakv 20% |" in caption
     assert "| 20% | full cache | +0.000 | 0 / 0 | 1.000 |" in caption
+    assert "| 20% | pyramidkv (HF path) | +1.000 | 4 / 0 | 0.125 |" in caption
     assert "| 20% | the default before that (window 8, quotas as they fall) | +0.500 | 2 / 0 | 0.500 |" in caption
     assert "| 20% | the default before (quotas rounded up to whole spans) | +0.250 | 1 / 0 | 1.000 |" in caption
     run("--budgets", "0.5")
