@@ -177,13 +177,16 @@ class MadaKV(EvictionPolicy):
         visual_member, text_member = (~text, text) if present is None else (~text & present, text & present)
         share = self.visual_share(psi, modality_tags)
         ranked = self.rank_scores(psi, modality_tags)  # the shares above come from the raw scores
+
+        def topped_up(keep):  # plus the best other tokens of either modality, up to `count` per head
+            return keep | topk_mask(ranked, (visual_member | text_member) & ~keep, count - keep.sum(dim=-1))
+
         if self.mpa_quota == "caps":
             visual_cap = torch.ceil(count * share / self.span - 1e-6).long() * self.span
             text_cap = torch.ceil(count * (1 - share) / self.span - 1e-6).long() * self.span
             allowed = topk_mask(ranked, visual_member, visual_cap) | topk_mask(ranked, text_member, text_cap)
-            keep = topk_mask(ranked, allowed, torch.full_like(visual_cap, count))
-            rest = count - keep.sum(dim=-1)  # a modality with fewer tokens than its cap leaves slots over
-            return keep | topk_mask(ranked, (visual_member | text_member) & ~keep, rest)
+            # topped up where a modality has fewer tokens than its cap
+            return topped_up(topk_mask(ranked, allowed, torch.full_like(visual_cap, count)))
         if self.mpa_quota in ("floors", "floor"):
             # floors in whole spans, rounded down: together they never exceed `count`
             visual_floor = torch.floor(count * share / self.span + 1e-6).long() * self.span
@@ -191,9 +194,9 @@ class MadaKV(EvictionPolicy):
             if self.mpa_quota == "floor":  # only the modality the head attends to less keeps one
                 visual_floor = torch.where(share <= 0.5, visual_floor, 0)
                 text_floor = torch.where(share <= 0.5, 0, text_floor)
-            keep = topk_mask(ranked, visual_member, visual_floor) | topk_mask(ranked, text_member, text_floor)
-            rest = count - keep.sum(dim=-1)  # what the floors leave, or what a modality lacked tokens for
-            return keep | topk_mask(ranked, (visual_member | text_member) & ~keep, rest)
+            # topped up with what the floors leave, or what a modality lacked tokens for
+            floors = topk_mask(ranked, visual_member, visual_floor) | topk_mask(ranked, text_member, text_floor)
+            return topped_up(floors)
         visual, text_count = split_quota(count, share, visual_member.sum(dim=-1), text_member.sum(dim=-1),
                                          unit=1 if self.mpa_quota == "tokens" else self.span,
                                          nearest=self.mpa_quota == "nearest")
