@@ -1,5 +1,6 @@
 """The plugin's flags, start-up checks and version gate (no engine started)."""
 import argparse
+import json
 import os
 from types import SimpleNamespace
 
@@ -538,6 +539,19 @@ def test_counters_are_written_off_the_callers_path(monkeypatch, tmp_path):
             break
         threading.Event().wait(0.05)
     assert values.get("requests") == 3
+
+
+def test_an_in_process_reader_gets_counters_that_no_writer_has_written_yet(monkeypatch, tmp_path):
+    """madakv-eval's in-process engine reads right after a batch: the writer may not have run."""
+    from madakv_vllm.vllm import metrics
+
+    monkeypatch.setenv(metrics.ENV_DIR, str(tmp_path))
+    counters = metrics.Counters("reader-test")
+    counters.add(requests=2)  # changed, not published: the file is not there
+    written = tmp_path / f"reader-test-{os.getpid()}.json"
+    assert not written.exists()
+    metrics.write_all_in_this_process()  # (other live counters of this test process write theirs too)
+    assert json.loads(written.read_text())["values"] == {"requests": 2}
 
 
 def test_during_prefill_flag_xargs_and_target():

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..vllm.metrics import ENV_DIR, parse_metrics_page, read_totals, sum_modalities
+from ..vllm.metrics import ENV_DIR, parse_metrics_page, read_totals, sum_modalities, write_all_in_this_process
 from ..vllm.requests import CONFIG_KEY, XARG_BUDGET, XARG_POLICY
 from .milebench import Sample, scorer_for
 
@@ -179,7 +179,17 @@ class Engine:
         return self.llm.reset_prefix_cache()
 
     def eviction_totals(self) -> dict[str, float] | None:
+        # the counters reach their files from a background writer a moment after the step that
+        # changed them: write those of an engine core in this process now, and read until two
+        # reads a short pause apart agree (an engine core in a child process)
+        write_all_in_this_process()
         values, _ = read_totals(self.metrics_dir)
+        for _ in range(50):
+            time.sleep(0.1)
+            again, _ = read_totals(self.metrics_dir)
+            if again == values:
+                break
+            values = again
         return sum_modalities(values)
 
     def close(self):

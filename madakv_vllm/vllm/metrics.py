@@ -12,6 +12,7 @@ import atexit
 import json
 import os
 import threading
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,8 +39,11 @@ class Counters:
     change. The file is written by a background thread: publish() only wakes it, so the
     scheduler's and workers' steps never wait on the disk."""
 
+    in_this_process: "weakref.WeakSet[Counters]" = weakref.WeakSet()
+
     def __init__(self, name: str):
         self.name = name
+        Counters.in_this_process.add(self)
         self.values: dict[str, float] = defaultdict(float)
         self.seconds: list[float] = []  # recent observations, one per request (scoring + compaction)
         self.seconds_count = 0
@@ -94,6 +98,13 @@ class Counters:
         with self._write_lock:
             tmp.write_text(json.dumps(payload))
             tmp.replace(path)  # readers never see half a file
+
+
+def write_all_in_this_process() -> None:
+    """Write every counter this process holds now (an in-process engine's reader, which must not
+    race the background writers)."""
+    for counters in list(Counters.in_this_process):
+        counters.write()
 
 
 def read_totals(directory: str) -> tuple[dict[str, float], dict[str, tuple[int, list[float]]]]:
