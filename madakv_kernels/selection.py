@@ -35,14 +35,34 @@ def coverage_demand(psi: torch.Tensor, member: torch.Tensor, theta: float) -> to
     return torch.where(total[:, 0] > 0, torch.minimum(demand, member.sum()), torch.zeros_like(demand))
 
 
-def topk_mask(scores: torch.Tensor, member: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, member: torch.Tensor, counts: torch.Tensor | int) -> torch.Tensor:
     """Bool [H, n]: per head h, the counts[h] highest-scoring member tokens (ties: lower position).
     `member`: bool [n], or [H, n] when heads may choose among different tokens."""
-    ranked_scores = (scores if scores.dtype == torch.float64 else scores.float()).masked_fill(~member, float("-inf"))
-    order = ranked_scores.sort(dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return (rank < counts[:, None]) & member
+    order = rank_order(scores)
+    return in_positions(firsts(listed(member, order), counts), order)
+
+
+def rank_order(scores: torch.Tensor) -> torch.Tensor:
+    """[H, n]: each head's token positions, highest score first (ties: lower position first)."""
+    ranked_scores = scores if scores.dtype == torch.float64 else scores.float()
+    return ranked_scores.sort(dim=1, descending=True, stable=True).indices
+
+
+def listed(mask: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """A bool mask over positions ([n] or [H, n]) rewritten in each head's rank order [H, n]."""
+    return mask.expand_as(order).gather(1, order)
+
+
+def firsts(in_order: torch.Tensor, counts: torch.Tensor | int) -> torch.Tensor:
+    """Of a mask in rank order [H, n], the first counts[h] marked per head: a top-k without a sort,
+    so several picks from one candidate set share one rank_order."""
+    counts = torch.as_tensor(counts, device=in_order.device).reshape(-1, 1)
+    return in_order & (in_order.long().cumsum(dim=1) <= counts)
+
+
+def in_positions(in_order: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """A mask in rank order [H, n] back over token positions."""
+    return torch.zeros_like(in_order).scatter_(1, order, in_order)
 
 
 def span_ranks(psi: torch.Tensor, modality_tags: torch.Tensor, span: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Selection helpers and the policies' contracts (no model needed)."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -36,6 +37,46 @@ def test_topk_mask_picks_per_head_counts_among_members():
     member = torch.tensor([True, False, True, True, True])
     mask = topk_mask(psi, member, torch.tensor([2, 3]))
     assert mask.tolist() == [[True, False, True, False, False], [False, False, True, True, True]]
+
+
+def test_topk_mask_matches_a_per_head_sort_with_ties_and_per_head_members():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores = torch.randint(0, 5, (3, 40), generator=generator).float()  # many ties: lower position first
+        member = torch.rand(3, 40, generator=generator) < 0.6
+        counts = torch.randint(0, 40, (3,), generator=generator)
+        mask = topk_mask(scores, member, counts)
+        for h in range(3):
+            best = sorted((p for p in range(40) if member[h, p]), key=lambda p: (-scores[h, p], p))[:counts[h]]
+            assert mask[h].nonzero().flatten().tolist() == sorted(best)
+
+
+def test_madakv_caps_walk_one_rank_order_as_a_per_head_loop_would():
+    """The default quota rule, picked from one sort, against the rule spelled out head by head."""
+    generator = torch.Generator().manual_seed(1)
+    n, count, span = 120, 30, 4
+    tags = torch.zeros(n, dtype=torch.int8)
+    tags[20:50] = 1
+    tags[90:100] = 1
+    policy = MadaKV(hcc=False, window=0, budget=0.25, span=span, mpa_quota="caps")
+    for _ in range(10):
+        psi = torch.rand(4, n, generator=generator) ** 4
+        present = torch.rand(4, n, generator=generator) < 0.8
+        keep = policy.choose(psi, tags, count, present)
+        ranked, share = policy.rank_scores(psi, tags), policy.visual_share(psi, tags)
+        for h in range(4):
+            order = sorted(range(n), key=lambda p: (-ranked[h, p], p))
+            members = [p for p in order if present[h, p]]
+            caps = {1: math.ceil(count * share[h].item() / span - 1e-6) * span}
+            caps[0] = math.ceil(count * (1 - share[h].item()) / span - 1e-6) * span
+            allowed, seen = [], {0: 0, 1: 0}
+            for p in members:  # each modality's best, up to its cap
+                seen[int(tags[p])] += 1
+                if seen[int(tags[p])] <= caps[int(tags[p])]:
+                    allowed.append(p)
+            chosen = allowed[:count]
+            chosen += [p for p in members if p not in chosen][:count - len(chosen)]
+            assert keep[h].nonzero().flatten().tolist() == sorted(chosen)
 
 
 def test_split_quota_follows_shares_and_gives_overflow_away():

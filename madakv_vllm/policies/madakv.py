@@ -30,7 +30,17 @@ from typing import ClassVar
 
 import torch
 
-from madakv_kernels import TEXT, coverage_demand, modality_mass, span_ranks, split_quota, topk_mask
+from madakv_kernels import (
+    TEXT,
+    coverage_demand,
+    firsts,
+    in_positions,
+    listed,
+    modality_mass,
+    rank_order,
+    span_ranks,
+    split_quota,
+)
 
 from .base import EvictionPolicy, distribute, max_pool_scores
 
@@ -176,28 +186,26 @@ class MadaKV(EvictionPolicy):
         text = modality_tags == TEXT
         visual_member, text_member = (~text, text) if present is None else (~text & present, text & present)
         share = self.visual_share(psi, modality_tags)
-        ranked = self.rank_scores(psi, modality_tags)  # the shares above come from the raw scores
-
-        def topped_up(keep):  # plus the best other tokens of either modality, up to `count` per head
-            return keep | topk_mask(ranked, (visual_member | text_member) & ~keep, count - keep.sum(dim=-1))
-
+        order = rank_order(self.rank_scores(psi, modality_tags))  # one sort serves every pick below
+        visual, text = listed(visual_member, order), listed(text_member, order)  # in rank order
         if self.mpa_quota == "caps":
             visual_cap = torch.ceil(count * share / self.span - 1e-6).long() * self.span
             text_cap = torch.ceil(count * (1 - share) / self.span - 1e-6).long() * self.span
-            allowed = topk_mask(ranked, visual_member, visual_cap) | topk_mask(ranked, text_member, text_cap)
-            # topped up where a modality has fewer tokens than its cap
-            return topped_up(topk_mask(ranked, allowed, torch.full_like(visual_cap, count)))
-        if self.mpa_quota in ("floors", "floor"):
+            keep = firsts(firsts(visual, visual_cap) | firsts(text, text_cap), count)
+        elif self.mpa_quota in ("floors", "floor"):
             # floors in whole spans, rounded down: together they never exceed `count`
             visual_floor = torch.floor(count * share / self.span + 1e-6).long() * self.span
             text_floor = torch.floor(count * (1 - share) / self.span + 1e-6).long() * self.span
             if self.mpa_quota == "floor":  # only the modality the head attends to less keeps one
                 visual_floor = torch.where(share <= 0.5, visual_floor, 0)
                 text_floor = torch.where(share <= 0.5, 0, text_floor)
-            # topped up with what the floors leave, or what a modality lacked tokens for
-            floors = topk_mask(ranked, visual_member, visual_floor) | topk_mask(ranked, text_member, text_floor)
-            return topped_up(floors)
-        visual, text_count = split_quota(count, share, visual_member.sum(dim=-1), text_member.sum(dim=-1),
-                                         unit=1 if self.mpa_quota == "tokens" else self.span,
-                                         nearest=self.mpa_quota == "nearest")
-        return topk_mask(ranked, visual_member, visual) | topk_mask(ranked, text_member, text_count)
+            keep = firsts(visual, visual_floor) | firsts(text, text_floor)
+        else:
+            visual_count, text_count = split_quota(count, share, visual_member.sum(dim=-1), text_member.sum(dim=-1),
+                                                   unit=1 if self.mpa_quota == "tokens" else self.span,
+                                                   nearest=self.mpa_quota == "nearest")
+            return in_positions(firsts(visual, visual_count) | firsts(text, text_count), order)
+        # topped up with the best other tokens of either modality, up to `count` per head (where a
+        # modality has fewer tokens than its cap, or with what the floors leave)
+        keep |= firsts((visual | text) & ~keep, count - keep.sum(dim=1))
+        return in_positions(keep, order)
