@@ -107,7 +107,7 @@ def test_parity_with_hf_reference(engines, hf_model, arch, policy):
 def test_parity_with_hf_reference_for_the_selection_options(engines, hf_model):
     """MadaKV's selection options away from their defaults (MPA's coverage split, quotas as they fall,
     sinks, value-weighted scores; whole spans) set on the server: vLLM keeps what the HF path keeps
-    (same tokens), and the options change what is kept. The defaults (quotas in spans) are the
+    (same tokens), and the options change what is kept. The defaults (quotas as ceilings) are the
     parity test above."""
     options = {"span": 8, "mpa_split": "coverage", "mpa_quota": "tokens", "sinks": 4, "value_weighted": True}
     model, processor = hf_model("qwen2vl")
