@@ -346,6 +346,18 @@ def test_pyramidkv_budgets_fall_linearly_and_keep_the_mean():
     assert budgets[-1] == pytest.approx(184 / 20, abs=1) and budgets[0] == pytest.approx(2 * 184 - 184 / 20, abs=1)
 
 
+def test_pyramidkv_leaves_no_layer_or_layer_bucket_empty_at_small_budgets():
+    """Without a protected tail (window 0), a pyramid's last layer of base / beta < 0.5 tokens used
+    to round to none: a KV-cache group of such layers held no prompt token, which vLLM cannot serve
+    (its workers reported [10, 0] and fell back to uniform counts)."""
+    tags = torch.zeros(300, dtype=torch.int8)
+    for layers, kept, buckets in ((2, 5, 2), (4, 2, 2), (4, 1, 4), (30, 3, 3)):
+        policy = PyramidKV(budget=kept / 300, window=0, layer_buckets=buckets)
+        budgets = policy.plan_budgets(torch.rand(layers, 2, 300), tags, layers)
+        assert min(budgets) >= 1 and sum(budgets) == kept * layers, (layers, kept, budgets)
+        assert budgets == sorted(budgets, reverse=True)
+
+
 # ---- MadaKV: MPA and HCC ------------------------------------------------------------------------
 def head_preferring(visual_heads, n=400, images=((50, 250),), heads=4, num_layers=2, seed=0):
     """Scores where the listed heads put 80 % of their mass on images, the others on text."""

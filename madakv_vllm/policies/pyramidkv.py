@@ -30,7 +30,9 @@ class PyramidKV(SnapKV):
     def budgets_from_demands(self, demands, per_layer: int, num_layers: int, n_select: int) -> list[int]:
         if num_layers == 1:
             return [per_layer]
-        low = per_layer / self.beta
+        # at least one token in the last layer (beside the protected tail, which may be empty), or
+        # rounding can leave it none: a KV-cache group with no prompt token cannot be served
+        low = max(per_layer / self.beta, min(1, per_layer))
         high = 2 * per_layer - low
         targets = [high - (high - low) * layer / (num_layers - 1) for layer in range(num_layers)]
         return distribute(targets, per_layer * num_layers, n_select)
