@@ -187,11 +187,11 @@ class MadaKV(EvictionPolicy):
         visual_member, text_member = (~text, text) if present is None else (~text & present, text & present)
         share = self.visual_share(psi, modality_tags)
         order = rank_order(self.rank_scores(psi, modality_tags))  # one sort serves every pick below
-        visual, text = listed(visual_member, order), listed(text_member, order)  # in rank order
+        visual_ranked, text_ranked = listed(visual_member, order), listed(text_member, order)
         if self.mpa_quota == "caps":
             visual_cap = torch.ceil(count * share / self.span - 1e-6).long() * self.span
             text_cap = torch.ceil(count * (1 - share) / self.span - 1e-6).long() * self.span
-            keep = firsts(firsts(visual, visual_cap) | firsts(text, text_cap), count)
+            keep = firsts(firsts(visual_ranked, visual_cap) | firsts(text_ranked, text_cap), count)
         elif self.mpa_quota in ("floors", "floor"):
             # floors in whole spans, rounded down: together they never exceed `count`
             visual_floor = torch.floor(count * share / self.span + 1e-6).long() * self.span
@@ -199,13 +199,13 @@ class MadaKV(EvictionPolicy):
             if self.mpa_quota == "floor":  # only the modality the head attends to less keeps one
                 visual_floor = torch.where(share <= 0.5, visual_floor, 0)
                 text_floor = torch.where(share <= 0.5, 0, text_floor)
-            keep = firsts(visual, visual_floor) | firsts(text, text_floor)
+            keep = firsts(visual_ranked, visual_floor) | firsts(text_ranked, text_floor)
         else:
             visual_count, text_count = split_quota(count, share, visual_member.sum(dim=-1), text_member.sum(dim=-1),
                                                    unit=1 if self.mpa_quota == "tokens" else self.span,
                                                    nearest=self.mpa_quota == "nearest")
-            return in_positions(firsts(visual, visual_count) | firsts(text, text_count), order)
+            return in_positions(firsts(visual_ranked, visual_count) | firsts(text_ranked, text_count), order)
         # topped up with the best other tokens of either modality, up to `count` per head (where a
         # modality has fewer tokens than its cap, or with what the floors leave)
-        keep |= firsts((visual | text) & ~keep, count - keep.sum(dim=1))
+        keep |= firsts((visual_ranked | text_ranked) & ~keep, count - keep.sum(dim=1))
         return in_positions(keep, order)
