@@ -125,6 +125,11 @@ def accuracy_test(_: dict | None = None) -> str | None:
         return None
     caption = ("The runs that wrote into `benchmarks/results/accuracy-vllm-test/`, each resuming the "
                "settings already there (score with its 95 % interval):\n\n" + (folder / "runs.md").read_text())
+    hf_runs = folder.with_name("accuracy-test") / "runs.md"
+    if hf_runs.is_file():  # the paired table's "(HF path)" rows
+        caption += ("\nThe baselines vLLM did not serve, on the HF path (token-equal to vLLM, tested), same "
+                    "samples, in `benchmarks/results/accuracy-test/` (its summary.csv has their scores per "
+                    "task):\n\n" + hf_runs.read_text())
     return caption + "\n" + markdown_table((folder / "summary.csv", "")).strip() + "\n\n" + _paired_test(folder)
 
 
@@ -557,14 +562,16 @@ def _scores_draw(kept: str) -> Callable[[], Callable]:
 def draw_accuracy_glance(plt, rows: list):
     """accuracy-glance.png from accuracy.json: the accuracy_glance table as bars with intervals."""
     cells = _glance_cells(rows)
-    fig, ax = plt.subplots(figsize=(8, 4.3))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     width = 0.38
     full = cells[0][1]
     ax.axhspan(full["ci_low"], full["ci_high"], color="gray", alpha=0.15)
     ax.axhline(full["score"], color="gray", linestyle="--", label=f"full cache {_interval(full)}")
     for i, (budget, _, madakv, best) in enumerate(cells):
+        served = best["setting"] == "endpoint"  # the baseline's own path: vLLM where it was served
         for offset, row, color, name in ((-width / 2, madakv, "C1", "MadaKV (vLLM)"),
-                                         (width / 2, best, "C0", f"best baseline (HF path): {best['policy']}")):
+                                         (width / 2, best, "C0" if served else "C9",
+                                          f"best baseline ({'vLLM' if served else 'HF path'}), named on its bar")):
             bar = ax.bar(i + offset, row["score"], width, color=color,
                          yerr=[[row["score"] - row["ci_low"]], [row["ci_high"] - row["score"]]], capsize=3,
                          label=name if i == 0 or name not in ax.get_legend_handles_labels()[1] else None)
@@ -576,7 +583,8 @@ def draw_accuracy_glance(plt, rows: list):
            title="accuracy at a glance: SmolLM2-LLaVA judge, synthetic suite")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1),
+              ncol=2)  # below the axes: inside, it hid a bar's name
     return fig
 
 
