@@ -548,10 +548,29 @@ def test_an_in_process_reader_gets_counters_that_no_writer_has_written_yet(monke
     monkeypatch.setenv(metrics.ENV_DIR, str(tmp_path))
     counters = metrics.Counters("reader-test")
     counters.add(requests=2)  # changed, not published: the file is not there
-    written = tmp_path / f"reader-test-{os.getpid()}.json"
+    written = tmp_path / f"reader-test-{os.getpid()}-{counters.serial}.json"
     assert not written.exists()
     metrics.write_all_in_this_process()  # (other live counters of this test process write theirs too)
     assert json.loads(written.read_text())["values"] == {"requests": 2}
+
+
+def test_two_engines_in_one_process_keep_their_counters_apart(monkeypatch, tmp_path):
+    """A second in-process engine (or one a test left alive) has its own folder and files: writing
+    every counter of the process must not put the first engine's totals into the second's."""
+    from madakv_vllm.vllm import metrics
+
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir(), second_dir.mkdir()
+    monkeypatch.setenv(metrics.ENV_DIR, str(first_dir))
+    first = metrics.Counters("scheduler")
+    first.add(requests=5)
+    monkeypatch.setenv(metrics.ENV_DIR, str(second_dir))
+    second, second_worker = metrics.Counters("scheduler"), metrics.Counters("scheduler")
+    second.add(requests=1)
+    second_worker.add(requests=2)  # same name, same folder, same process: summed, not overwritten
+    metrics.write_all_in_this_process()
+    assert metrics.read_totals(str(first_dir))[0] == {"requests": 5}
+    assert metrics.read_totals(str(second_dir))[0] == {"requests": 3}
 
 
 def test_during_prefill_flag_xargs_and_target():

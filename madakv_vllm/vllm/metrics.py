@@ -9,6 +9,7 @@ sums the files at every stats tick and advances the Prometheus counters by the d
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import threading
@@ -35,14 +36,19 @@ SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 
 
 class Counters:
-    """Cumulative counters of one process, published to `<dir>/<name>-<pid>.json` when they
-    change. The file is written by a background thread: publish() only wakes it, so the
-    scheduler's and workers' steps never wait on the disk."""
+    """Cumulative counters of one engine's scheduler or worker, published to
+    `<dir>/<name>-<pid>-<serial>.json` when they change. The folder is the engine's, read when
+    the counters are made; the serial keeps two engines of one process (or a leftover one) out of
+    each other's file. The file is written by a background thread: publish() only wakes it, so
+    the scheduler's and workers' steps never wait on the disk."""
 
     in_this_process: "weakref.WeakSet[Counters]" = weakref.WeakSet()
+    _serials = itertools.count()
 
     def __init__(self, name: str):
         self.name = name
+        self.directory = os.environ.get(ENV_DIR)  # None: nothing is published
+        self.serial = next(Counters._serials)
         Counters.in_this_process.add(self)
         self.values: dict[str, float] = defaultdict(float)
         self.seconds: list[float] = []  # recent observations, one per request (scoring + compaction)
@@ -68,7 +74,7 @@ class Counters:
 
     def publish(self) -> None:
         """Have the current counters written soon (coalesced: one write for several calls)."""
-        if not os.environ.get(ENV_DIR):
+        if not self.directory:
             return
         if self._writer_pid != os.getpid():
             self._writer_pid = os.getpid()
@@ -88,14 +94,14 @@ class Counters:
 
     def write(self) -> None:
         """Write the counters now (the background thread's job; tests and exit call it too)."""
-        directory = os.environ.get(ENV_DIR)
-        if not directory:
+        if not self.directory:
             return
-        with self._lock:
-            payload = {"values": dict(self.values), "seconds": list(self.seconds), "seconds_count": self.seconds_count}
-        path = Path(directory) / f"{self.name}-{os.getpid()}.json"
+        path = Path(self.directory) / f"{self.name}-{os.getpid()}-{self.serial}.json"
         tmp = path.with_suffix(".tmp")
-        with self._write_lock:
+        with self._write_lock:  # snapshot inside: a later write never carries older values
+            with self._lock:
+                payload = {"values": dict(self.values), "seconds": list(self.seconds),
+                           "seconds_count": self.seconds_count}
             tmp.write_text(json.dumps(payload))
             tmp.replace(path)  # readers never see half a file
 
@@ -104,7 +110,10 @@ def write_all_in_this_process() -> None:
     """Write every counter this process holds now (an in-process engine's reader, which must not
     race the background writers)."""
     for counters in list(Counters.in_this_process):
-        counters.write()
+        try:
+            counters.write()
+        except OSError:  # an earlier engine's folder, removed since
+            pass
 
 
 def read_totals(directory: str) -> tuple[dict[str, float], dict[str, tuple[int, list[float]]]]:
