@@ -576,6 +576,17 @@ def test_bucket_budgets_are_equal_inside_a_bucket_and_keep_the_total(budgets, bu
         bucket_budgets([1, 2, 3], 2, cap=10)
 
 
+@pytest.mark.parametrize("budgets, buckets, expected", [([10, 10, 0, 0], 2, [9, 9, 1, 1]),
+                                                       ([6, 0, 0, 0, 0, 0], 3, [1] * 6),
+                                                       ([3, 0, 0, 0, 0, 0], 3, [1, 1, 0, 0, 0, 0])])
+def test_bucket_budgets_leave_no_bucket_empty_while_the_total_allows(budgets, buckets, expected):
+    """A bucket is one of vLLM's KV-cache groups, which must hold a token: one of the others'
+    goes to it (the last case has 1 token for 3 buckets, so two stay empty)."""
+    from madakv_vllm.policies.base import bucket_budgets
+
+    assert bucket_budgets(budgets, buckets, cap=1000) == expected
+
+
 @pytest.mark.parametrize("policy", [MadaKV(budget=0.2, window=16), PyramidKV(budget=0.2, window=16)])
 def test_layer_buckets_shape_the_selection(policy):
     scores, tags = scores_and_tags(num_layers=6)

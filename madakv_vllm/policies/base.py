@@ -338,5 +338,9 @@ def bucket_budgets(budgets: list[int], buckets: int, cap: int) -> list[int]:
     if size * buckets != len(budgets):
         raise ValueError(f"{len(budgets)} layers cannot be split into {buckets} equal buckets")
     means = [sum(budgets[b * size:(b + 1) * size]) / size for b in range(buckets)]
-    per_bucket = distribute(means, sum(budgets) // size, cap)
+    total = sum(budgets) // size
+    if total >= buckets and cap >= 1:  # every bucket keeps a token: vLLM refuses a group with none
+        per_bucket = [1 + count for count in distribute([m - 1 for m in means], total - buckets, cap - 1)]
+    else:
+        per_bucket = distribute(means, total, cap)
     return [count for count in per_bucket for _ in range(size)]
