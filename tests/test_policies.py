@@ -630,10 +630,14 @@ def random_present(scores, held, tail, seed):
     MadaKV(budget=0.1, window=8, span=1, hcc=False), MadaKV(budget=0.1, window=8, span=1, mpa_split="coverage",
                                                             hcc=False),
     MadaKV(budget=0.1, window=8, span=1, mpa=False, hcc=False), SnapKV(budget=0.1, window=8, kernel_size=1),
-    StreamingLLM(budget=0.1, window=8, sinks=0)], ids=lambda p: f"{p.name} {getattr(p, 'mpa_split', '')}")
+    StreamingLLM(budget=0.1, window=8, sinks=0), StreamingLLM(budget=0.1, window=8),
+    MadaKV(budget=0.1, window=8, span=1, hcc=False, sinks=4)],
+    ids=lambda p: f"{p.name} {getattr(p, 'mpa_split', '')} sinks {p.sinks}")
 def test_selection_among_held_tokens_equals_selection_on_each_heads_compacted_cache(policy):
     """`present` masks are the logical view of a compacted cache: per head, selecting among the
-    held tokens picks what the same policy picks on that head's tokens gathered densely."""
+    held tokens picks what the same policy picks on that head's tokens gathered densely. Sinks
+    are then the first tokens a head holds: an earlier compaction may have dropped the prompt's
+    first ones (a budget under the sinks), and a head must never keep a token it no longer has."""
     scores, tags = scores_and_tags(num_layers=3, heads=4, n=300)
     kept, held = 30, 90
     present = random_present(scores, held, policy.protected_tail(kept), seed=1)

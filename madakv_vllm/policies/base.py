@@ -321,14 +321,19 @@ class EvictionPolicy:
 
     def choose_after_sinks(self, psi: torch.Tensor, modality_tags: torch.Tensor, count: int,
                            present: torch.Tensor | None = None) -> torch.Tensor:
-        """`choose`, with the first `sinks` tokens kept ahead of it and counted in `count` (every
-        compaction keeps them, so they are still present)."""
+        """`choose`, with the first `sinks` tokens each head holds kept ahead of it and counted in
+        `count`."""
         sinks = min(self.sinks, count, psi.shape[1])
         if sinks == 0:
             return self.choose(psi, modality_tags, count, present)
-        rest = self.choose(psi[:, sinks:], modality_tags[sinks:], count - sinks,
-                           None if present is None else present[:, sinks:])
-        return torch.cat([torch.ones(psi.shape[0], sinks, dtype=torch.bool, device=psi.device), rest], dim=1)
+        if present is None or bool(present[:, :sinks].all()):
+            rest = self.choose(psi[:, sinks:], modality_tags[sinks:], count - sinks,
+                               None if present is None else present[:, sinks:])
+            return torch.cat([torch.ones(psi.shape[0], sinks, dtype=torch.bool, device=psi.device), rest], dim=1)
+        # an earlier compaction kept fewer tokens than the sinks (a budget of a few tokens): the
+        # sinks are the first tokens each head still holds, never ones it no longer has
+        first = present & (present.cumsum(dim=1) <= sinks)
+        return first | self.choose(psi.masked_fill(first, 0.0), modality_tags, count - sinks, present & ~first)
 
 
 def bucket_budgets(budgets: list[int], buckets: int, cap: int) -> list[int]:

@@ -249,9 +249,19 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
         report.solo_compared += 1
         report.solo_equal += solo == outputs[request_id]
         if solo != outputs[request_id]:
-            report.leaks.append(f"{request_id}: solo rerun differs")
+            report.leaks.append(f"{request_id}: solo rerun differs ({_differs(prompt, params, outputs[request_id], solo)})")
     _check_nothing_left(report, scheduler, pool, free_at_start, _worker_leftovers(llm))
     return report
+
+
+def _differs(prompt: dict, params, batched: list[int], solo: list[int] | None) -> str:
+    """What a reader needs to rerun a differing request: its settings and where the two part."""
+    solo = solo or []
+    first = next((i for i, (a, b) in enumerate(zip(batched, solo)) if a != b), min(len(batched), len(solo)))
+    size = (f"{len(prompt['prompt_token_ids'])} prompt tokens" if "prompt_token_ids" in prompt
+            else f"{len(prompt['prompt'])} prompt chars, images")
+    return (f"{params.extra_args}, {size}, max_tokens {params.max_tokens}; first differing output token "
+            f"{first} of {len(batched)} / {len(solo)}")
 
 
 def _check_nothing_left(report, scheduler, pool, free_at_start, worker_leftovers) -> None:
