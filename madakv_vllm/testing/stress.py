@@ -249,7 +249,8 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
         report.solo_compared += 1
         report.solo_equal += solo == outputs[request_id]
         if solo != outputs[request_id]:
-            report.leaks.append(f"{request_id}: solo rerun differs ({_differs(prompt, params, outputs[request_id], solo)})")
+            differs = _differs(prompt, params, outputs[request_id], solo)
+            report.leaks.append(f"{request_id}: solo rerun differs ({differs})")
     _check_nothing_left(report, scheduler, pool, free_at_start, _worker_leftovers(llm))
     return report
 
