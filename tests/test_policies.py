@@ -651,6 +651,22 @@ def test_selection_among_held_tokens_equals_selection_on_each_heads_compacted_ca
             assert mine[dense[0][0]].tolist() == layer_keep[head].tolist()
 
 
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_no_policy_keeps_a_token_a_head_no_longer_holds(name, sinks):
+    """Whatever a policy's rule (sinks, spans, layer shapes), a later compaction keeps only held
+    tokens: the worker maps each kept token to its slot in the compacted cache, and a token it
+    no longer has would map to another token's slot (or none)."""
+    policy = make_policy(name, budget=0.1, window=8, sinks=sinks)
+    scores, tags = scores_and_tags(num_layers=3, heads=4, n=300)
+    for seed in range(3):  # the first tokens are held by some heads and not by others
+        present = random_present(scores, 90, policy.protected_tail(30), seed=seed)
+        keep = policy.select(scores, tags, kept=30, present=present)
+        for layer, layer_keep in enumerate(keep):
+            for head in range(4):
+                assert present[layer, head, layer_keep[head]].all(), (seed, layer, head)
+
+
 def test_selection_among_held_tokens_keeps_sinks_tail_and_moves_budget_between_layers():
     scores, tags = scores_and_tags(num_layers=2, heads=3, n=400)
     policy = MadaKV(budget=0.1, window=8, sinks=4, hcc=True)
