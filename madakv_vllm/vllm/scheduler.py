@@ -202,9 +202,10 @@ class EvictingSchedulerMixin:
 
     def _cut_at_points(self, request, target: EvictionTarget, num_computed_tokens: int, num_new_tokens: int) -> int:
         point = target.next_compaction_point(num_computed_tokens)
-        if point is None and target.prompt_evicted and num_computed_tokens < target.prompt_len:
+        if point is None and target.limit is None and target.prompt_evicted and num_computed_tokens < target.prompt_len:
             # a resumed request re-prefills its output too: compact the prompt before recomputing
-            # the output over it, as before the preemption (or its tokens come from the full cache)
+            # the output over it, as before the preemption (or its tokens come from the full cache).
+            # Not yet with eviction during prefill, whose last chunk has its own scoring rules.
             point = target.prompt_len
         first_decode = self._first_decode_point(request.request_id, target)
         if first_decode is not None:  # a resumed request re-prefills its output: the same points
