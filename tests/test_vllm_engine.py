@@ -238,16 +238,10 @@ def test_randomized_run_leaks_nothing_and_matches_solo_runs(tight_engine):
                 decoded_with_full_cache.add(request_id.rsplit("-", 1)[0])
         return output
 
-    plan_compactions = scheduler._plan_compactions
-
-    def plan_and_note_waits():  # a compaction that waits for blocks: the request decodes on meanwhile
-        due = [request.request_id for request in scheduler.running if scheduler._compaction_due(request)]
-        frees, plans = plan_compactions()
-        decoded_with_full_cache.update(rid.rsplit("-", 1)[0] for rid in due if rid not in plans)
-        return frees, plans
+    from madakv_vllm.testing.stress import noting_compactions_that_wait
 
     scheduler._preempt_request, scheduler.schedule = preempt_and_note, schedule_and_note
-    scheduler._plan_compactions = plan_and_note_waits
+    scheduler._plan_compactions = noting_compactions_that_wait(scheduler, decoded_with_full_cache)
     try:
         outputs, _, preemptions = run_steps(tight_engine, requests, abort_after=aborted, preempt_at=(4, 9, 15, 22))
     finally:

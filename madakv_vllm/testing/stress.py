@@ -164,7 +164,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
     report, requests, outputs = StressReport(), {}, {}
     abort_at: dict[int, str] = {}
     full_cache_first: set[str] = set()
-    schedule, preempt, plan_compactions = scheduler.schedule, scheduler._preempt_request, scheduler._plan_compactions
+    schedule, preempt = scheduler.schedule, scheduler._preempt_request
 
     def schedule_and_note(*args, **kwargs):
         output = schedule(*args, **kwargs)
@@ -177,13 +177,6 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
             if plan.computed > plan.covered:
                 full_cache_first.add(request_id.rsplit("-", 1)[0])
         return output
-
-    def plan_and_note_waits():
-        # a compaction that waits for blocks keeps more than a solo run would (the request goes on)
-        due = [request.request_id for request in scheduler.running if scheduler._compaction_due(request)]
-        frees, plans = plan_compactions()
-        full_cache_first.update(rid.rsplit("-", 1)[0] for rid in due if rid not in plans)
-        return frees, plans
 
     def preempt_and_note(request, *args, **kwargs):
         if request.request_id in scheduler.evicting_manager.evicted_tokens:
@@ -204,7 +197,7 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
             abort_at[report.steps + rng.randint(1, 12)] = request_id
 
     scheduler.schedule, scheduler._preempt_request = schedule_and_note, preempt_and_note
-    scheduler._plan_compactions = plan_and_note_waits
+    scheduler._plan_compactions = noting_compactions_that_wait(scheduler, full_cache_first)
     started, added = time.perf_counter(), 0
     try:
         while added < num_requests or engine.has_unfinished_requests():
@@ -253,6 +246,20 @@ def run(llm, num_requests: int, seed: int = 0, in_flight: int = 16, solo_sample:
             report.leaks.append(f"{request_id}: solo rerun differs ({differs})")
     _check_nothing_left(report, scheduler, pool, free_at_start, _worker_leftovers(llm))
     return report
+
+
+def noting_compactions_that_wait(scheduler, noted: set[str]):
+    """`scheduler._plan_compactions` that also puts into `noted` (ids without vLLM's suffix) each
+    request whose compaction was due but waited for blocks: it decodes on with the full cache
+    meanwhile, so its continuation may differ from a solo run's."""
+    plan_compactions = scheduler._plan_compactions
+
+    def plan_and_note_waits():
+        due = [request.request_id for request in scheduler.running if scheduler._compaction_due(request)]
+        frees, plans = plan_compactions()
+        noted.update(rid.rsplit("-", 1)[0] for rid in due if rid not in plans)
+        return frees, plans
+    return plan_and_note_waits
 
 
 def _differs(prompt: dict, params, batched: list[int], solo: list[int] | None) -> str:
